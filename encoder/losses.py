@@ -1,0 +1,131 @@
+"""Losses of the two branches: contrastive + captioning (understanding), pixel L1 + latent L1 + LPIPS
+(reconstruction). Every loss is normalised so that the mean over ranks equals the single-process value for the
+same global batch (DDP averages gradients over ranks)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+IGNORE = -100
+LOGIT_SCALE_INIT = math.log(1 / 0.07)
+LOGIT_SCALE_MAX = 100.0
+
+
+class LogitScale(nn.Module):
+    """Learnable temperature: ``exp(s)`` with ``s`` initialised at ln(1/0.07), clamped at 100."""
+
+    def __init__(self, init: float = LOGIT_SCALE_INIT, max_scale: float = LOGIT_SCALE_MAX):
+        super().__init__()
+        self.value = nn.Parameter(torch.tensor(float(init)))
+        self.max_scale = max_scale
+
+    def forward(self) -> Tensor:
+        return self.value.exp().clamp(max=self.max_scale)
+
+
+def contrastive_loss(img: Tensor, txt: Tensor, scale: Tensor, gather: Callable[[Tensor], Tensor] | None = None,
+                     rank: int = 0) -> Tensor:
+    """Symmetric InfoNCE of local rows against the features of every rank (``gather`` = all-gather with grad).
+
+    The mean over ranks of this value equals the single-process loss over the global batch.
+    """
+    img, txt = F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
+    all_img, all_txt = (gather(img), gather(txt)) if gather is not None else (img, txt)
+    labels = torch.arange(img.shape[0], device=img.device) + rank * img.shape[0]
+    logits_i2t = scale * img @ all_txt.t()
+    logits_t2i = scale * txt @ all_img.t()
+    return 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
+
+
+def caption_targets(ids: Tensor, pad_id: int) -> Tensor:
+    """Targets for ``TextDecoder`` logits: ``ids[:, 1:]`` with padding → ignore index."""
+    tgt = ids[:, 1:].clone()
+    tgt[tgt == pad_id] = IGNORE
+    return tgt
+
+
+def caption_loss(logits: Tensor, targets: Tensor, global_count: Tensor | None = None,
+                 world_size: int = 1) -> Tensor:
+    """Token-mean cross-entropy. With ``global_count`` (valid tokens over all ranks) the local sum is divided
+    by ``global_count / world_size``, so the mean over ranks is the global token mean."""
+    total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    if global_count is None:
+        count = (targets != IGNORE).sum().clamp(min=1)
+        return total / count
+    return total * world_size / global_count.clamp(min=1)
+
+
+# ----------------------------------------------------------------------------- LPIPS
+TV_WEIGHT_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
+
+
+def _torch_home() -> Path:
+    return Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
+
+
+def find_lpips_backbone(net: str, path: str = "") -> Path | None:
+    """Local torchvision backbone weights for LPIPS: ``path`` (file) or ``$TORCH_HOME/hub/checkpoints``."""
+    if path:
+        return Path(path) if Path(path).is_file() else None
+    cand = _torch_home() / "hub" / "checkpoints" / TV_WEIGHT_FILES[net]
+    return cand if cand.is_file() else None
+
+
+class LPIPSLoss(nn.Module):
+    """LPIPS from the ``lpips`` package, frozen. ``backbone='pretrained'`` needs the torchvision weights locally
+    (a configured file or TORCH_HOME); ``'random'`` uses a random backbone: NOT a real perceptual loss."""
+
+    def __init__(self, net: str = "vgg", backbone: str = "pretrained", backbone_path: str = "",
+                 logger: logging.Logger | None = None):
+        super().__init__()
+        import lpips
+
+        if net not in TV_WEIGHT_FILES:
+            raise ValueError(f"loss.lpips_net: {net!r} not in {sorted(TV_WEIGHT_FILES)}")
+        log = logger or logging.getLogger(__name__)
+        if backbone == "pretrained":
+            wpath = find_lpips_backbone(net, backbone_path)
+            if wpath is None:
+                where = backbone_path or str(_torch_home() / "hub" / "checkpoints" / TV_WEIGHT_FILES[net])
+                raise FileNotFoundError(
+                    f"LPIPS backbone weights not found: {where}. Put torchvision's {TV_WEIGHT_FILES[net]} there "
+                    f"(or set loss.lpips_backbone_path=FILE / TORCH_HOME), or set loss.w_lpips=0 to disable LPIPS, "
+                    f"or loss.lpips_backbone=random (a random backbone: NOT a real perceptual loss).")
+        elif backbone != "random":
+            raise ValueError(f"loss.lpips_backbone: {backbone!r} (pretrained | random)")
+        self.model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+        self.real = backbone == "pretrained"
+        if self.real:
+            tv_sd = torch.load(str(wpath), map_location="cpu", weights_only=True)  # torchvision .pth format
+            own = self.model.net.state_dict()
+            mapped = {k: tv_sd[f"features.{k.split('.', 1)[1]}"] for k in own}
+            self.model.net.load_state_dict(mapped, strict=True)
+        else:
+            log.warning("LPIPS uses a RANDOM %s backbone: the 'lpips' loss is NOT a real perceptual loss", net)
+        self.model.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> LPIPSLoss:
+        return super().train(False)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        """Mean LPIPS between images in [-1, 1]."""
+        return self.model(x.float(), y.float(), normalize=False).mean()
+
+
+def reconstruction_losses(pred_latents: Tensor, latents: Tensor, pred_images: Tensor | None, images: Tensor | None,
+                          lpips_fn: LPIPSLoss | None) -> dict[str, Tensor]:
+    """Latent L1, pixel L1 and LPIPS (each a per-element mean; absent terms are left out)."""
+    out = {"latent_l1": (pred_latents.float() - latents.float()).abs().mean()}
+    if pred_images is not None:
+        out["pixel_l1"] = (pred_images.float() - images.float()).abs().mean()
+        if lpips_fn is not None:
+            out["lpips"] = lpips_fn(pred_images, images)
+    return out

@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,18 +30,45 @@ class LogitScale(nn.Module):
         return self.value.exp().clamp(max=self.max_scale)
 
 
-def contrastive_loss(img: Tensor, txt: Tensor, scale: Tensor, gather: Callable[[Tensor], Tensor] | None = None,
-                     rank: int = 0) -> Tensor:
-    """Symmetric InfoNCE of local rows against the features of every rank (``gather`` = all-gather with grad).
+def gather_rows(x: Tensor) -> tuple[Tensor, int]:
+    """All-gather rows of ``x`` from every rank with gradients, allowing different row counts per rank (bad
+    samples are dropped locally). Returns (rows of all ranks in rank order, offset of this rank's rows)."""
+    from ov3common.dist import all_gather_with_grad, get_rank, get_world_size
 
-    The mean over ranks of this value equals the single-process loss over the global batch.
-    """
+    world = get_world_size()
+    if world == 1:
+        return x, 0
+    import torch.distributed as dist
+
+    n = torch.tensor([x.shape[0]], device=x.device)
+    counts = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(counts, n)
+    counts_i = [int(c) for c in counts]
+    m = max(counts_i)
+    padded = torch.cat([x, x.new_zeros(m - x.shape[0], *x.shape[1:])]) if m > x.shape[0] else x
+    allx = all_gather_with_grad(padded)
+    keep = torch.cat([torch.arange(c, device=x.device) + r * m for r, c in enumerate(counts_i)])
+    return allx[keep], sum(counts_i[: get_rank()])
+
+
+def global_mean(values: Tensor, n_global: Tensor | int, world_size: int = 1) -> Tensor:
+    """``sum(local values) · W / N_global``: its mean over ranks (what DDP's gradient averaging optimises) is the
+    mean over the global batch, whatever the local counts."""
+    return values.sum() * world_size / max(float(n_global), 1.0)
+
+
+def contrastive_rows(img: Tensor, txt: Tensor, scale: Tensor, distributed: bool = False) -> Tensor:
+    """Symmetric InfoNCE per local row, ``(CE_i2t + CE_t2i) / 2``, against the features of every rank."""
     img, txt = F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
-    all_img, all_txt = (gather(img), gather(txt)) if gather is not None else (img, txt)
-    labels = torch.arange(img.shape[0], device=img.device) + rank * img.shape[0]
-    logits_i2t = scale * img @ all_txt.t()
-    logits_t2i = scale * txt @ all_img.t()
-    return 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
+    if distributed:
+        all_img, off = gather_rows(img)
+        all_txt, _ = gather_rows(txt)
+    else:
+        all_img, all_txt, off = img, txt, 0
+    labels = torch.arange(img.shape[0], device=img.device) + off
+    i2t = F.cross_entropy(scale * img @ all_txt.t(), labels, reduction="none")
+    t2i = F.cross_entropy(scale * txt @ all_img.t(), labels, reduction="none")
+    return 0.5 * (i2t + t2i)
 
 
 def caption_targets(ids: Tensor, pad_id: int) -> Tensor:
@@ -52,15 +78,11 @@ def caption_targets(ids: Tensor, pad_id: int) -> Tensor:
     return tgt
 
 
-def caption_loss(logits: Tensor, targets: Tensor, global_count: Tensor | None = None,
-                 world_size: int = 1) -> Tensor:
-    """Token-mean cross-entropy. With ``global_count`` (valid tokens over all ranks) the local sum is divided
-    by ``global_count / world_size``, so the mean over ranks is the global token mean."""
-    total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
-    if global_count is None:
-        count = (targets != IGNORE).sum().clamp(min=1)
-        return total / count
-    return total * world_size / global_count.clamp(min=1)
+def caption_token_losses(logits: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy of every valid (non-ignored) target token, flattened."""
+    flat_t = targets.flatten()
+    ce = F.cross_entropy(logits.float().flatten(0, 1), flat_t, ignore_index=IGNORE, reduction="none")
+    return ce[flat_t != IGNORE]
 
 
 # ----------------------------------------------------------------------------- LPIPS
@@ -116,16 +138,16 @@ class LPIPSLoss(nn.Module):
         return super().train(False)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        """Mean LPIPS between images in [-1, 1]."""
-        return self.model(x.float(), y.float(), normalize=False).mean()
+        """Per-sample LPIPS ``[B]`` between images in [-1, 1]."""
+        return self.model(x.float(), y.float(), normalize=False).flatten()
 
 
-def reconstruction_losses(pred_latents: Tensor, latents: Tensor, pred_images: Tensor | None, images: Tensor | None,
-                          lpips_fn: LPIPSLoss | None) -> dict[str, Tensor]:
-    """Latent L1, pixel L1 and LPIPS (each a per-element mean; absent terms are left out)."""
-    out = {"latent_l1": (pred_latents.float() - latents.float()).abs().mean()}
+def reconstruction_rows(pred_latents: Tensor, latents: Tensor, pred_images: Tensor | None,
+                        images: Tensor | None, lpips_fn: LPIPSLoss | None) -> dict[str, Tensor]:
+    """Per-sample latent L1, pixel L1 and LPIPS (absent terms left out)."""
+    out = {"latent_l1": (pred_latents.float() - latents.float()).abs().flatten(1).mean(1)}
     if pred_images is not None:
-        out["pixel_l1"] = (pred_images.float() - images.float()).abs().mean()
+        out["pixel_l1"] = (pred_images.float() - images.float()).abs().flatten(1).mean(1)
         if lpips_fn is not None:
             out["lpips"] = lpips_fn(pred_images, images)
     return out

@@ -70,7 +70,7 @@ class TrainConfig:
     ckpt_every: int = 100
     keep_last: int = 2
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
-    nan_at_steps: list[int] = field(default_factory=list)  # debug: poison the loss at these steps
+    nan_at_steps: list[int] = field(default_factory=list)  # debug: poison the loss at these (1-based) steps
     log_indices: bool = False  # debug: write the sample indices of every step (resume tests)
 
 
@@ -172,11 +172,11 @@ def train(cfg: Config) -> dict:
         prog = state["progress"]
         skips.load_state_dict(rank_state.get("skip", {}))
         C.restore_rng(rank_state.get("rng", {}))
-        if info.is_main:
-            truncate_log(metrics.path, prog["step"])
-            truncate_log(out / "indices.jsonl", prog["step"])
         log.info("resumed at step %d (epoch %d, %d samples consumed)", prog["step"], prog["epoch"], prog["consumed"])
-    else:
+    if info.is_main:  # drop rows a killed attempt wrote after the checkpoint we continue from (or all of them)
+        truncate_log(metrics.path, prog["step"] if loaded is not None else -1)
+        truncate_log(out / "indices.jsonl", prog["step"] if loaded is not None else -1)
+    if loaded is None:
         prog["baseline"] = evaluate(model, val, out / "recon_grid_untrained.png", cfg.grid_n, tr.bf16)
         metrics.log(0, {f"untrained/{k}": v for k, v in prog["baseline"].items()})
         log.info("untrained model: %s", prog["baseline"])
@@ -227,7 +227,7 @@ def train(cfg: Config) -> dict:
                 with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=tr.bf16):
                     losses = wrapped(to_device(batch, info.device), step, counts[0], counts[1], world)
                 loss = losses["loss"]
-                if step in tr.nan_at_steps:
+                if step + 1 in tr.nan_at_steps:  # 1-based, like the logged steps
                     loss = loss * float("nan")
                 loss.backward()
                 if guard.bad(loss, step, grads_of=model):
@@ -254,8 +254,8 @@ def train(cfg: Config) -> dict:
                 t_last, n_last = time.time(), 0
             elif losses is None:
                 metrics.log(prog["step"], {"skipped_step": 1})
-            if prog["step"] % tr.ckpt_every == 0 or prog["step"] == total:
-                save()
+            if (prog["step"] % tr.ckpt_every == 0 or prog["step"] == total) and guard.consecutive == 0:
+                save()  # never right after a skipped (non-finite) step: the latest checkpoint stays a good one
             if prog["step"] >= bounds[si]:
                 exhausted = False
                 break

@@ -215,3 +215,43 @@ def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu",
     elif _split(sd, "decoder."):
         raise KeyError(f"{w_path}: has decoder.* weights but config.json says decoder: null")
     return FrozenEncoder(vit, dec, vae, cfg).to(device=device, dtype=dtype)
+
+
+def export_run(run_dir: str | os.PathLike, out_dir: str | None = None, checkpoint: str | None = None) -> Path:
+    """Re-export a training run (its ``config.yaml`` + the latest valid, or the given, checkpoint)."""
+    from encoder.train import Config, build_vae, export_from_state
+    from ov3common.checkpoint import CheckpointManager
+    from ov3common.config import load_config
+
+    run = Path(run_dir)
+    cfg_path = run / "config.yaml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"--run: missing {cfg_path} (not a training run folder?)")
+    cfg = load_config(Config, str(cfg_path))
+    loaded = CheckpointManager(run / "checkpoints").load(checkpoint)
+    if loaded is None:
+        raise FileNotFoundError(f"--run: no valid checkpoint under {run / 'checkpoints'}")
+    return export_from_state(loaded[0]["model"], cfg, build_vae(cfg.vae, "cpu"), out_dir or str(run / "export"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Write a frozen-encoder export folder (DESIGN.md §5).")
+    ap.add_argument("--run", help="training run folder (runs/toy/encoder): export its latest checkpoint")
+    ap.add_argument("--checkpoint", default=None, help="a specific checkpoint folder of that run")
+    ap.add_argument("--random", metavar="OUT", help="write a RANDOM tiny export here (sibling tests)")
+    ap.add_argument("--out", default=None, help="export folder (default <run>/export)")
+    ap.add_argument("--size", default="tiny")
+    ap.add_argument("--image-size", type=int, default=64)
+    a = ap.parse_args(argv)
+    if a.random:
+        print(write_random_export(a.random, a.size, a.image_size))
+    elif a.run:
+        print(export_run(a.run, a.out, a.checkpoint))
+    else:
+        ap.error("give --run RUN_DIR or --random OUT")
+
+
+if __name__ == "__main__":
+    main()

@@ -44,6 +44,7 @@ class ToyVAEConfig:
     warmup_steps: int = 30
     mse_weight: float = 1.0
     kl_weight: float = 1e-6
+    init_logvar: float = -6.0  # initial bias of the encoder's log-variance channels
     threads: int = 0
     log_every: int = 25
     min_psnr: float = 24.0  # a warning (not an error) when val PSNR ends below this
@@ -112,6 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
     vcfg = tiny_vae_config(cfg.latent_channels, tuple(cfg.channels), cfg.layers_per_block, cfg.norm_num_groups)
     vcfg["sample_size"] = int(train_imgs.shape[-1])
     vae = AutoencoderKL.from_config(vcfg)
+    with torch.no_grad():  # start with a small posterior std: early sampling noise would drown the signal
+        vae.encoder.conv_out.bias[cfg.latent_channels:] = cfg.init_logvar
     opt = build_adamw(vae, cfg.lr, weight_decay=0.0)
     sched = warmup_cosine(opt, cfg.warmup_steps, cfg.steps, 0.05)
     metrics = MetricLogger(out)

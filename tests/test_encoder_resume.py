@@ -20,7 +20,19 @@ STAGES = stages((16, 8, 8), (32, 8, 8))  # 16 steps of 8 over 96 samples: crosse
 
 def args(root, out, *extra):
     return [f"out_dir={out}", f"data.root={root}", *TINY, STAGES, "train.ckpt_every=3", "train.log_indices=true",
-            "export_dir=none", *extra]
+            "export_dir=none", "train.threads=1", *extra]
+
+
+def train_in_process(*argv):
+    """The reference run in this process (imports already paid), single-threaded like the subprocesses."""
+    from encoder.train import Config, train
+    from ov3common.config import load_config
+
+    threads = torch.get_num_threads()
+    try:
+        return train(load_config(Config, str(REPO / "configs/encoder/toy.yaml"), [*argv, "train.threads=1"]))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def final_model(out):
@@ -36,8 +48,7 @@ def indices(out):
 @pytest.mark.slow
 def test_sigkill_resume_is_bitwise_exact(toy_root, tmp_path):  # noqa: F811
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    subprocess.run(python_module("encoder.train", *args(toy_root, ref)), env=subprocess_env(), cwd=REPO,
-                   check=True, capture_output=True)
+    train_in_process(*args(toy_root, ref))
     kills = run_with_kills(python_module("encoder.train", *args(toy_root, killed)), killed / "metrics.jsonl",
                            kills=2, min_step=2, max_step=6, seed=3, timeout=600)
     assert len(kills) == 2
@@ -58,9 +69,8 @@ def test_sigkill_resume_is_bitwise_exact(toy_root, tmp_path):  # noqa: F811
 def test_two_process_torchrun_matches_one_process(toy_root, tmp_path):  # noqa: F811
     one, two = tmp_path / "one", tmp_path / "two"
     base = [f"data.root={toy_root}", *TINY, stages((16, 4, 8), (32, 4, 8)), "export_dir=none",
-            "train.strategy=ddp", "train.ckpt_every=100"]
-    subprocess.run(python_module("encoder.train", f"out_dir={one}", *base), env=subprocess_env(), cwd=REPO,
-                   check=True, capture_output=True)
+            "train.strategy=ddp", "train.ckpt_every=100", "train.threads=1"]
+    train_in_process(f"out_dir={one}", *base)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
            "encoder.train", f"out_dir={two}", *base]
     res = subprocess.run(cmd, env=subprocess_env(), cwd=REPO, capture_output=True, text=True)

@@ -35,6 +35,7 @@ class ToyVAEConfig:
     latent_channels: int = 16
     layers_per_block: int = 1
     norm_num_groups: int = 8
+    mid_attention: bool = True  # FLUX's VAE has it; off = a purely convolutional (crop-invariant) VAE
     n_train: int = 4000  # images loaded into memory
     n_val: int = 256
     steps: int = 600
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     val_imgs = load_images(root / "images" / "val", cfg.n_val)
     vcfg = tiny_vae_config(cfg.latent_channels, tuple(cfg.channels), cfg.layers_per_block, cfg.norm_num_groups)
     vcfg["sample_size"] = int(train_imgs.shape[-1])
+    vcfg["mid_block_add_attention"] = cfg.mid_attention
     vae = AutoencoderKL.from_config(vcfg)
     with torch.no_grad():  # start with a small posterior std: early sampling noise would drown the signal
         vae.encoder.conv_out.bias[cfg.latent_channels:] = cfg.init_logvar

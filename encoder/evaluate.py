@@ -32,24 +32,23 @@ def retrieval_r1(img_emb: Tensor, txt_emb: Tensor, texts: list[str]) -> tuple[fl
 
 @torch.no_grad()
 def evaluate(model, batches: list[dict], grid_path: str | Path | None = None, grid_n: int = 8,
-             autocast: bool = False) -> dict[str, float]:
-    """Run the (unwrapped) ``OV3Model`` over pre-collated val batches. Restores the training mode."""
+             autocast: bool = False, wrapped=None) -> dict[str, float]:
+    """Run ``OV3Model`` (through ``wrapped``, its DDP/FSDP2 wrapper, when given: FSDP2 needs the root forward) over
+    pre-collated val batches; every rank computes the same numbers. Restores the training mode."""
     was = model.training
     model.eval()
+    fwd = wrapped if wrapped is not None else model
     vae = model.frozen["vae"]
     imgs, txts, texts, ps, l1s, grid_src, grid_rec = [], [], [], [], [], [], []
-    dev = model.vit.patch_embed.weight.device
+    dev = next(iter(vae.parameters())).device
     for b in batches:
         b = {k: (v.to(dev) if isinstance(v, Tensor) else v) for k, v in b.items()}
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
-            lat = model.latents(b)
-            tokens, pooled = model.vit(lat)
-            p = model.vit_cfg.patch_size
-            pred_lat = model.decoder(tokens, (lat.shape[-2] // p, lat.shape[-1] // p))
-            txt = model.text_encoder(b["alt"])
+            o = fwd(b, inference=True)
+        lat, pred_lat = o["lat"], o["pred_lat"]
         rec = vae.decode(pred_lat.float()).float().clamp(-1, 1)
-        imgs.append(pooled.float().cpu())
-        txts.append(txt.float().cpu())
+        imgs.append(o["pooled"].float().cpu())
+        txts.append(o["txt"].float().cpu())
         texts += b["alt_text"]
         ps.append(psnr(rec, b["image"]).cpu())
         l1s.append((pred_lat.float() - lat.float()).abs().flatten(1).mean(1).cpu())

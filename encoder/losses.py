@@ -23,11 +23,11 @@ class LogitScale(nn.Module):
 
     def __init__(self, init: float = LOGIT_SCALE_INIT, max_scale: float = LOGIT_SCALE_MAX):
         super().__init__()
-        self.value = nn.Parameter(torch.tensor(float(init)))
+        self.value = nn.Parameter(torch.full((1,), float(init)))  # 1-D: FSDP2 cannot shard 0-d parameters
         self.max_scale = max_scale
 
     def forward(self) -> Tensor:
-        return self.value.exp().clamp(max=self.max_scale)
+        return self.value.exp().clamp(max=self.max_scale)[0]
 
 
 def gather_rows(x: Tensor) -> tuple[Tensor, int]:

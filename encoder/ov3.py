@@ -94,7 +94,16 @@ class OV3Model(nn.Module):
             m.grad_checkpointing = mc.grad_checkpointing
 
     def fsdp_units(self) -> list[nn.Module]:
+        """FSDP2 units: every transformer block (the rest is sharded with the root)."""
         return [*self.vit.blocks, *self.decoder.blocks, *self.text_encoder.blocks, *self.text_decoder.blocks]
+
+    def inference(self, batch: dict) -> dict[str, Tensor]:
+        """Evaluation outputs at τ = 0 (no noise): pooled image / alt-text embeddings, latents and predictions."""
+        lat = self.latents(batch)
+        tokens, pooled = self.vit(lat.to(self.vit.patch_embed.weight.dtype))
+        p = self.vit_cfg.patch_size
+        pred_lat = self.decoder(tokens, (lat.shape[-2] // p, lat.shape[-1] // p))
+        return {"pooled": pooled, "txt": self.text_encoder(batch["alt"]), "lat": lat, "pred_lat": pred_lat}
 
     def latents(self, batch: dict) -> Tensor:
         if "latent" in batch:
@@ -112,9 +121,12 @@ class OV3Model(nn.Module):
             out.append(sigma * torch.randn(tokens.shape[1:], generator=g, device=tokens.device))
         return torch.stack(out).to(tokens.dtype)
 
-    def forward(self, batch: dict, step: int, n_global: Tensor, tok_global: Tensor, world_size: int = 1
-                ) -> dict[str, Tensor]:
-        """All losses (global means, see ``losses.global_mean``) and the weighted total ``loss``."""
+    def forward(self, batch: dict, step: int = 0, n_global: Tensor | None = None, tok_global: Tensor | None = None,
+                world_size: int = 1, inference: bool = False) -> dict[str, Tensor]:
+        """All losses (global means, see ``losses.global_mean``) and the weighted total ``loss``; with
+        ``inference=True`` the evaluation outputs instead (through the root module, as FSDP2 requires)."""
+        if inference:
+            return self.inference(batch)
         lc = self.lc
         lat = self.latents(batch)
         tokens, pooled = self.vit(lat.to(self.vit.patch_embed.weight.dtype))
@@ -140,6 +152,6 @@ class OV3Model(nn.Module):
         out.update({k: global_mean(v, n_global, world_size) for k, v in rec_rows.items()})
         rec = (lc.w_latent * out["latent_l1"] + lc.w_pixel * out.get("pixel_l1", 0.0)
                + lc.w_lpips * out.get("lpips", 0.0))
-        out["und"], out["rec"] = und, rec
+        out["und"], out["rec"], out["logit_scale"] = und, rec, scale.detach()
         out["loss"] = lc.w_und * und + lc.w_rec * rec
         return out

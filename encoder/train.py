@@ -177,7 +177,7 @@ def train(cfg: Config) -> dict:
         truncate_log(metrics.path, prog["step"] if loaded is not None else -1)
         truncate_log(out / "indices.jsonl", prog["step"] if loaded is not None else -1)
     if loaded is None:
-        prog["baseline"] = evaluate(model, val, out / "recon_grid_untrained.png", cfg.grid_n, tr.bf16)
+        prog["baseline"] = evaluate(model, val, out / "recon_grid_untrained.png", cfg.grid_n, tr.bf16, wrapped)
         metrics.log(0, {f"untrained/{k}": v for k, v in prog["baseline"].items()})
         log.info("untrained model: %s", prog["baseline"])
 
@@ -230,10 +230,11 @@ def train(cfg: Config) -> dict:
                 if step + 1 in tr.nan_at_steps:  # 1-based, like the logged steps
                     loss = loss * float("nan")
                 loss.backward()
-                if guard.bad(loss, step, grads_of=model):
-                    losses = None
+                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip)  # DDP/FSDP2-aware
+                gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
+                if guard.bad(torch.stack([loss.detach().float(), gnorm.detach().float()]), step):
+                    losses = None  # non-finite loss or gradient: no update (grads are zeroed below)
                 else:
-                    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip)
                     opt.step()
             opt.zero_grad(set_to_none=True)
             sched.step()
@@ -244,8 +245,7 @@ def train(cfg: Config) -> dict:
                 vals = all_reduce_mean(torch.stack([losses[k].detach().float() for k in keys]))
                 dt = time.time() - t_last
                 row = {k: float(v) for k, v in zip(keys, vals)}
-                row.update(lr=sched.get_last_lr()[0], logit_scale=float(model.logit_scale().detach()),
-                           grad_norm=float(gnorm), resolution=stage.resolution,
+                row.update(lr=sched.get_last_lr()[0], grad_norm=float(gnorm), resolution=stage.resolution,
                            samples_per_s=n_last * world / max(dt, 1e-9))
                 metrics.log(prog["step"], row)
                 log.info("step %d/%d res %d loss %.4f (caption %.3f contrastive %.3f pixel %.3f latent %.3f)",
@@ -264,7 +264,7 @@ def train(cfg: Config) -> dict:
             prog["epoch"] += 1
             prog["consumed"] = 0
     end_epoch()
-    final = evaluate(model, val, out / "recon_grid.png", cfg.grid_n, tr.bf16)
+    final = evaluate(model, val, out / "recon_grid.png", cfg.grid_n, tr.bf16, wrapped)
     base = prog["baseline"]
     summary = {**final, "untrained/psnr": base.get("val/psnr"), "untrained/r1_i2t": base.get("val/r1_i2t"),
                "psnr_gain_db": final["val/psnr"] - base.get("val/psnr", math.nan), "steps": total,

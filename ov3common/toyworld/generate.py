@@ -1,0 +1,240 @@
+"""Build the whole toy world under one directory (see BRIEF/README for the layout).
+
+Work is split into index ranges run by a process pool; the parent writes every file in index order, so the
+output is byte-identical for any worker count and across runs.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import numpy as np
+from tqdm import tqdm
+from webdataset import TarWriter
+
+from . import world
+from .evalsets import build_pope, build_seedbench
+from .llava import text_only_record
+from .questions import ObjectStats
+from .render import JPEG_QUALITY, supersample_factor
+from .samples import Task, dumps, image_relpath, run_task, scenes_for
+from .tokenizer import build_vocab, save_tokenizer, unknown_words
+
+SPLITS = ("train", "val", "test")
+TAR_MTIME = 946684800.0  # 2000-01-01, fixed so shards are reproducible
+MANAGED = ("wds", "images", "llava", "pope", "seedbench", "classes", "tokenizer", "meta.json", "stats.json", ".done")
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    """Everything that determines the toy world's bytes (workers does not)."""
+
+    resolution: int = 64
+    n_train: int = 20000
+    n_val: int = 1000
+    n_test: int = 1000
+    seed: int = 0
+    shard_size: int = 1000
+    class_train: int = 100
+    class_val: int = 10
+    pope_images: int = 150
+    seedbench_per_category: int = 150
+    text_only_every: int = 20  # one text-only record after every N image records of the instruction mix
+    jpeg_quality: int = JPEG_QUALITY
+    chunk: int = 250
+
+    def counts(self) -> dict[str, int]:
+        return {"train": self.n_train, "val": self.n_val, "test": self.n_test}
+
+
+def _tasks(cfg: ToyConfig) -> list[Task]:
+    tasks = []
+    for split, n in cfg.counts().items():
+        tasks += [Task(split, a, min(a + cfg.chunk, n), cfg.seed, cfg.resolution, cfg.jpeg_quality)
+                  for a in range(0, n, cfg.chunk)]
+    for split, n in (("classes_train", cfg.class_train), ("classes_val", cfg.class_val)):
+        if n > 0:
+            tasks += [Task(split, 0, n, cfg.seed, cfg.resolution, cfg.jpeg_quality, class_index=c)
+                      for c in range(len(world.CLASSES))]
+    return tasks
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _write_json(path: str, obj, indent: int | None = None) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(obj, sort_keys=True, indent=indent, ensure_ascii=False) + "\n")
+
+
+def _write_jsonl(path: str, rows: list[dict]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(dumps(r) + "\n" for r in rows)
+
+
+class _ShardSet:
+    """Writes ``<root>/shard-%06d.tar`` with webdataset's TarWriter, ``size`` samples per shard."""
+
+    def __init__(self, root: str, size: int):
+        self.root, self.size, self.writer, self.shard, self.count = root, size, None, -1, 0
+        os.makedirs(root, exist_ok=True)
+
+    def write(self, sample: dict) -> None:
+        shard = self.count // self.size
+        if shard != self.shard:
+            self.close()
+            path = os.path.join(self.root, f"shard-{shard:06d}.tar")
+            self.writer = TarWriter(path, encoder=False, mtime=TAR_MTIME, user="toy", group="toy")
+            self.shard = shard
+        self.writer.write(sample)
+        self.count += 1
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def _results(tasks: list[Task], stats: ObjectStats, workers: int) -> Iterator:
+    fn = partial(run_task, stats=stats)
+    if workers <= 1:
+        yield from map(fn, tasks)
+        return
+    with mp.get_context("spawn").Pool(workers) as pool:
+        yield from pool.imap(fn, tasks)
+
+
+def _train_stats(cfg: ToyConfig, workers: int) -> ObjectStats:
+    ranges = [(a, min(a + 2000, cfg.n_train)) for a in range(0, cfg.n_train, 2000)]
+    fn = partial(scenes_for, "train", cfg.seed)
+    if workers <= 1 or len(ranges) == 1:
+        parts = [fn(a, b) for a, b in ranges]
+    else:
+        with mp.get_context("spawn").Pool(workers) as pool:
+            parts = pool.starmap(fn, ranges)
+    return ObjectStats.from_scenes([s for p in parts for s in p])
+
+
+def _clean(out: str) -> None:
+    for name in MANAGED:
+        p = os.path.join(out, name)
+        if os.path.isdir(p):
+            shutil.rmtree(p)
+        elif os.path.exists(p):
+            os.remove(p)
+
+
+def generate(out: str, cfg: ToyConfig | None = None, workers: int = 2, progress: bool = True) -> dict:
+    """Write the toy world to ``out`` and return its meta dict (also written to ``out/meta.json``)."""
+    cfg = cfg or ToyConfig()
+    if cfg.n_train < 1 or cfg.n_test < 1 or cfg.resolution < 8 or cfg.shard_size < 1:
+        raise ValueError(f"need n_train >= 1, n_test >= 1, resolution >= 8, shard_size >= 1; got {cfg}")
+    t0 = time.perf_counter()
+    os.makedirs(out, exist_ok=True)
+    _clean(out)
+    stats = _train_stats(cfg, workers)
+    vocab = build_vocab()
+    shards = {s: _ShardSet(os.path.join(out, "wds", s), cfg.shard_size) for s in SPLITS}
+    for s in SPLITS:
+        os.makedirs(os.path.join(out, "images", s), exist_ok=True)
+    scenes: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    pretrain, instruct, texts = [], [], []
+    n_text_only, class_counts = 0, {"train": 0, "val": 0}
+    tasks = _tasks(cfg)
+    total = sum(t.stop - t.start for t in tasks)
+    with tqdm(total=total, desc="toy world", unit="img", disable=not progress, mininterval=1.0) as bar:
+        for task, result in _results(tasks, stats, workers):
+            if task.class_index >= 0:
+                for rel, data in result:
+                    os.makedirs(os.path.join(out, os.path.dirname(rel)), exist_ok=True)
+                    _write_bytes(os.path.join(out, rel), data)
+                class_counts[task.split.removeprefix("classes_")] += len(result)
+            else:
+                for rec in result:
+                    shards[task.split].write({"__key__": rec["key"], "jpg": rec["jpg"],
+                                              "txt": rec["txt"].encode("utf-8"), "json": rec["json"].encode("utf-8")})
+                    _write_bytes(os.path.join(out, "images", task.split, rec["key"] + ".jpg"), rec["jpg"])
+                    scenes[task.split].append(rec["scene"])
+                    texts += [rec["txt"], rec["recaption"]]
+                    if "pretrain" in rec:
+                        pretrain.append(rec["pretrain"])
+                        instruct.append(rec["instruct"])
+                        if len(instruct) % cfg.text_only_every == cfg.text_only_every - 1:
+                            rng = np.random.default_rng([world.split_seed(cfg.seed, "train"), n_text_only, 3])
+                            instruct.append(text_only_record(f"text_{n_text_only:07d}", rng))
+                            n_text_only += 1
+            bar.update(task.stop - task.start)
+    for s in shards.values():
+        s.close()
+
+    test_images = [image_relpath("test", i) for i in range(cfg.n_test)]
+    pope = build_pope(scenes["test"], test_images, stats, cfg.pope_images, cfg.seed)
+    seed = build_seedbench(scenes["test"], test_images, cfg.seedbench_per_category, cfg.seed)
+    _write_json(os.path.join(out, "llava", "pretrain.json"), pretrain)
+    _write_json(os.path.join(out, "llava", "instruct.json"), instruct)
+    _write_jsonl(os.path.join(out, "pope", "pope.jsonl"), pope)
+    _write_jsonl(os.path.join(out, "seedbench", "seedbench.jsonl"), seed)
+
+    for rows, fields in ((pope, ("question",)), (seed, ("question", "choice_a", "choice_b", "choice_c", "choice_d"))):
+        texts += [r[f] for r in rows for f in fields]
+    texts += [c["value"] for r in pretrain + instruct for c in r["conversations"]]
+    unk = unknown_words(texts, vocab)
+    if unk:
+        raise RuntimeError(f"tokenizer vocabulary misses words emitted by the generator: {sorted(unk)[:20]}")
+    save_tokenizer(os.path.join(out, "tokenizer"), vocab)
+    _write_json(os.path.join(out, "stats.json"), stats.to_json())
+
+    meta = {
+        "generator_version": world.GENERATOR_VERSION,
+        "config": asdict(cfg),
+        "seed": cfg.seed,
+        "split_seeds": {s: world.split_seed(cfg.seed, s) for s in world.SPLIT_CODES},
+        "resolution": cfg.resolution,
+        "supersample": supersample_factor(cfg.resolution),
+        "shapes": list(world.SHAPES),
+        "colors": {k: list(v) for k, v in world.COLORS.items()},
+        "sizes": dict(world.SIZES),
+        "backgrounds": {k: [list(c) for c in v] for k, v in world.BACKGROUNDS.items()},
+        "themes": [{"name": t.name, "objects": list(t.objects), "backgrounds": list(t.backgrounds)}
+                   for t in world.THEMES],
+        "positions": list(world.POSITION_NAMES),
+        "objects": list(world.OBJECTS),
+        "classes": list(world.CLASSES),
+        "image_root": "images",
+        "counts": {
+            "images": cfg.counts(),
+            "shards": {s: -(-n // cfg.shard_size) for s, n in cfg.counts().items()},
+            "pretrain": len(pretrain),
+            "instruct": len(instruct),
+            "instruct_text_only": n_text_only,
+            "pope": len(pope),
+            "seedbench": len(seed),
+            "classes": class_counts,
+            "single_object": {s: sum(len(sc["objects"]) == 1 for sc in v) for s, v in scenes.items()},
+        },
+        "vocab_size": len(vocab),
+    }
+    _write_json(os.path.join(out, "meta.json"), meta, indent=1)
+    with open(os.path.join(out, ".done"), "w") as f:
+        f.write(world.GENERATOR_VERSION + "\n")
+    return {**meta, "seconds": round(time.perf_counter() - t0, 2)}  # not in meta.json: bytes stay fixed
+
+
+def load_meta(root: str) -> dict:
+    """The ``meta.json`` of a generated toy world (raises FileNotFoundError naming the path)."""
+    path = os.path.join(root, "meta.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no toy world at {root!r} ({path} missing): run `make data`")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)

@@ -6,7 +6,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .questions import LETTERS, MC_GENERATORS, POPE_CATEGORIES, SEED_CATEGORIES, ObjectStats, arrange, negatives
+from .questions import (
+    LETTERS,
+    MC_GENERATORS,
+    POPE_CATEGORIES,
+    SEED_CATEGORIES,
+    ObjectStats,
+    arrange,
+    negatives,
+)
 from .questions import pope_question as _pope_q
 
 POPE_POSITIVES = 3

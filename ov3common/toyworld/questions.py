@@ -11,7 +11,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .world import BACKGROUND_NAMES, article, COLOR_NAMES, OBJECT_INDEX, OBJECTS, POSITION_NAMES, SHAPES, SIZE_NAMES, THEMES
+from .world import (
+    BACKGROUND_NAMES,
+    COLOR_NAMES,
+    OBJECT_INDEX,
+    OBJECTS,
+    POSITION_NAMES,
+    SHAPES,
+    SIZE_NAMES,
+    THEMES,
+    article,
+)
 
 SHORT_SUFFIX = "Answer the question using a single word or phrase."
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."

@@ -17,7 +17,6 @@ from functools import partial
 
 import numpy as np
 from tqdm import tqdm
-from webdataset import TarWriter
 
 from . import world
 from .evalsets import build_pope, build_seedbench
@@ -28,7 +27,7 @@ from .samples import Task, dumps, image_relpath, run_task, scenes_for
 from .tokenizer import build_vocab, save_tokenizer, unknown_words
 
 SPLITS = ("train", "val", "test")
-TAR_MTIME = 946684800.0  # 2000-01-01, fixed so shards are reproducible
+TAR_MTIME = 946684800  # 2000-01-01 (an int: a float mtime makes tarfile add a PAX header per member)
 MANAGED = ("wds", "images", "llava", "pope", "seedbench", "classes", "tokenizer", "meta.json", "stats.json", ".done")
 
 
@@ -91,6 +90,8 @@ class _ShardSet:
         os.makedirs(root, exist_ok=True)
 
     def write(self, sample: dict) -> None:
+        from webdataset import TarWriter  # imported here: webdataset imports torch (slow worker start-up)
+
         shard = self.count // self.size
         if shard != self.shard:
             self.close()

@@ -32,9 +32,12 @@ def _pre_tokenizer():
 def words(texts: Iterable[str]) -> set[str]:
     """The set of vocabulary words in ``texts`` (normalised and pre-tokenised as the tokenizer does)."""
     norm, pre = _normalizer(), _pre_tokenizer()
+    chunks: set[str] = set()
+    for t in texts:  # the pre-tokenizer splits on whitespace first, so unique chunks give the same words
+        chunks.update(t.split())
     out: set[str] = set()
-    for t in texts:
-        out.update(w for w, _ in pre.pre_tokenize_str(norm.normalize_str(t)))
+    if chunks:
+        out.update(w for w, _ in pre.pre_tokenize_str(norm.normalize_str("\n".join(sorted(chunks)))))
     return out
 
 

@@ -6,6 +6,7 @@ output is byte-identical for any worker count and across runs.
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -16,7 +17,6 @@ from dataclasses import asdict, dataclass
 from functools import partial
 
 import numpy as np
-from tqdm import tqdm
 
 from . import world
 from .evalsets import build_pope, build_seedbench
@@ -48,6 +48,13 @@ class ToyConfig:
     text_only_every: int = 20  # one text-only record after every N image records of the instruction mix
     jpeg_quality: int = JPEG_QUALITY
     chunk: int = 250
+
+    @classmethod
+    def tiny(cls, **overrides) -> ToyConfig:
+        """A seconds-fast toy world for tests (32 px, a few dozen images per split)."""
+        base = {"resolution": 32, "n_train": 64, "n_val": 16, "n_test": 48, "shard_size": 24, "class_train": 3,
+                "class_val": 1, "pope_images": 12, "seedbench_per_category": 10, "text_only_every": 8, "chunk": 16}
+        return cls(**{**base, **overrides})
 
     def counts(self) -> dict[str, int]:
         return {"train": self.n_train, "val": self.n_val, "test": self.n_test}
@@ -107,24 +114,40 @@ class _ShardSet:
             self.writer = None
 
 
-def _results(tasks: list[Task], stats: ObjectStats, workers: int) -> Iterator:
-    fn = partial(run_task, stats=stats)
-    if workers <= 1:
-        yield from map(fn, tasks)
-        return
-    with mp.get_context("spawn").Pool(workers) as pool:
-        yield from pool.imap(fn, tasks)
+class _InProcess:
+    """The subset of ``multiprocessing.Pool`` used here, run in this process (workers <= 1)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def imap(self, fn, iterable) -> Iterator:
+        return map(fn, iterable)
+
+    def starmap(self, fn, iterable) -> list:
+        return list(itertools.starmap(fn, iterable))
 
 
-def _train_stats(cfg: ToyConfig, workers: int) -> ObjectStats:
-    ranges = [(a, min(a + 2000, cfg.n_train)) for a in range(0, cfg.n_train, 2000)]
-    fn = partial(scenes_for, "train", cfg.seed)
-    if workers <= 1 or len(ranges) == 1:
-        parts = [fn(a, b) for a, b in ranges]
-    else:
-        with mp.get_context("spawn").Pool(workers) as pool:
-            parts = pool.starmap(fn, ranges)
+def _pool(workers: int):
+    return mp.get_context("spawn").Pool(workers) if workers > 1 else _InProcess()
+
+
+def _train_stats(cfg: ToyConfig, pool) -> ObjectStats:
+    ranges = [(a, min(a + 2500, cfg.n_train)) for a in range(0, cfg.n_train, 2500)]
+    parts = pool.starmap(partial(scenes_for, "train", cfg.seed), ranges)
     return ObjectStats.from_scenes([s for p in parts for s in p])
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        from tqdm import tqdm
+
+        return tqdm(total=total, disable=True)
+    from ov3common.log import progress  # imported here: it imports torch, which workers do not need
+
+    return progress(total=total, desc="toy world", unit="img", mininterval=1.0)
 
 
 def _clean(out: str) -> None:
@@ -136,48 +159,67 @@ def _clean(out: str) -> None:
             os.remove(p)
 
 
+class _Sink:
+    """Receives the workers' results in task order and writes shards, image files and class images."""
+
+    def __init__(self, out: str, cfg: ToyConfig):
+        self.out, self.cfg = out, cfg
+        self.shards = {s: _ShardSet(os.path.join(out, "wds", s), cfg.shard_size) for s in SPLITS}
+        for s in SPLITS:
+            os.makedirs(os.path.join(out, "images", s), exist_ok=True)
+        self.scenes: dict[str, list[dict]] = {s: [] for s in SPLITS}
+        self.pretrain: list[dict] = []
+        self.instruct: list[dict] = []
+        self.texts: list[str] = []
+        self.n_text_only = 0
+        self.class_counts = {"train": 0, "val": 0}
+
+    def add(self, task: Task, result: list) -> None:
+        if task.class_index >= 0:
+            for rel, data in result:
+                os.makedirs(os.path.join(self.out, os.path.dirname(rel)), exist_ok=True)
+                _write_bytes(os.path.join(self.out, rel), data)
+            self.class_counts[task.split.removeprefix("classes_")] += len(result)
+            return
+        for rec in result:
+            self.shards[task.split].write({"__key__": rec["key"], "jpg": rec["jpg"], "txt": rec["txt"].encode("utf-8"),
+                                           "json": rec["json"].encode("utf-8")})
+            _write_bytes(os.path.join(self.out, "images", task.split, rec["key"] + ".jpg"), rec["jpg"])
+            self.scenes[task.split].append(rec["scene"])
+            self.texts += [rec["txt"], rec["recaption"]]
+            if "pretrain" in rec:
+                self.pretrain.append(rec["pretrain"])
+                self.instruct.append(rec["instruct"])
+                if len(self.pretrain) % self.cfg.text_only_every == 0:  # interleave text-only records
+                    rng = np.random.default_rng([world.split_seed(self.cfg.seed, "train"), self.n_text_only, 3])
+                    self.instruct.append(text_only_record(f"text_{self.n_text_only:07d}", rng))
+                    self.n_text_only += 1
+
+    def close(self) -> None:
+        for s in self.shards.values():
+            s.close()
+
+
 def generate(out: str, cfg: ToyConfig | None = None, workers: int = 2, progress: bool = True) -> dict:
     """Write the toy world to ``out`` and return its meta dict (also written to ``out/meta.json``)."""
     cfg = cfg or ToyConfig()
-    if cfg.n_train < 1 or cfg.n_test < 1 or cfg.resolution < 8 or cfg.shard_size < 1:
-        raise ValueError(f"need n_train >= 1, n_test >= 1, resolution >= 8, shard_size >= 1; got {cfg}")
+    if cfg.n_train < 1 or cfg.n_test < 1 or cfg.resolution < 8 or cfg.shard_size < 1 or cfg.text_only_every < 1:
+        raise ValueError(f"need n_train, n_test, shard_size, text_only_every >= 1 and resolution >= 8; got {cfg}")
     t0 = time.perf_counter()
     os.makedirs(out, exist_ok=True)
     _clean(out)
-    stats = _train_stats(cfg, workers)
     vocab = build_vocab()
-    shards = {s: _ShardSet(os.path.join(out, "wds", s), cfg.shard_size) for s in SPLITS}
-    for s in SPLITS:
-        os.makedirs(os.path.join(out, "images", s), exist_ok=True)
-    scenes: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    pretrain, instruct, texts = [], [], []
-    n_text_only, class_counts = 0, {"train": 0, "val": 0}
+    sink = _Sink(out, cfg)
     tasks = _tasks(cfg)
-    total = sum(t.stop - t.start for t in tasks)
-    with tqdm(total=total, desc="toy world", unit="img", disable=not progress, mininterval=1.0) as bar:
-        for task, result in _results(tasks, stats, workers):
-            if task.class_index >= 0:
-                for rel, data in result:
-                    os.makedirs(os.path.join(out, os.path.dirname(rel)), exist_ok=True)
-                    _write_bytes(os.path.join(out, rel), data)
-                class_counts[task.split.removeprefix("classes_")] += len(result)
-            else:
-                for rec in result:
-                    shards[task.split].write({"__key__": rec["key"], "jpg": rec["jpg"],
-                                              "txt": rec["txt"].encode("utf-8"), "json": rec["json"].encode("utf-8")})
-                    _write_bytes(os.path.join(out, "images", task.split, rec["key"] + ".jpg"), rec["jpg"])
-                    scenes[task.split].append(rec["scene"])
-                    texts += [rec["txt"], rec["recaption"]]
-                    if "pretrain" in rec:
-                        pretrain.append(rec["pretrain"])
-                        instruct.append(rec["instruct"])
-                        if len(instruct) % cfg.text_only_every == cfg.text_only_every - 1:
-                            rng = np.random.default_rng([world.split_seed(cfg.seed, "train"), n_text_only, 3])
-                            instruct.append(text_only_record(f"text_{n_text_only:07d}", rng))
-                            n_text_only += 1
-            bar.update(task.stop - task.start)
-    for s in shards.values():
-        s.close()
+    with _pool(workers) as pool:
+        stats = _train_stats(cfg, pool)
+        with _progress_bar(sum(t.stop - t.start for t in tasks), progress) as bar:
+            for task, result in pool.imap(partial(run_task, stats=stats), tasks):
+                sink.add(task, result)
+                bar.update(task.stop - task.start)
+    sink.close()
+    scenes, pretrain, instruct, texts = sink.scenes, sink.pretrain, sink.instruct, sink.texts
+    n_text_only, class_counts = sink.n_text_only, sink.class_counts
 
     test_images = [image_relpath("test", i) for i in range(cfg.n_test)]
     pope = build_pope(scenes["test"], test_images, stats, cfg.pope_images, cfg.seed)

@@ -26,6 +26,7 @@ from ov3common.toyworld.questions import (
 from ov3common.toyworld.world import make_object, sample_scene, scene_rng, split_seed
 
 CFG = ToyConfig.tiny()
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "data"
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -297,11 +298,17 @@ def test_summary_report(toy, tmp_path):
     assert Image.open(tmp_path / "toyworld_samples.png").size[0] > 400
 
 
-def test_cli_flags():
+def test_cli_flags_config_and_overrides():
+    from ov3common.config import ConfigError
     from ov3common.toyworld.__main__ import parse_args
 
     out, cfg, workers, progress = parse_args(["--out", "x", "--resolution", "128", "--n-train", "5", "--quiet"])
     assert (out, cfg.resolution, cfg.n_train, cfg.n_val, progress) == ("x", 128, 5, 1000, False)
+    _, cfg, _, _ = parse_args(["--out", "x", "--config", str(CONFIGS / "toy128.yaml"), "--n-val", "7", "seed=3"])
+    assert (cfg.resolution, cfg.n_train, cfg.n_val, cfg.seed) == (128, 20000, 7, 3)
+    assert parse_args(["--out", "x", "--config", str(CONFIGS / "toy.yaml")])[1] == ToyConfig()
+    with pytest.raises(ConfigError, match="n_trian"):
+        parse_args(["--out", "x", "n_trian=5"])
     with pytest.raises(SystemExit):
         parse_args(["--resolution", "64"])  # --out is required
 

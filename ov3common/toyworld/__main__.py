@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     meta = generate(out, cfg, workers=workers, progress=progress)
     n = sum(meta["counts"]["images"].values()) + sum(meta["counts"]["classes"].values())
     print(json.dumps({"out": out, "total_images": n, "seconds": meta["seconds"],
-                      "images_per_s": round(n / max(meta["seconds"], 1e-9), 1), **meta["counts"]}))
+                      "images_per_s": round(n / max(meta["seconds"], 1e-9), 1), "timings": meta["timings"],
+                      **meta["counts"]}))
 
 
 if __name__ == "__main__":

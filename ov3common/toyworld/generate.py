@@ -60,21 +60,16 @@ class ToyConfig:
         return {"train": self.n_train, "val": self.n_val, "test": self.n_test}
 
 
-def _tasks(cfg: ToyConfig) -> list[Task]:
+def _tasks(cfg: ToyConfig, out: str) -> list[Task]:
     tasks = []
     for split, n in cfg.counts().items():
-        tasks += [Task(split, a, min(a + cfg.chunk, n), cfg.seed, cfg.resolution, cfg.jpeg_quality)
+        tasks += [Task(split, a, min(a + cfg.chunk, n), cfg.seed, cfg.resolution, cfg.jpeg_quality, out=out)
                   for a in range(0, n, cfg.chunk)]
     for split, n in (("classes_train", cfg.class_train), ("classes_val", cfg.class_val)):
         if n > 0:
-            tasks += [Task(split, 0, n, cfg.seed, cfg.resolution, cfg.jpeg_quality, class_index=c)
+            tasks += [Task(split, 0, n, cfg.seed, cfg.resolution, cfg.jpeg_quality, class_index=c, out=out)
                       for c in range(len(world.CLASSES))]
     return tasks
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
 
 
 def _write_json(path: str, obj, indent: int | None = None) -> None:
@@ -175,16 +170,12 @@ class _Sink:
         self.class_counts = {"train": 0, "val": 0}
 
     def add(self, task: Task, result: list) -> None:
-        if task.class_index >= 0:
-            for rel, data in result:
-                os.makedirs(os.path.join(self.out, os.path.dirname(rel)), exist_ok=True)
-                _write_bytes(os.path.join(self.out, rel), data)
+        if task.class_index >= 0:  # the worker wrote the PNGs
             self.class_counts[task.split.removeprefix("classes_")] += len(result)
             return
         for rec in result:
             self.shards[task.split].write({"__key__": rec["key"], "jpg": rec["jpg"], "txt": rec["txt"].encode("utf-8"),
                                            "json": rec["json"].encode("utf-8")})
-            _write_bytes(os.path.join(self.out, "images", task.split, rec["key"] + ".jpg"), rec["jpg"])
             self.scenes[task.split].append(rec["scene"])
             self.texts += [rec["txt"], rec["recaption"]]
             if "pretrain" in rec:
@@ -208,9 +199,11 @@ def generate(out: str, cfg: ToyConfig | None = None, workers: int = 2, progress:
     t0 = time.perf_counter()
     os.makedirs(out, exist_ok=True)
     _clean(out)
+    timings = {"clean": time.perf_counter() - t0}
     vocab = build_vocab()
+    timings["vocab"] = time.perf_counter() - t0 - timings["clean"]
     sink = _Sink(out, cfg)
-    tasks = _tasks(cfg)
+    tasks = _tasks(cfg, out)
     with _pool(workers) as pool:
         stats = _train_stats(cfg, pool)
         with _progress_bar(sum(t.stop - t.start for t in tasks), progress) as bar:
@@ -218,6 +211,7 @@ def generate(out: str, cfg: ToyConfig | None = None, workers: int = 2, progress:
                 sink.add(task, result)
                 bar.update(task.stop - task.start)
     sink.close()
+    timings["images"] = time.perf_counter() - t0 - sum(timings.values())
     scenes, pretrain, instruct, texts = sink.scenes, sink.pretrain, sink.instruct, sink.texts
     n_text_only, class_counts = sink.n_text_only, sink.class_counts
 
@@ -235,6 +229,7 @@ def generate(out: str, cfg: ToyConfig | None = None, workers: int = 2, progress:
     unk = unknown_words(texts, vocab)
     if unk:
         raise RuntimeError(f"tokenizer vocabulary misses words emitted by the generator: {sorted(unk)[:20]}")
+    timings["texts"] = time.perf_counter() - t0 - sum(timings.values())
     save_tokenizer(os.path.join(out, "tokenizer"), vocab)
     _write_json(os.path.join(out, "stats.json"), stats.to_json())
 
@@ -271,7 +266,10 @@ def generate(out: str, cfg: ToyConfig | None = None, workers: int = 2, progress:
     _write_json(os.path.join(out, "meta.json"), meta, indent=1)
     with open(os.path.join(out, ".done"), "w") as f:
         f.write(world.GENERATOR_VERSION + "\n")
-    return {**meta, "seconds": round(time.perf_counter() - t0, 2)}  # not in meta.json: bytes stay fixed
+    timings["tokenizer_meta"] = time.perf_counter() - t0 - sum(timings.values())
+    # timings are returned, not written: meta.json must stay byte-identical across runs
+    return {**meta, "seconds": round(time.perf_counter() - t0, 2),
+            "timings": {k: round(v, 2) for k, v in timings.items()}}
 
 
 def load_meta(root: str) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +40,7 @@ class Task:
     resolution: int
     jpeg_quality: int
     class_index: int = -1
+    out: str = ""  # when set, the worker writes image files (images/<split>/KEY.jpg, classes/...) under it
 
 
 def scenes_for(split: str, seed: int, start: int, stop: int) -> list[dict]:
@@ -71,6 +73,11 @@ def scene_sample(task: Task, stats: ObjectStats | None) -> list[dict]:
     return out
 
 
+def _write_file(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
 def class_sample(task: Task) -> list[tuple[str, bytes]]:
     """``(relative path, PNG bytes)`` for images ``start..stop`` of one class of a class split."""
     sseed = split_seed(task.seed, task.split)
@@ -85,7 +92,19 @@ def class_sample(task: Task) -> list[tuple[str, bytes]]:
     return out
 
 
-def run_task(task: Task, stats: ObjectStats | None = None):
+def run_task(task: Task, stats: ObjectStats | None = None) -> tuple[Task, list]:
+    """Run one task in a worker. With ``task.out`` set, image files are written here (in parallel) and only
+    what the parent still writes (shard members, texts, scenes) is sent back."""
     if task.class_index >= 0:
-        return task, class_sample(task)
-    return task, scene_sample(task, stats)
+        result = class_sample(task)
+        if not task.out:
+            return task, result
+        os.makedirs(os.path.join(task.out, os.path.dirname(result[0][0])), exist_ok=True)
+        for rel, data in result:
+            _write_file(os.path.join(task.out, rel), data)
+        return task, [rel for rel, _ in result]
+    result = scene_sample(task, stats)
+    if task.out:
+        for rec in result:
+            _write_file(os.path.join(task.out, "images", task.split, rec["key"] + ".jpg"), rec["jpg"])
+    return task, result

@@ -1,7 +1,8 @@
 """Build the whole toy world under one directory (see BRIEF/README for the layout).
 
-Work is split into index ranges run by a process pool; the parent writes every file in index order, so the
-output is byte-identical for any worker count and across runs.
+Work is split into index ranges run by a process pool: workers render and write the image files, the parent
+writes the shards and JSONs in index order, so the output is byte-identical for any worker count, any chunk
+size and across runs.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ MANAGED = ("wds", "images", "llava", "pope", "seedbench", "classes", "tokenizer"
 
 @dataclass(frozen=True)
 class ToyConfig:
-    """Everything that determines the toy world's bytes (workers does not)."""
+    """Everything that determines the toy world's bytes (except ``chunk``, the task size, which does not)."""
 
     resolution: int = 64
     n_train: int = 20000
@@ -235,7 +236,7 @@ def generate(out: str, cfg: ToyConfig | None = None, workers: int = 2, progress:
 
     meta = {
         "generator_version": world.GENERATOR_VERSION,
-        "config": asdict(cfg),
+        "config": {k: v for k, v in asdict(cfg).items() if k != "chunk"},
         "seed": cfg.seed,
         "split_seeds": {s: world.split_seed(cfg.seed, s) for s in world.SPLIT_CODES},
         "resolution": cfg.resolution,

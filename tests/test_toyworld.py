@@ -259,7 +259,10 @@ def test_tokenizer_round_trip_and_no_unk(toy):
     caption = json.loads(_wds_samples(toy, "train")[0]["json"])["short_caption"]
     ids = tok(caption).input_ids
     assert ids[0] == tok.bos_token_id and tok.unk_token_id not in ids
-    assert tok.decode(ids, skip_special_tokens=True) == caption.lower()
+    assert tok.decode(ids, skip_special_tokens=True).lower() == caption.lower()
+    assert tok.decode(tok("Red circle.").input_ids, skip_special_tokens=True) == "red circle."  # lowercased
+    for letter in LETTERS:  # answer letters keep their case (lmms-eval's SeedBench compares them exactly)
+        assert tok.decode(tok(letter).input_ids, skip_special_tokens=True) == letter
     assert tok("<image>\nhi").input_ids[:2] == [1, 4]
     texts = [SYSTEM_PROMPT, "USER: ASSISTANT:", SHORT_SUFFIX, MC_SUFFIX, "A B C D"]
     for split in ("train", "val", "test"):

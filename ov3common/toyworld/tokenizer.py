@@ -14,6 +14,9 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre
 from . import llava, questions, text, world
 
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
+# answer letters stay upper case (added tokens, matched as whole words before lowercasing), so a model answers
+# "A" exactly as lmms-eval's SeedBench scorer compares it; every other word is lowercased
+CASED_LETTERS = ("A", "B", "C", "D")
 CHAT_WORDS = ("USER", "ASSISTANT", "Human", "Assistant", "user", "assistant", "system", llava.SYSTEM_PROMPT,
               questions.SHORT_SUFFIX, questions.MC_SUFFIX, "A B C D E")
 MODEL_MAX_LENGTH = 2048
@@ -74,8 +77,8 @@ def probe_texts(n_scenes: int = PROBE_SCENES) -> list[str]:
 
 
 def build_vocab() -> list[str]:
-    """Specials first (ids 0-4), then every word, sorted."""
-    return list(SPECIALS) + sorted(words(_static_texts() + probe_texts()) - set(SPECIALS))
+    """Specials first (ids 0-4), then every (lowercase) word, sorted, then the cased answer letters."""
+    return list(SPECIALS) + sorted(words(_static_texts() + probe_texts()) - set(SPECIALS)) + list(CASED_LETTERS)
 
 
 def build_tokenizer(vocab: list[str] | None = None) -> Tokenizer:
@@ -88,6 +91,7 @@ def build_tokenizer(vocab: list[str] | None = None) -> Tokenizer:
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab.index("<s>"))])
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
+    tok.add_tokens([AddedToken(c, single_word=True, normalized=False) for c in CASED_LETTERS])
     return tok
 
 

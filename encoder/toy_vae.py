@@ -46,6 +46,7 @@ class ToyVAEConfig:
     mse_weight: float = 1.0
     kl_weight: float = 1e-6
     init_logvar: float = -6.0  # initial bias of the encoder's log-variance channels
+    sample_posterior: bool = True  # False: decode the posterior mean (an AE with a KL-regularised mean)
     threads: int = 0
     log_every: int = 25
     min_psnr: float = 24.0  # a warning (not an error) when val PSNR ends below this
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     for step in progress(range(cfg.steps), desc="toy VAE"):
         x = random_crops(train_imgs, cfg.batch_size, cfg.crop, g)
         post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g) if cfg.sample_posterior else post.mean
         y = vae.decode(z).sample
         l1, mse, kl = (y - x).abs().mean(), (y - x).square().mean(), post.kl().mean() / x[0].numel()
         loss = l1 + cfg.mse_weight * mse + cfg.kl_weight * kl

@@ -31,14 +31,14 @@ class ToyVAEConfig:
     out_dir: str = "runs/toy/vae"
     data_root: str = path_field("data/toy", "dir")  # uses <root>/images/{train,val}/*.jpg
     seed: int = 0
-    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 64])
+    channels: list[int] = field(default_factory=lambda: [8, 16, 32, 32])
     latent_channels: int = 16
     layers_per_block: int = 1
-    norm_num_groups: int = 8
+    norm_num_groups: int = 4
     mid_attention: bool = True  # FLUX's VAE has it; off = a purely convolutional (crop-invariant) VAE
     n_train: int = 4000  # images loaded into memory
     n_val: int = 256
-    steps: int = 600
+    steps: int = 1200
     batch_size: int = 32
     crop: int = 32  # random crops (the VAE is convolutional); val runs at full resolution
     lr: float = 2e-3

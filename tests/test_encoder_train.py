@@ -119,3 +119,11 @@ def test_cached_latents_match_on_the_fly(toy_root, tmp_path):
     ra = [r["loss"] for r in read_jsonl(tmp_path / "a" / "metrics.jsonl") if "loss" in r]
     rb = [r["loss"] for r in read_jsonl(tmp_path / "b" / "metrics.jsonl") if "loss" in r]
     assert ra == pytest.approx(rb, rel=1e-4) and s1["val/psnr"] == pytest.approx(s2["val/psnr"], rel=1e-4)
+
+
+def test_bf16_autocast_and_grad_checkpointing_run(toy_root, tmp_path):
+    out = tmp_path / "run"
+    train(cfg_for(toy_root, out, stages((16, 2, 8)), "train.bf16=true", "model.grad_checkpointing=true",
+                  "export_dir=none"))
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)

@@ -122,7 +122,7 @@ def training_arguments(cfg, use_cpu: bool):
         per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_ratio,
         lr_scheduler_type=t.lr_scheduler, max_grad_norm=t.max_grad_norm, bf16=t.bf16,
-        gradient_checkpointing=t.gradient_checkpointing, deepspeed=t.deepspeed or None,
+        deepspeed=t.deepspeed or None,
         save_strategy="steps" if t.save_steps > 0 else "no", save_steps=max(t.save_steps, 1),
         save_total_limit=t.save_total_limit, logging_steps=t.logging_steps, logging_first_step=True,
         seed=t.seed, data_seed=t.seed, use_cpu=use_cpu, report_to=t.report_to, remove_unused_columns=False,
@@ -130,4 +130,7 @@ def training_arguments(cfg, use_cpu: bool):
     )
     if t.tf32:
         kw["tf32"] = True
+    if t.gradient_checkpointing:
+        kw["activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+           else "gradient_checkpointing"] = True
     return TrainingArguments(**kw)

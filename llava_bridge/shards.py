@@ -55,10 +55,11 @@ def _scan(path: Path, stats: SkipStats) -> dict[str, dict]:
 
 
 def _caption(entry: dict, field: str) -> str:
+    """The caption; a sample whose metadata JSON is present but invalid is skipped too (``bad_json``)."""
+    obj = decode_json(entry["json"]) if "json" in entry or field.startswith("json.") else {}
     if field == "txt":
         return decode_text(entry.get("txt"), "caption")
     if field.startswith("json."):
-        obj = decode_json(entry.get("json"))
         return decode_text(obj.get(field[5:]), "caption")
     raise ValueError(f"shard_caption must be 'txt' or 'json.<field>', got {field!r}")
 

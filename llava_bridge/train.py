@@ -15,10 +15,11 @@ import torch
 from llava_bridge.config import LlavaTrainConfig, check_inputs, training_arguments
 from llava_bridge.data import Collator, LlavaDataset
 from llava_bridge.model import MMSettings, attach_vision, load_lm, load_tokenizer
-from llava_bridge.trainer import LlavaTrainer, NonFiniteLossError, find_resumable_checkpoint
+from llava_bridge.trainer import LlavaTrainer, find_resumable_checkpoint
 from llava_bridge.vision import build_vision_tower
 from ov3common.checkpoint import atomic_write_json
 from ov3common.config import ConfigError, parse_cli, save_config
+from ov3common.guard import TrainingDiverged
 from ov3common.images import SkipStats
 from ov3common.log import MetricLogger, get_logger
 
@@ -120,7 +121,7 @@ def main(argv=None) -> int:
         log.info("resuming from %s", resume)
     try:
         trainer.train(resume_from_checkpoint=resume)
-    except NonFiniteLossError as e:
+    except TrainingDiverged as e:
         log.error("%s", e)
         return 3
     trainer.save_model(str(out))

@@ -32,15 +32,12 @@ from ov3common.checkpoint import (
     save_safetensors,
     unflatten_state,
 )
+from ov3common.guard import NonFiniteGuard
 from ov3common.images import SkipStats
 from ov3common.log import get_logger
 
 log = get_logger(__name__)
 OPTIM_FILE, OPTIM_TREE = "optimizer.safetensors", "optimizer.json"
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive non-finite losses: the run stops without saving over the last good checkpoint."""
 
 
 class _BadLoss(Exception):
@@ -52,13 +49,12 @@ class LlavaTrainer(Trainer):
                  modality_lengths: list[int] | None = None, skip_stats: SkipStats | None = None,
                  extra_config: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.tune, self.mm_projector_lr, self.max_bad_steps = tune, mm_projector_lr, max_bad_steps
+        self.tune, self.mm_projector_lr = tune, mm_projector_lr
         self.modality_lengths = modality_lengths
         self.data_stats = skip_stats or SkipStats()  # counted while building the dataset
         self.run_stats = SkipStats()  # counted while reading samples (restored on resume)
         self.extra_config = extra_config or {}
-        self.bad_total = 0
-        self._bad_run = 0
+        self.guard = NonFiniteGuard(max_bad_steps)  # raises TrainingDiverged after K bad steps in a row
         self._bad_in_window = False
 
     # ------------------------------------------------------------------------------------------- data
@@ -109,36 +105,23 @@ class LlavaTrainer(Trainer):
             self.run_stats.skipped.update(skip.get("skipped", {}))
             self.run_stats.converted.update(skip.get("converted", {}))
         try:
-            loss = super().training_step(model, inputs, num_items_in_batch)
-        except _BadLoss as e:
-            self.bad_total += 1
-            self._bad_run += 1
-            self._bad_in_window = True
-            log.warning("step %d: non-finite loss %s (samples %s): step skipped (%d in a row, %d in total)",
-                        self.state.global_step, e, ids, self._bad_run, self.bad_total)
-            if self._bad_run >= self.max_bad_steps:
-                raise NonFiniteLossError(
-                    f"{self._bad_run} consecutive non-finite losses (limit train.max_bad_steps="
-                    f"{self.max_bad_steps}) at step {self.state.global_step}: stopping; the last good checkpoint "
-                    f"in {self.args.output_dir} is kept") from None
+            return super().training_step(model, inputs, num_items_in_batch)
+        except _BadLoss:
+            self._bad_in_window = True  # no backward was run; the optimizer step of this window is skipped
+            log.warning("step %d: the batch with samples %s had a non-finite loss", self.state.global_step, ids)
             return torch.zeros((), device=self.args.device)
-        self._bad_run = 0
-        return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss = out[0] if return_outputs else out
-        if model.training:
-            bad = torch.tensor(float(not torch.isfinite(loss.detach()).all()), device=loss.device)
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # skip on every rank
-            if bad.item():
-                raise _BadLoss(f"{loss.detach().float().item()}")
+        # checked on every rank (all-reduced), so all ranks skip together; TrainingDiverged after K in a row
+        if model.training and self.guard.bad(loss, self.state.global_step):
+            raise _BadLoss
         return out
 
     def log(self, logs: dict, start_time=None) -> None:
-        if self.bad_total:
-            logs["nonfinite_skipped"] = self.bad_total
+        if self.guard.skipped_total:
+            logs["nonfinite_skipped"] = self.guard.skipped_total
         if self.run_stats.total() or self.data_stats.total():
             logs["samples_skipped"] = self.run_stats.total() + self.data_stats.total()
         super().log(logs, start_time)
@@ -147,7 +130,7 @@ class LlavaTrainer(Trainer):
         total = SkipStats()
         total.update(self.data_stats)
         total.update(self.run_stats.reduce())
-        return {**total.as_dict(), "nonfinite_loss_steps": self.bad_total}
+        return {**total.as_dict(), "nonfinite_loss_steps": self.guard.skipped_total}
 
     # ------------------------------------------------------------------------------------------- saving
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -194,7 +177,7 @@ class LlavaTrainer(Trainer):
                                            "scheduler": self.lr_scheduler.state_dict()})
             save_safetensors(Path(output_dir) / OPTIM_FILE, tensors)
             atomic_write_json(Path(output_dir) / OPTIM_TREE, tree)
-            stats = {"run_stats": run_stats.state_dict(), "nonfinite_loss_steps": self.bad_total}
+            stats = {"run_stats": run_stats.state_dict(), "guard": self.guard.state_dict()}
             atomic_write_json(Path(output_dir) / "skip_stats.json", stats)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
@@ -208,7 +191,8 @@ class LlavaTrainer(Trainer):
         if stats_file.is_file() and self.args.process_index == 0:
             d = json.loads(stats_file.read_text())
             self.run_stats.load_state_dict(d.get("run_stats", {}))
-            self.bad_total = int(d.get("nonfinite_loss_steps", 0))
+        if stats_file.is_file():
+            self.guard.load_state_dict(json.loads(stats_file.read_text())["guard"])
 
     def _rng_paths(self, folder: str) -> tuple[Path, Path]:
         name = "rng_state" if self.args.world_size <= 1 else f"rng_state_{self.args.process_index}"

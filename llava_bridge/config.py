@@ -67,6 +67,7 @@ class TrainCfg:
     lora_alpha: int = 256
     lora_dropout: float = 0.05
     report_to: str = "none"
+    log_samples: bool = False  # append each step's sample ids to output_dir/samples.jsonl (audits data order)
 
 
 @dataclass

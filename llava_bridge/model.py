@@ -80,13 +80,15 @@ class LlavaMixin:
         n_img = int((input_ids == IMAGE_TOKEN_INDEX).sum())
         has = images is not None or image_features is not None
         feats = self.encode_images(images, image_features) if has and n_img else None
-        embed = self.get_input_embeddings()
-        out = splice(input_ids, attention_mask, labels, embed, feats,
-                     getattr(self.config, "tokenizer_model_max_length", None), padding_side)
+        dummy = None
         if feats is None and self.training:
-            # keep every projector parameter in the graph (DDP / ZeRO-3 expect a gradient on each rank)
+            # keep every projector parameter in the graph (DDP / ZeRO-3 expect a gradient on each rank), and call
+            # the projector BEFORE the embeddings as the image path does: ZeRO-3 gathers in call order
             h = self.config.mm_hidden_size
-            dummy = self.model.mm_projector(out.inputs_embeds.new_zeros(1, h))
+            dummy = self.model.mm_projector(torch.zeros(1, h, dtype=self.dtype, device=input_ids.device))
+        out = splice(input_ids, attention_mask, labels, self.get_input_embeddings(), feats,
+                     getattr(self.config, "tokenizer_model_max_length", None), padding_side)
+        if dummy is not None:
             out.inputs_embeds = out.inputs_embeds + 0.0 * dummy.sum()
         return out
 
@@ -95,8 +97,8 @@ class LlavaMixin:
                 position_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
                 labels: Tensor | None = None, images: Tensor | None = None,
                 image_features: Tensor | None = None, **kwargs):
-        if inputs_embeds is None and input_ids is not None and (
-                images is not None or image_features is not None or bool((input_ids < 0).any())):
+        if inputs_embeds is None and input_ids is not None and (self.training or images is not None or
+                                                                image_features is not None or bool((input_ids < 0).any())):
             sp = self.prepare_multimodal(input_ids, attention_mask, labels, images, image_features)
             input_ids, inputs_embeds, attention_mask, labels = None, sp.inputs_embeds, sp.attention_mask, sp.labels
             position_ids = sp.position_ids

@@ -74,6 +74,10 @@ def build(cfg):
     """(trainer, resume checkpoint) for a parsed config; the TrainingArguments exist before the LM is loaded."""
     check_inputs(cfg)
     use_cpu = cfg.train.use_cpu or not torch.cuda.is_available()
+    if cfg.train.deepspeed:  # DeepSpeed's own comm must exist before ZeRO-3 partitioned loading (gloo on CPU)
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo" if use_cpu else "nccl")
     args = training_arguments(cfg, use_cpu)
     from transformers import set_seed
 
@@ -100,7 +104,8 @@ def build(cfg):
         processing_class=tokenizer, tune=cfg.train.tune, mm_projector_lr=cfg.train.mm_projector_lr,
         max_bad_steps=cfg.train.max_bad_steps, skip_stats=stats, extra_config=extra,
         modality_lengths=ds.modality_lengths if cfg.data.group_by_modality_length else None,
-        callbacks=[_MetricsCallback(cfg.train.output_dir).callback])
+        callbacks=[_MetricsCallback(cfg.train.output_dir).callback],
+        sample_log=str(Path(cfg.train.output_dir) / "samples.jsonl") if cfg.train.log_samples else None)
     resume = None
     if cfg.train.resume == "auto":
         resume = find_resumable_checkpoint(cfg.train.output_dir, quarantine=args.process_index == 0)

@@ -47,7 +47,7 @@ class _BadLoss(Exception):
 class LlavaTrainer(Trainer):
     def __init__(self, *args, tune: str = "full", mm_projector_lr: float = 0.0, max_bad_steps: int = 5,
                  modality_lengths: list[int] | None = None, skip_stats: SkipStats | None = None,
-                 extra_config: dict | None = None, **kwargs):
+                 extra_config: dict | None = None, sample_log: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.tune, self.mm_projector_lr = tune, mm_projector_lr
         self.modality_lengths = modality_lengths
@@ -56,6 +56,7 @@ class LlavaTrainer(Trainer):
         self.extra_config = extra_config or {}
         self.guard = NonFiniteGuard(max_bad_steps)  # raises TrainingDiverged after K bad steps in a row
         self._bad_in_window = False
+        self.sample_log = sample_log
 
     # ------------------------------------------------------------------------------------------- data
     def _get_train_sampler(self, train_dataset=None):
@@ -104,6 +105,10 @@ class LlavaTrainer(Trainer):
         if skip:
             self.run_stats.skipped.update(skip.get("skipped", {}))
             self.run_stats.converted.update(skip.get("converted", {}))
+        if self.sample_log:
+            with open(self.sample_log, "a") as f:
+                f.write(json.dumps({"step": self.state.global_step + 1, "rank": self.args.process_index,
+                                    "ids": ids}) + "\n")
         try:
             return super().training_step(model, inputs, num_items_in_batch)
         except _BadLoss:

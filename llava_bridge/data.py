@@ -4,7 +4,8 @@ webdataset tar shards (image + caption, for ``plain`` pretraining), and the batc
 Nothing crashes on bad input: records with a broken structure (``bad_record``), invalid JSONL lines
 (``bad_json``) or a missing image file (``missing_image``) are dropped when the dataset is built; an image that
 fails to decode when read (``ov3common.images.decode_image``: truncated, not an image, too small, bad aspect...)
-is counted and the sample is replaced by the next index (deterministic, so resumes stay exact). Every count
+is counted and the sample is replaced by the next readable index (deterministic, so resumes stay exact; each
+item is counted once per epoch, when it is the sample asked for). Every count
 travels with the batch (``batch["_skip"]``) and the trainer logs it. Tokenization mismatches are NOT skipped:
 they raise naming the sample.
 """
@@ -121,23 +122,24 @@ class LlavaDataset(Dataset):
         return self.processor(decode_image(data, stats=local))
 
     def __getitem__(self, index: int) -> dict:
-        local = SkipStats()
+        local = SkipStats()  # counts of the item at `index` only: a fallback is counted when it is primary
         for k in range(MAX_FALLBACKS):
             sid, image, turns = self.items[(index + k) % len(self.items)]
             pixels = None
             if image is not None:
                 try:
-                    pixels = self._read_image(image, local)
+                    pixels = self._read_image(image, local if k == 0 else SkipStats())
                 except BadSample as e:
-                    local.add(e.reason)
+                    if k == 0:
+                        local.add(e.reason)
                     continue
             budget = self.max_length - (self.num_image_tokens - 1 if image is not None else 0)
             ids, labels = tokenize_rendered(self.tokenizer, render(self.template, turns, self.tokenizer), sid,
                                             max(budget, 1))
             return {"id": sid, "input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "image": pixels,
                     "skipped": dict(local.skipped), "converted": dict(local.converted)}
-        raise RuntimeError(f"{MAX_FALLBACKS} consecutive samples from index {index} have unreadable images "
-                           f"({dict(local.skipped)}): check the image root")
+        raise RuntimeError(f"{MAX_FALLBACKS} consecutive samples from index {index} have unreadable images: "
+                           "check the image root")
 
 
 class Collator:

@@ -1,4 +1,4 @@
-"""lmms-eval model ``openvision3_llava`` (entry point ``lmms_eval.models``), so that
+"""lmms-eval model ``openvision3_llava`` (entry point ``lmms_eval.models`` → :func:`manifest`), so that
 
     lmms-eval --model openvision3_llava --model_args pretrained=runs/toy/llava/stage2 --tasks pope,seedbench
 
@@ -9,7 +9,7 @@ derives from ``object``; the tests drive it with request stand-ins); with lmms-e
 * ``generate_until``: ``(context, gen_kwargs, doc_to_visual, doc_id, task, split)``
 * ``loglikelihood``: ``(context, doc_to_target, doc_to_visual, doc_id, task, split)`` → ``(sum log p, is_greedy)``
 * ``generate_until_multi_round``: ``(context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split)``;
-  ``doc_to_text(doc, round_idx, previous_output)`` returns ``(visuals, context, terminal, ...)`` for later rounds.
+  later rounds come from ``doc_to_text(doc, previous_output, round_idx, previous_round_info)``.
 
 LLaVA-1.5 takes one image per question: the first visual is used (a warning counts the others).
 """
@@ -21,11 +21,13 @@ from PIL import Image
 
 from llava_bridge import IGNORE_INDEX
 from llava_bridge.conversation import Rendered, generation_prompt, tokenize_rendered
-from llava_bridge.generate import generate_ids, left_pad, tokenize_prompt
+from llava_bridge.generate import generate_ids, left_pad
 from llava_bridge.model import load_llava
 from ov3common.log import get_logger
 
 log = get_logger("llava_bridge.lmms_plugin")
+MODEL_ID = "openvision3_llava"
+MAX_ROUNDS = 64
 
 try:  # lmms-eval is an optional extra (make test-lmms); the plugin's logic does not need it
     from lmms_eval.api.model import lmms as _Base
@@ -33,12 +35,11 @@ except ImportError:  # pragma: no cover - exercised by `make test` without the e
     _Base = object
 
 
-def _register(cls):
-    try:
-        from lmms_eval.api.registry import register_model
-    except ImportError:
-        return cls
-    return register_model("openvision3_llava")(cls)
+def manifest():
+    """The ``lmms_eval.models`` entry-point payload (lmms-eval >= 0.6 registry_v2)."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id=MODEL_ID, simple_class_path=f"{__name__}.OpenVision3Llava")
 
 
 def _first_image(visuals) -> Image.Image | None:
@@ -63,7 +64,6 @@ def _cut(text: str, until) -> str:
     return text.strip()
 
 
-@_register
 class OpenVision3Llava(_Base):
     """``pretrained``: a llava_bridge output folder; ``vision_tower``: override of ``mm_vision_tower``."""
 
@@ -71,6 +71,8 @@ class OpenVision3Llava(_Base):
                  batch_size: int | str = 1, conv_template: str | None = None, max_new_tokens: int = 16, **kwargs):
         if _Base is not object:
             super().__init__()
+        else:
+            self._rank, self._world_size, self.task_dict = 0, 1, {}
         if kwargs:
             log.warning("openvision3_llava ignores model_args %s", sorted(kwargs))
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -79,17 +81,6 @@ class OpenVision3Llava(_Base):
         self.batch_size_per_gpu = int(batch_size)
         self.template = conv_template or getattr(self.model.config, "conv_template", None) or "vicuna_v1"
         self.max_new_tokens = int(max_new_tokens)
-        if not hasattr(self, "task_dict"):
-            self.task_dict = {}
-
-    # lmms-eval reads these
-    @property
-    def rank(self) -> int:
-        return 0
-
-    @property
-    def world_size(self) -> int:
-        return 1
 
     @property
     def batch_size(self) -> int:
@@ -114,25 +105,31 @@ class OpenVision3Llava(_Base):
         ids = generate_ids(self.model, self.tokenizer, [image], [context], n, 1, self.template, [history])[0]
         return _cut(self.tokenizer.decode(ids, skip_special_tokens=True), gen_kwargs.get("until"))
 
-    def generate_until_multi_round(self, requests) -> list[str]:
-        """Rounds go on while ``doc_to_text`` says the dialogue is not terminal; earlier rounds are the history."""
-        out: list[str] = []
+    def generate_until_multi_round(self, requests) -> list[tuple[str, ...]]:
+        """Round 0 answers ``context``; then ``doc_to_text(doc, previous_output=..., round_idx=...,
+        previous_round_info=...)`` gives ``(visuals, context, terminal, round_results, info)`` until ``terminal``.
+        Earlier rounds are the conversation history. Returns every round's answer (as lmms-eval's LLaVA models)."""
+        out: list[tuple[str, ...]] = []
         for req in requests:
             context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split = req.args
             doc = self._doc(task, split, doc_id)
             image = _first_image(doc_to_visual(doc))
             history: list[tuple[str, str]] = []
             answers: list[str] = []
-            for round_idx in range(64):
-                answer = self._generate(context, image, gen_kwargs or {}, tuple(history))
+            info = None
+            for round_idx in range(MAX_ROUNDS):
+                if round_idx:
+                    visuals, context, terminal, round_res, info = doc_to_text(
+                        doc, previous_output=list(answers), round_idx=round_idx, previous_round_info=info)
+                    if round_res is not None:
+                        answers = list(round_res)
+                    if terminal:
+                        break
+                    image = _first_image(visuals) or image
+                answer = self._generate(context, image, dict(gen_kwargs or {}), tuple(history))
                 answers.append(answer)
                 history.append((context, answer))
-                nxt = doc_to_text(doc, round_idx + 1, answers)
-                visuals, context, terminal = nxt[0], nxt[1], nxt[2]
-                if terminal or context is None:
-                    break
-                image = _first_image(visuals) or image
-            out.append(answers[-1] if len(answers) == 1 else "\n".join(answers))
+            out.append(tuple(answers))
         return out
 
     # ------------------------------------------------------------------------------------------ scoring
@@ -167,4 +164,4 @@ class OpenVision3Llava(_Base):
         return float(picked.sum()), greedy
 
 
-__all__ = ["OpenVision3Llava", "tokenize_prompt"]
+__all__ = ["OpenVision3Llava", "manifest"]

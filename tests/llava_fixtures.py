@@ -16,6 +16,8 @@ from PIL import Image, ImageDraw
 
 from llava_bridge.conversation import VICUNA_SYSTEM
 
+__all__ = ["llava_world", "word_tokenizer", "llama_sp_tokenizer"]  # the fixtures test modules star-import
+
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (30, 60, 220), "yellow": (230, 220, 30)}
 SHAPES = ("circle", "square")
 WORDS = ("a chat between curious user and an artificial intelligence assistant the gives helpful detailed polite "

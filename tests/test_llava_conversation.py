@@ -14,7 +14,7 @@ from llava_bridge.conversation import (
     tokenize_conversation,
     tokenize_rendered,
 )
-from tests.llava_fixtures import llama_sp_tokenizer, llava_world, word_tokenizer  # noqa: F401
+from tests.llava_fixtures import *  # noqa: F403 (pytest fixtures)
 
 QA = [{"from": "human", "value": "Is there a red circle?\n<image>"}, {"from": "gpt", "value": "Yes"}]
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from llava_bridge.model import load_llava, load_lm
 from tests.helpers import REPO, subprocess_env
-from tests.llava_fixtures import llava_world  # noqa: F401
+from tests.llava_fixtures import *  # noqa: F403 (pytest fixtures)
 from tests.test_llava_model import overrides
 
 

@@ -18,7 +18,7 @@ from ov3common.config import ConfigError, load_config
 from ov3common.guard import TrainingDiverged
 from ov3common.images import SkipStats
 from tests.helpers import python_module, run_with_kills
-from tests.llava_fixtures import llava_world, word_tokenizer  # noqa: F401
+from tests.llava_fixtures import *  # noqa: F403 (pytest fixtures)
 from tests.test_llava_model import overrides
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 from llava_bridge.generate import answer
 from llava_bridge.lmms_plugin import OpenVision3Llava
 from llava_bridge.train import main
-from tests.llava_fixtures import llava_world  # noqa: F401
+from tests.llava_fixtures import *  # noqa: F403 (pytest fixtures)
 from tests.test_llava_model import overrides
 
 HAS_LMMS = importlib.util.find_spec("lmms_eval") is not None
@@ -75,13 +75,16 @@ def test_loglikelihood_is_the_sum_of_token_logprobs(plugin):
 def test_generate_until_multi_round(plugin):
     p, img = plugin
 
-    def doc_to_text(doc, round_idx, previous):
-        return [doc["img"]], ("What shape is it?" if round_idx < 2 else None), round_idx >= 2, None, None
+    def doc_to_text(doc, previous_output, round_idx, previous_round_info):
+        assert len(previous_output) == round_idx
+        return [doc["img"]], "What shape is it?", round_idx >= 2, None, None
 
     out = p.generate_until_multi_round([req("What color is it?", {"max_new_tokens": 3}, lambda d: [d["img"]],
                                             doc_to_text, 0, "toy", "test")])
     first = answer(p.model, p.tokenizer, [img], ["What color is it?"], 3, 1)[0]
-    assert len(out) == 1 and out[0].split("\n")[0] == first and len(out[0].split("\n")) == 2
+    second = answer(p.model, p.tokenizer, [img], ["What shape is it?"], 3, 1,
+                    histories=[[("What color is it?", first)]])[0]
+    assert out == [(first, second)]
 
 
 @pytest.mark.skipif(not HAS_LMMS, reason="lmms-eval is not installed here: run `make test-lmms`")
@@ -89,7 +92,9 @@ def test_against_real_lmms_eval(trained, llava_world, tmp_path):
     from tests.lmms_task import run_tiny_task
 
     result = run_tiny_task(str(trained), llava_world, tmp_path)
-    assert result["n"] == 4 and 0.0 <= result["accuracy"] <= 1.0
+    assert result["n"] == 4 and result["n_choice"] == 4
+    assert 0.0 <= result["accuracy"] <= 1.0 and 0.0 <= result["choice_accuracy"] <= 1.0
+    print("lmms-eval tiny task:", result)
 
 
 def test_lmms_env_flag_means_lmms_is_installed():

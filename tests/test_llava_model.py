@@ -8,15 +8,15 @@ import torch
 from safetensors import safe_open
 
 from llava_bridge.config import LlavaTrainConfig
-from llava_bridge.data import Collator, LlavaDataset
 from llava_bridge.conversation import generation_prompt
+from llava_bridge.data import Collator, LlavaDataset
 from llava_bridge.generate import answer, generate_ids, left_pad, tokenize_prompt
 from llava_bridge.merge_lora import merge
 from llava_bridge.model import load_llava, load_lm
 from llava_bridge.train import build, main
 from llava_bridge.vision import build_vision_tower
 from ov3common.config import load_config
-from tests.llava_fixtures import llava_world, word_tokenizer  # noqa: F401
+from tests.llava_fixtures import *  # noqa: F403 (pytest fixtures)
 
 
 def overrides(w, out, **kw):

@@ -109,7 +109,7 @@ $(LMMS_VENV)/.installed: pyproject.toml | $(VENV)/.installed
 	$(LMMS_VENV)/bin/python -c "import pathlib, sys, sysconfig; \
 		pathlib.Path(sysconfig.get_paths()['purelib'], '_ov3_venv.pth').write_text(sys.argv[1] + '\n')" \
 		"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-	$(LMMS_VENV)/bin/python -m pip install -q "lmms-eval"
+	$(LMMS_VENV)/bin/python -m pip install -q "lmms-eval" "filelock<4"  # lmms-eval 0.7 imports filelock._api
 	touch $@
 
 test-lmms: $(LMMS_VENV)/.installed ## the lmms-eval plugin against lmms-eval's real API (own venv .venv-lmms)

@@ -75,7 +75,7 @@ toy-llm: data $(LLAVA_LLM)/config.json ## pretrain the toy world's tiny Llama on
 
 $(LLAVA_LLM)/config.json: | $(DATA)/.done
 	$(PY) -m llava_bridge.toy_llm --config configs/llava/toy_llm.yaml tokenizer=$(DATA)/tokenizer \
-		"data=[$(DATA)/llava/instruct.json]" out=$(LLAVA_LLM) $(call llava_args,toy-llm)
+		"data=[$(DATA)/llava/instruct.json]" captions=$(DATA)/llava/pretrain.json out=$(LLAVA_LLM) $(call llava_args,toy-llm)
 
 llava-stage1: $(if $(findstring /toy_,$(LLAVA_STAGE1)),toy-llm) ## LLaVA stage 1: projector on captions -> runs/toy/llava/stage1
 	$(TORCHRUN) -m llava_bridge.train --config $(LLAVA_STAGE1) $(call llava_toy,$(LLAVA_STAGE1)) \

@@ -180,7 +180,7 @@ def tokenize_rendered(tokenizer, rendered: Rendered, sample_id: str,
             labels.append(IGNORE_INDEX)
             offset += len(IMAGE_PLACEHOLDER)
         if chunk:
-            enc = tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=True)
+            enc = tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
             for tok, (s, e) in zip(enc.input_ids, enc.offset_mapping):
                 s, e = s + offset, e + offset
                 j = _span_of(spans, s, e, sample_id, tokenizer, tok)

@@ -3,8 +3,9 @@ text so that LLaVA stage 1 starts from a language model (as the real recipe star
 
     python -m llava_bridge.toy_llm --config configs/llava/toy_llm.yaml      # = make toy-llm
 
-Corpus: the train split's instruction records rendered in the ``vicuna_v1`` chat format without their image (the
-chat-tuned-LM analogue: Vicuna is trained on conversations in this format). Documents
+Corpus: the train split's instruction records rendered in the ``vicuna_v1`` chat format with each image replaced by
+its short caption (the chat-tuned-LM analogue: Vicuna answers questions about a scene described in its context;
+stage 1 then teaches the projector to put the image where the description was). Documents
 are tokenized, joined and cut into fixed blocks (nanoGPT style); the loss is on every token. Output: a
 transformers folder (``LlamaForCausalLM`` + the tokenizer) that ``AutoModelForCausalLM`` loads.
 """
@@ -40,6 +41,7 @@ class ToyLLMConfig:
 
     tokenizer: str = path_field("data/toy/tokenizer", "dir")
     data: list[str] = field(default_factory=lambda: ["data/toy/llava/instruct.json"])
+    captions: str = "data/toy/llava/pretrain.json"  # image id -> short caption (the image's stand-in in the text)
     out: str = "runs/toy/llm"
     size: str = "toy"
     max_docs: int = 20000  # documents taken from the corpus (0 = all)
@@ -53,12 +55,24 @@ class ToyLLMConfig:
     threads: int = 0  # torch threads (0 = torch default)
 
 
-def corpus(paths: list[str], tokenizer, max_docs: int) -> list[str]:
-    """Texts: vicuna_v1 renderings of the records (image placeholder dropped), shuffled (seed 0)."""
+def corpus(paths: list[str], tokenizer, max_docs: int, captions: str = "") -> list[str]:
+    """Texts: the instruction records in the ``vicuna_v1`` format, each image replaced by its short caption (from
+    the ``plain`` records with the same id) — so the LM learns to answer from a scene described in its context,
+    as a real LLM reads a description. Records without a caption for their image keep only text-only turns."""
+    by_id: dict[str, str] = {}
+    if captions:
+        for rec in json.loads(Path(captions).read_text()):
+            conv = rec.get("conversations") or []
+            if rec.get("id") is not None and len(conv) >= 2:
+                by_id[str(rec["id"])] = conv[1]["value"]
     docs: list[str] = []
     for p in paths:
         for rec in json.loads(Path(p).read_text()):
-            conv = [dict(t, value=t["value"].replace(IMAGE_PLACEHOLDER, "").strip()) for t in rec["conversations"]]
+            has_image = rec.get("image") is not None
+            context = by_id.get(str(rec.get("id"))) if has_image else ""
+            if has_image and not context:
+                continue
+            conv = [dict(t, value=t["value"].replace(IMAGE_PLACEHOLDER, context).strip()) for t in rec["conversations"]]
             try:
                 turns = normalize_turns(conv, has_image=False)
             except BadRecord:
@@ -93,7 +107,7 @@ def main(argv=None) -> int:
 
     seed_all(cfg.seed)
     tok = AutoTokenizer.from_pretrained(cfg.tokenizer)
-    docs = corpus(list(cfg.data), tok, cfg.max_docs)
+    docs = corpus(list(cfg.data), tok, cfg.max_docs, cfg.captions)
     ids = [t + [tok.eos_token_id] for t in tok(docs).input_ids]
     flat = torch.tensor([i for d in ids for i in d if i >= 0])
     n_blocks = len(flat) // cfg.block

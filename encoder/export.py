@@ -1,0 +1,210 @@
+"""The frozen-encoder folder (DESIGN.md §5) and its ONE loader.
+
+Folder layout::
+
+    export/
+      config.json          # format, encoder/decoder configs, patch, grid, image size, VAE reference, τ
+      model.safetensors    # encoder.* (LatentViT) + decoder.* (ViTDecoder); the VAE is not in here
+      vae/                 # the frozen VAE in diffusers layout (config.json + diffusion_pytorch_model.safetensors)
+
+``config["vae"]["path"]`` is ``"vae"`` (relative: the copy inside the folder, the default) or an absolute local
+path to a diffusers folder / FLUX ``ae.safetensors`` (``copy_vae=False``; then ``vae.config`` may name a config).
+Siblings only ever call :func:`load_encoder`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from encoder.models import DecoderConfig, LatentViT, ViTConfig, ViTDecoder, decoder_config_for, vit_config
+from encoder.vae import FrozenVAE, build_random_vae, load_frozen_vae, tiny_vae_config
+
+FORMAT = "openvision3-encoder"
+VERSION = 1
+
+
+class FrozenEncoder(nn.Module):
+    """Frozen OV3 encoder: images in [-1, 1] → VAE latents → ViT tokens; tokens → ViT decoder → VAE decoder.
+
+    Attributes: ``width`` (token dim D), ``embed_dim`` (pooled E), ``grid_size`` (token grid side at
+    ``image_size``), ``num_tokens``, ``image_size``, ``patch_size``, ``tau``, ``config`` (the config.json dict).
+    All methods run without grad; the module is always in eval mode.
+    """
+
+    def __init__(self, vit: LatentViT, decoder: ViTDecoder, vae: FrozenVAE, config: dict):
+        super().__init__()
+        self.vit, self.decoder, self.vae = vit, decoder, vae
+        self.config = config
+        self.width = vit.cfg.width
+        self.embed_dim = vit.cfg.embed_dim
+        self.patch_size = vit.cfg.patch_size
+        self.image_size = int(config["image_size"])
+        self.downsample = vae.downsample
+        self.grid_size = self.image_size // (self.downsample * self.patch_size)
+        self.num_tokens = self.grid_size**2
+        self.tau = float(config.get("tau", 0.0))
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> FrozenEncoder:  # frozen: always eval
+        return super().train(False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vit.patch_embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.vit.patch_embed.weight.device
+
+    def _check(self, images: Tensor) -> None:
+        f = self.downsample * self.patch_size
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2] % f or images.shape[-1] % f:
+            raise ValueError(f"images must be [B,3,H,W] with H, W multiples of {f}; got {tuple(images.shape)}")
+
+    @torch.no_grad()
+    def encode_latents(self, images: Tensor) -> Tensor:
+        """Images → scaled VAE latents ``[B, C, H/8, W/8]``."""
+        self._check(images)
+        return self.vae.encode(images.to(self.device))
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Images ``[B,3,H,W]`` in [-1, 1] → (tokens ``z_u`` ``[B,N,D]``, pooled ``[B,E]``)."""
+        return self.vit(self.encode_latents(images).to(self.dtype))
+
+    @torch.no_grad()
+    def encode_from_latents(self, latents: Tensor) -> tuple[Tensor, Tensor]:
+        """Cached scaled VAE latents → (tokens, pooled)."""
+        return self.vit(latents.to(self.device, self.dtype))
+
+    @torch.no_grad()
+    def forward_features(self, images: Tensor, layer: int = -1) -> Tensor:
+        """Hidden states ``[B,N,D]`` after block ``layer`` (0-based, negative from the end; -2 = penultimate
+        block, LLaVA's ``mm_vision_select_layer``); ``-1`` = ``z_u`` (last block + final norm)."""
+        return self.vit.forward_features(self.encode_latents(images).to(self.dtype), layer)
+
+    @torch.no_grad()
+    def decode_latents(self, tokens: Tensor, grid: tuple[int, int] | None = None) -> Tensor:
+        """Tokens ``[B,N,D]`` → scaled VAE latents via the ViT decoder (τ = 0: no noise)."""
+        return self.decoder(tokens.to(self.device, self.dtype), grid)
+
+    @torch.no_grad()
+    def decode(self, tokens: Tensor, grid: tuple[int, int] | None = None) -> Tensor:
+        """Tokens ``[B,N,D]`` → images ``[B,3,H,W]`` clamped to [-1, 1]."""
+        return self.vae.decode(self.decode_latents(tokens, grid)).float().clamp(-1, 1)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        return self.encode(images)
+
+
+# ----------------------------------------------------------------------------- writing
+def build_config(vit_cfg: ViTConfig, dec_cfg: DecoderConfig, vae: FrozenVAE, image_size: int, tau: float,
+                 vae_path: str = "vae", vae_config: str | None = None, extra: dict | None = None) -> dict:
+    grid = image_size // (vae.downsample * vit_cfg.patch_size)
+    return {
+        "format": FORMAT, "version": VERSION,
+        "image_size": image_size, "patch_size": vit_cfg.patch_size, "grid_size": grid,
+        "num_tokens": grid * grid, "width": vit_cfg.width, "embed_dim": vit_cfg.embed_dim,
+        "latent_size": image_size // vae.downsample, "tau": float(tau),
+        "encoder": vit_cfg.to_dict(), "decoder": dec_cfg.to_dict(),
+        "vae": {"path": vae_path, "config": vae_config, **vae.reference()},
+        **(extra or {}),
+    }
+
+
+def export_encoder(out_dir: str | os.PathLike, vit: LatentViT, decoder: ViTDecoder, vae: FrozenVAE,
+                   image_size: int, tau: float, copy_vae: bool = True, vae_source: str | None = None,
+                   vae_config: str | None = None, extra: dict | None = None) -> Path:
+    """Write the export folder atomically (temp dir + rename). ``copy_vae`` stores the VAE as ``vae/``
+    (diffusers layout); otherwise ``vae_source`` (an absolute local path) is referenced."""
+    out = Path(out_dir)
+    if not copy_vae and not vae_source:
+        raise ValueError("export_encoder: copy_vae=False needs vae_source (a local VAE path)")
+    vae_path = "vae" if copy_vae else str(Path(vae_source).resolve())
+    cfg = build_config(vit.cfg, decoder.cfg, vae, image_size, tau, vae_path, vae_config if not copy_vae else None,
+                       extra)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
+    try:
+        tensors = {f"encoder.{k}": v for k, v in vit.state_dict().items()}
+        tensors.update({f"decoder.{k}": v for k, v in decoder.state_dict().items()})
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+        if copy_vae:
+            vae.vae.save_pretrained(str(tmp / "vae"), safe_serialization=True)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def write_random_export(out_dir: str | os.PathLike, size: str = "tiny", image_size: int = 64, seed: int = 0,
+                        tau: float = 0.8) -> Path:
+    """A random ViT + random tiny VAE export so sibling tests run before the encoder is trained."""
+    vae = FrozenVAE(build_random_vae(tiny_vae_config(), seed=seed), scaling_factor=1.0)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        vcfg = vit_config(size, in_channels=vae.latent_channels)
+        vit = LatentViT(vcfg)
+        dec = ViTDecoder(decoder_config_for(vcfg))
+    return export_encoder(out_dir, vit, dec, vae, image_size, tau, extra={"note": "random weights (tests only)"})
+
+
+# ----------------------------------------------------------------------------- loading
+def _split(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def _load_strict(module: nn.Module, sd: dict[str, Tensor], what: str, path: Path) -> None:
+    missing, unexpected = module.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise KeyError(f"{path}: {what} weights do not match config.json: missing keys {sorted(missing)}, "
+                       f"unexpected keys {sorted(unexpected)}")
+
+
+def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> FrozenEncoder:
+    """Load an export folder → :class:`FrozenEncoder` (eval, no grad) on ``device`` in ``dtype``."""
+    root = Path(path)
+    cfg_path, w_path = root / "config.json", root / "model.safetensors"
+    for p in (root, cfg_path, w_path):
+        if not p.exists():
+            raise FileNotFoundError(f"encoder export: missing {p}")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("format") != FORMAT:
+        raise ValueError(f"{cfg_path}: format is {cfg.get('format')!r}, expected {FORMAT!r}")
+    for key in ("encoder", "decoder", "vae", "image_size"):
+        if key not in cfg:
+            raise KeyError(f"{cfg_path}: missing key {key!r}")
+    vae_ref = cfg["vae"]
+    if "path" not in vae_ref:
+        raise KeyError(f"{cfg_path}: missing key 'vae.path'")
+    vae_src = Path(vae_ref["path"])
+    vae_src = vae_src if vae_src.is_absolute() else root / vae_src
+    if not vae_src.exists():
+        raise FileNotFoundError(f"{cfg_path}: vae.path does not exist: {vae_src}")
+    vae = load_frozen_vae(vae_src, vae_ref.get("config"), vae_ref.get("scaling_factor"),
+                          vae_ref.get("shift_factor", 0.0))
+    vit = LatentViT(ViTConfig.from_dict(cfg["encoder"]))
+    dec = ViTDecoder(DecoderConfig.from_dict(cfg["decoder"]))
+    sd = load_file(str(w_path))
+    _load_strict(vit, _split(sd, "encoder."), "encoder", w_path)
+    _load_strict(dec, _split(sd, "decoder."), "decoder", w_path)
+    return FrozenEncoder(vit, dec, vae, cfg).to(device=device, dtype=dtype)

@@ -1,0 +1,320 @@
+"""ViT encoder on VAE latents and ViT decoder back to latents (DiT/timm style, one size registry).
+
+Shapes: latents ``[B, C, h, w]`` (h = H/8) → patch ``p`` (2) → ``N = (h/p)·(w/p)`` tokens of width ``D``.
+``z_u`` is the final token sequence through a LayerNorm without affine (so the reconstruction noise τ is in
+units of feature std); the pooled embedding is mean-pool → LayerNorm → Linear. A converted official
+(open_clip layout) checkpoint uses the ``class_token / learned pos-emb / ln_pre / cls pool`` switches instead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+# ----------------------------------------------------------------------------- size registry
+VIT_SIZES: dict[str, dict] = {
+    "tiny": dict(width=64, depth=2, heads=2, embed_dim=64),
+    "toy": dict(width=128, depth=4, heads=4, embed_dim=128),
+    "S/2": dict(width=384, depth=12, heads=6, embed_dim=384),
+    "B/2": dict(width=768, depth=12, heads=12, embed_dim=768),
+    "L/2": dict(width=1024, depth=24, heads=16, embed_dim=768),
+}
+
+
+@dataclass
+class ViTConfig:
+    """Encoder hyper-parameters; defaults are OUR design (DESIGN.md §1), switches cover the open_clip layout."""
+
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    embed_dim: int = 768  # pooled embedding size
+    mlp_ratio: float = 4.0
+    patch_size: int = 2
+    in_channels: int = 16
+    act: str = "gelu"  # gelu | gelu_tanh | quick_gelu
+    norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    patch_bias: bool = True
+    pos_embed: str = "sincos"  # sincos (any grid) | learned (fixed grid_size, includes the class token slot)
+    grid_size: int = 0  # token grid side; required for pos_embed=learned
+    class_token: bool = False
+    norm_pre: bool = False
+    pool: str = "mean"  # mean: mean → LN → Linear ; cls: final_norm(x)[:, 0] → proj
+    final_norm_affine: bool = False  # False: z_u = LN without affine (ours); True: open_clip ln_post
+    proj_bias: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ViTConfig:
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(d) - known)
+        if bad:
+            raise ValueError(f"ViTConfig: unknown keys {bad}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class DecoderConfig:
+    """ViT decoder: tokens [B,N,in_dim] → patch-1 transformer → linear to p·p·C latent values per token."""
+
+    in_dim: int = 768
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    patch_size: int = 2  # the encoder's patch: each token un-patchifies to p×p latent pixels
+    out_channels: int = 16
+    act: str = "gelu"
+    norm_eps: float = 1e-6
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DecoderConfig:
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(d) - known)
+        if bad:
+            raise ValueError(f"DecoderConfig: unknown keys {bad}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def vit_config(size: str, **overrides) -> ViTConfig:
+    """Named size from ``VIT_SIZES`` plus overrides (e.g. ``in_channels=4``)."""
+    if size not in VIT_SIZES:
+        raise ValueError(f"unknown encoder size {size!r}; known: {sorted(VIT_SIZES)}")
+    return ViTConfig(**{**VIT_SIZES[size], **overrides})
+
+
+def decoder_config_for(enc: ViTConfig, size: str | None = None, **overrides) -> DecoderConfig:
+    """Decoder of the same width/depth as the encoder (ours) unless a size is named."""
+    s = VIT_SIZES[size] if size else dict(width=enc.width, depth=enc.depth, heads=enc.heads)
+    base = dict(in_dim=enc.width, width=s["width"], depth=s["depth"], heads=s["heads"],
+                mlp_ratio=enc.mlp_ratio, patch_size=enc.patch_size, out_channels=enc.in_channels,
+                act=enc.act, norm_eps=enc.norm_eps)
+    return DecoderConfig(**{**base, **overrides})
+
+
+# ----------------------------------------------------------------------------- building blocks
+def sincos_2d(dim: int, h: int, w: int, device=None, dtype=torch.float32) -> Tensor:
+    """Fixed 2-D sin-cos position embedding ``[h*w, dim]`` (MAE convention: first half rows, second half cols)."""
+    if dim % 4:
+        raise ValueError(f"sincos_2d: dim {dim} must be divisible by 4")
+    quarter = dim // 4
+    omega = 1.0 / (10000 ** (torch.arange(quarter, device=device, dtype=torch.float64) / quarter))
+    ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float64),
+                            torch.arange(w, device=device, dtype=torch.float64), indexing="ij")
+    out_y = ys.reshape(-1, 1) * omega[None]
+    out_x = xs.reshape(-1, 1) * omega[None]
+    emb = torch.cat([out_y.sin(), out_y.cos(), out_x.sin(), out_x.cos()], dim=1)
+    return emb.to(dtype)
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def make_act(name: str) -> nn.Module:
+    if name == "gelu":
+        return nn.GELU()
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    if name == "quick_gelu":
+        return QuickGELU()
+    raise ValueError(f"unknown activation {name!r} (gelu | gelu_tanh | quick_gelu)")
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection and SDPA."""
+
+    def __init__(self, dim: int, heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} not divisible by heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str = "gelu"):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = make_act(act)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (shared by the ViT, the ViT decoder and the text models)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, act: str = "gelu", eps: float = 1e-6,
+                 qkv_bias: bool = True):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        x = x + self.attn(self.norm1(x), attn_mask, is_causal)
+        return x + self.mlp(self.norm2(x))
+
+
+def run_blocks(blocks: nn.ModuleList, x: Tensor, grad_ckpt: bool, attn_mask: Tensor | None = None,
+               is_causal: bool = False) -> Tensor:
+    """Apply blocks, with activation checkpointing when asked and grad is on."""
+    for blk in blocks:
+        if grad_ckpt and torch.is_grad_enabled():
+            x = checkpoint(blk, x, attn_mask, is_causal, use_reentrant=False)
+        else:
+            x = blk(x, attn_mask, is_causal)
+    return x
+
+
+def init_weights(module: nn.Module) -> None:
+    """timm/MAE init: xavier-uniform linears, zero biases, unit LayerNorm."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+# ----------------------------------------------------------------------------- encoder
+class LatentViT(nn.Module):
+    """ViT on VAE latents. ``forward(latents) -> (tokens z_u [B,N,D], pooled [B,E])``."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.grad_checkpointing = False
+        d = cfg.width
+        self.patch_embed = nn.Conv2d(cfg.in_channels, d, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.class_token else None
+        if cfg.pos_embed == "learned":
+            if cfg.grid_size <= 0:
+                raise ValueError("ViTConfig.grid_size must be set for pos_embed='learned'")
+            n = cfg.grid_size**2 + int(cfg.class_token)
+            self.pos_embed = nn.Parameter(torch.randn(1, n, d) * 0.02)
+        elif cfg.pos_embed == "sincos":
+            self.pos_embed = None
+        else:
+            raise ValueError(f"unknown pos_embed {cfg.pos_embed!r} (sincos | learned)")
+        self.norm_pre = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.norm_pre else nn.Identity()
+        self.blocks = nn.ModuleList(
+            Block(d, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.norm_eps, cfg.qkv_bias) for _ in range(cfg.depth))
+        self.final_norm = nn.LayerNorm(d, eps=cfg.norm_eps, elementwise_affine=cfg.final_norm_affine)
+        if cfg.pool == "mean":
+            self.pool_norm = nn.LayerNorm(d, eps=cfg.norm_eps)
+        elif cfg.pool == "cls":
+            if not cfg.class_token:
+                raise ValueError("pool='cls' needs class_token=True")
+            self.pool_norm = None
+        else:
+            raise ValueError(f"unknown pool {cfg.pool!r} (mean | cls)")
+        self.proj = nn.Linear(d, cfg.embed_dim, bias=cfg.proj_bias)
+        init_weights(self)
+        w = self.patch_embed.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=0.02)
+
+    @property
+    def num_prefix(self) -> int:
+        return int(self.cfg.class_token)
+
+    def embed(self, latents: Tensor) -> Tensor:
+        """Patchify, add position embedding (and class token): ``[B, prefix + N, D]``."""
+        x = self.patch_embed(latents)
+        b, d, gh, gw = x.shape
+        x = x.flatten(2).transpose(1, 2)
+        if self.pos_embed is None:
+            x = x + sincos_2d(d, gh, gw, device=x.device, dtype=x.dtype)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(b, -1, -1).to(x.dtype), x], dim=1)
+        if self.pos_embed is not None:
+            if self.pos_embed.shape[1] != x.shape[1]:
+                raise ValueError(f"learned pos_embed has {self.pos_embed.shape[1]} slots, input gives "
+                                 f"{x.shape[1]} tokens (grid {gh}x{gw}); use the trained resolution")
+            x = x + self.pos_embed.to(x.dtype)
+        return self.norm_pre(x)
+
+    def head(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Final residual stream → (z_u tokens without prefix, pooled embedding)."""
+        xn = self.final_norm(x)
+        tokens = xn[:, self.num_prefix:]
+        if self.pool_norm is None:
+            pooled = self.proj(xn[:, 0])
+        else:
+            pooled = self.proj(self.pool_norm(x[:, self.num_prefix:].mean(dim=1)))
+        return tokens, pooled
+
+    def forward(self, latents: Tensor) -> tuple[Tensor, Tensor]:
+        x = run_blocks(self.blocks, self.embed(latents), self.grad_checkpointing)
+        return self.head(x)
+
+    def forward_features(self, latents: Tensor, layer: int = -1) -> Tensor:
+        """Hidden states after block ``layer`` (0-based; negative counts from the end, ``-2`` = penultimate
+        block) without the class token. ``layer=-1`` returns ``z_u`` (last block + final norm)."""
+        depth = len(self.blocks)
+        if layer == -1:
+            return self.forward(latents)[0]
+        idx = layer if layer >= 0 else depth + layer
+        if not 0 <= idx < depth:
+            raise ValueError(f"layer {layer} out of range for depth {depth}")
+        x = run_blocks(self.blocks[: idx + 1], self.embed(latents), self.grad_checkpointing)
+        return x[:, self.num_prefix:]
+
+
+# ----------------------------------------------------------------------------- decoder
+class ViTDecoder(nn.Module):
+    """z_u tokens ``[B,N,in_dim]`` on an (gh, gw) grid → latents ``[B,C,gh·p,gw·p]``."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.grad_checkpointing = False
+        self.embed = nn.Linear(cfg.in_dim, cfg.width)
+        self.blocks = nn.ModuleList(
+            Block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.norm_eps) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.out = nn.Linear(cfg.width, cfg.patch_size**2 * cfg.out_channels)
+        init_weights(self)
+
+    def forward(self, tokens: Tensor, grid: tuple[int, int] | None = None) -> Tensor:
+        b, n, _ = tokens.shape
+        gh, gw = grid if grid is not None else (math.isqrt(n), math.isqrt(n))
+        if gh * gw != n:
+            raise ValueError(f"ViTDecoder: {n} tokens do not form a {gh}x{gw} grid; pass grid=(h, w)")
+        x = self.embed(tokens)
+        x = x + sincos_2d(x.shape[-1], gh, gw, device=x.device, dtype=x.dtype)
+        x = run_blocks(self.blocks, x, self.grad_checkpointing)
+        x = self.out(self.norm(x))
+        p, c = self.cfg.patch_size, self.cfg.out_channels
+        x = x.reshape(b, gh, gw, p, p, c).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(b, c, gh * p, gw * p)
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,157 @@
+"""The frozen VAE: diffusers ``AutoencoderKL`` loaded from local files only.
+
+Sources: a diffusers folder (``config.json`` + ``diffusion_pytorch_model.safetensors``, or a pipeline folder
+with a ``vae/`` subfolder) or one ``.safetensors`` file in the original FLUX ``ae.safetensors`` / LDM key layout
+(converted with diffusers' own single-file helper, config from a local JSON or the built-in FLUX.1 config).
+Latents follow the official OpenVision 3 script: ``posterior.mean * scaling_factor`` (0.3611 for FLUX.1) and
+**no shift** (FLUX's own config has ``shift_factor=0.1159``; OV3 does not apply it, so ours defaults to 0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+# FLUX.1-dev / schnell VAE (diffusers layout of black-forest-labs/FLUX.1-dev/vae/config.json).
+FLUX_VAE_CONFIG: dict = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "latent_channels": 16,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "force_upcast": True,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "mid_block_add_attention": True,
+}
+
+OV3_SCALING_FACTOR = 0.3611
+OV3_SHIFT_FACTOR = 0.0
+
+
+def tiny_vae_config(latent_channels: int = 16, channels: tuple[int, ...] = (8, 16, 16, 16),
+                    layers_per_block: int = 1, norm_num_groups: int = 4) -> dict:
+    """A small AutoencoderKL of the FLUX family (8× down-sampling with 4 blocks, no quant convs)."""
+    n = len(channels)
+    return {**FLUX_VAE_CONFIG, "down_block_types": ["DownEncoderBlock2D"] * n,
+            "up_block_types": ["UpDecoderBlock2D"] * n, "block_out_channels": list(channels),
+            "layers_per_block": layers_per_block, "latent_channels": latent_channels,
+            "norm_num_groups": norm_num_groups, "sample_size": 64, "scaling_factor": 1.0, "shift_factor": 0.0}
+
+
+def build_random_vae(config: dict | None = None, seed: int = 0) -> AutoencoderKL:
+    """Randomly initialised AutoencoderKL (tests; ``config`` default = ``tiny_vae_config()``)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return AutoencoderKL.from_config(config or tiny_vae_config())
+
+
+def _read_config(config: dict | str | os.PathLike | None) -> dict:
+    if config is None:
+        return dict(FLUX_VAE_CONFIG)
+    if isinstance(config, dict):
+        return dict(config)
+    p = Path(config)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"VAE config not found: {p}")
+    return json.loads(p.read_text())
+
+
+def _is_diffusers_layout(sd: dict) -> bool:
+    return any(k.startswith("encoder.down_blocks.") for k in sd)
+
+
+def convert_flux_vae_state_dict(sd: dict[str, Tensor], config: dict) -> dict[str, Tensor]:
+    """FLUX ``ae.safetensors`` / LDM VAE keys → diffusers keys (diffusers' own single-file helper)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    return convert_ldm_vae_checkpoint(sd, config)
+
+
+def load_autoencoder(source: str | os.PathLike, config: dict | str | None = None) -> AutoencoderKL:
+    """Load an AutoencoderKL from a local diffusers folder or a single safetensors file; never downloads."""
+    src = Path(source)
+    if src.is_dir():
+        sub = src / "vae"
+        root = sub if (sub / "config.json").is_file() else src
+        if not (root / "config.json").is_file():
+            raise FileNotFoundError(f"VAE folder {src} has no config.json (diffusers layout expected)")
+        return AutoencoderKL.from_pretrained(str(root), local_files_only=True)
+    if not src.is_file():
+        raise FileNotFoundError(f"VAE path does not exist: {src}")
+    if src.suffix != ".safetensors":
+        raise ValueError(f"VAE file {src}: only .safetensors is loaded (no pickle formats)")
+    cfg = _read_config(config)
+    sd = load_file(str(src))
+    if not _is_diffusers_layout(sd):
+        sd = convert_flux_vae_state_dict(sd, cfg)
+    vae = AutoencoderKL.from_config(cfg)
+    missing, unexpected = vae.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise KeyError(f"VAE file {src} does not match its config: missing {sorted(missing)[:8]} "
+                       f"({len(missing)}), unexpected {sorted(unexpected)[:8]} ({len(unexpected)})")
+    return vae
+
+
+class FrozenVAE(nn.Module):
+    """Frozen AutoencoderKL with the OV3 latent convention. ``decode`` keeps the graph (the reconstruction
+    losses back-propagate through it into the ViT decoder); its parameters never get gradients."""
+
+    def __init__(self, vae: AutoencoderKL, scaling_factor: float | None = None,
+                 shift_factor: float = OV3_SHIFT_FACTOR):
+        super().__init__()
+        self.vae = vae.eval().requires_grad_(False)
+        self.scaling_factor = float(vae.config.scaling_factor if scaling_factor is None else scaling_factor)
+        self.shift_factor = float(shift_factor)
+        self.train(False)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def train(self, mode: bool = True) -> FrozenVAE:  # always eval
+        return super().train(False)
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """Images ``[B,3,H,W]`` in [-1, 1] → ``(posterior.mean - shift) * scale`` ``[B,C,H/8,W/8]``."""
+        mean = self.vae.encode(images.to(self.dtype)).latent_dist.mean
+        return (mean - self.shift_factor) * self.scaling_factor
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Scaled latents → images in (about) [-1, 1]; differentiable w.r.t. ``latents``."""
+        z = latents.to(self.dtype) / self.scaling_factor + self.shift_factor
+        return self.vae.decode(z).sample
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    def reference(self) -> dict:
+        return {"scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor,
+                "latent_channels": self.latent_channels, "downsample": self.downsample}
+
+
+def load_frozen_vae(source: str | os.PathLike, config: dict | str | None = None,
+                    scaling_factor: float | None = None, shift_factor: float = OV3_SHIFT_FACTOR) -> FrozenVAE:
+    """``load_autoencoder`` + the OV3 latent convention (scale from the VAE config unless given, shift 0)."""
+    return FrozenVAE(load_autoencoder(source, config), scaling_factor, shift_factor)

@@ -1,0 +1,155 @@
+"""Logging: rank-aware loggers, tqdm progress on rank 0, metrics to JSONL (+ TensorBoard), throughput and MFU."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+__all__ = ["get_logger", "MetricLogger", "progress", "Throughput", "measure_matmul_peak", "count_flops", "read_jsonl"]
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def get_logger(name: str) -> logging.Logger:
+    """A logger that prints INFO on rank 0 and only WARNING+ on other ranks, prefixed with the rank."""
+    logger = logging.getLogger(name)
+    if not logger.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        rank = _rank()
+        prefix = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        h.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        logger.addHandler(h)
+        logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+        logger.propagate = False
+    return logger
+
+
+def progress(iterable: Iterable | None = None, total: int | None = None, desc: str = "", initial: int = 0, **kw):
+    """tqdm on rank 0, silent elsewhere (and when OV3_NO_PROGRESS=1)."""
+    disable = _rank() != 0 or os.environ.get("OV3_NO_PROGRESS") == "1"
+    return tqdm(iterable, total=total, desc=desc, initial=initial, disable=disable, dynamic_ncols=True, **kw)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        v = v.detach().float().item() if v.numel() == 1 else v.detach().float().tolist()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+class MetricLogger:
+    """Appends one JSON object per ``log`` call to ``<out_dir>/metrics.jsonl`` (rank 0 only); TensorBoard optional."""
+
+    def __init__(self, out_dir: str | os.PathLike, tensorboard: bool = False, enabled: bool | None = None):
+        self.enabled = (_rank() == 0) if enabled is None else enabled
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self._tb = None
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                get_logger(__name__).warning("tensorboard is not installed: metrics go to %s only", self.path)
+            else:
+                self._tb = SummaryWriter(str(Path(out_dir) / "tb"))
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), "time": round(time.time(), 3)}
+        row.update({k: _jsonable(v) for k, v in metrics.items()})
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in row.items():
+                if isinstance(v, int | float) and k not in ("step", "time"):
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Rows of a metrics.jsonl; a torn last line (a crash mid-write) is ignored."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+class Throughput:
+    """Samples/s and model FLOPs utilisation over a sliding window of updates."""
+
+    def __init__(self, flops_per_sample: float | None = None, peak_flops: float | None = None, window: int = 20):
+        self.flops_per_sample = flops_per_sample
+        self.peak_flops = peak_flops
+        self.window = window
+        self._hist: list[tuple[int, float]] = []
+
+    def update(self, n_samples: int, seconds: float) -> dict[str, float]:
+        self._hist = (self._hist + [(n_samples, seconds)])[-self.window :]
+        n = sum(h[0] for h in self._hist)
+        s = max(sum(h[1] for h in self._hist), 1e-9)
+        out = {"samples_per_s": n / s}
+        if self.flops_per_sample:
+            out["tflops"] = n * self.flops_per_sample / s / 1e12
+            if self.peak_flops:
+                out["mfu"] = n * self.flops_per_sample / s / self.peak_flops
+        return out
+
+
+def measure_matmul_peak(dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", n: int | None = None,
+                        seconds: float = 1.0) -> float:
+    """Achieved FLOP/s of a large square matmul on this device (the practical peak MFU is measured against)."""
+    device = torch.device(device)
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(2):
+        a @ b
+    sync()
+    iters, t0 = 0, time.perf_counter()
+    while True:
+        a @ b
+        iters += 1
+        sync()
+        dt = time.perf_counter() - t0
+        if dt >= seconds and iters >= 3:
+            return 2 * n**3 * iters / dt
+
+
+def count_flops(fn: Callable, *args, **kwargs) -> int:
+    """Total FLOPs of one call (forward, and backward if ``fn`` runs it), counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn(*args, **kwargs)
+    return int(counter.get_total_flops())

@@ -20,6 +20,7 @@ import argparse
 import functools
 import hashlib
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,68 +170,86 @@ def extract(images: list[Path] | np.ndarray, weights: str | Path, batch_size: in
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def _input_key(path: Path, weights: str | Path, files: list[Path] | None) -> str:
-    if files is not None:
-        listing = [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+def input_key(src: Path | list[Path] | np.ndarray, weights: str | Path) -> str:
+    """Cache key: hash of the file list (paths relative to a folder, sizes, mtimes), or of an array's bytes,
+    or of an npz file's identity, plus the weights file's sha256."""
+    if isinstance(src, np.ndarray):
+        listing: object = ["array", list(src.shape), hashlib.sha256(np.ascontiguousarray(src).data).hexdigest()]
+    elif isinstance(src, list):
+        listing = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in src]
+    elif src.is_dir():
+        listing = [(str(p.relative_to(src)), p.stat().st_size, p.stat().st_mtime_ns) for p in list_images(src)]
     else:
-        st = path.stat()
-        listing = [(str(path.resolve()), st.st_size, st.st_mtime_ns)]
+        st = src.stat()
+        listing = [(str(src.resolve()), st.st_size, st.st_mtime_ns)]
     blob = json.dumps({"files": listing, "weights": file_sha256(weights), "feature": "2048"})
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def load_stats(src: str | Path | np.ndarray, weights: str | Path, *, cache_dir: str | Path | None = None,
-               batch_size: int = 32, with_logits: bool = False, device: str = "cpu") -> Stats:
-    """Features + statistics of a folder, an npz (images and/or mu/sigma) or a uint8 NHWC array."""
-    if isinstance(src, np.ndarray):
-        f = extract(src, weights, batch_size, with_logits, device)
-        st = Stats("<array>", f["2048"], f.get("logits_unbiased"), n=len(src))
-        st.mu, st.sigma = gaussian_stats(st.features)
-        return st
-    path = Path(src)
-    if not path.exists():
-        raise FidInputError(f"path does not exist: {path}")
-    st = Stats(str(path))
+def _save_cache(cache: Path, features: np.ndarray) -> None:
+    from ov3common.checkpoint import atomic_write
+
+    mu, sigma = gaussian_stats(features)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.savez would append '.npz' to a path
+            np.savez(fh, features=features, mu=mu, sigma=sigma)
+
+    atomic_write(cache, write)
+
+
+def load_stats(src: str | Path | list[Path] | np.ndarray, weights: str | Path, *,
+               cache_dir: str | Path | None = None, batch_size: int = 32, with_logits: bool = False,
+               device: str = "cpu") -> Stats:
+    """Features + statistics of a folder, a list of image files, an npz (images and/or mu/sigma) or a uint8
+    NHWC array. With ``cache_dir`` (and no logits requested) features are cached under :func:`input_key`."""
     images: list[Path] | np.ndarray
-    if path.is_dir():
-        images = files = list_images(path)
+    if isinstance(src, np.ndarray):
+        if src.ndim != 4 or src.shape[-1] != 3 or src.dtype != np.uint8:
+            raise FidInputError(f"image array must be uint8 NHWC with 3 channels, got {src.dtype} {src.shape}")
+        st, images, key_src = Stats(f"<array {tuple(src.shape)}>"), src, src
+    elif isinstance(src, list):
+        missing = [p for p in src if not Path(p).is_file()]
+        if missing or not src:
+            raise FidInputError(f"image list is empty or has missing files: {missing[:3]}")
+        images = key_src = [Path(p) for p in src]
+        st = Stats(f"<{len(src)} files under {Path(os.path.commonpath(images))}>")
     else:
-        z = read_npz(path)
-        files = None
-        if "mu" in z:
-            st.mu, st.sigma, st.origin = z["mu"].astype(np.float64), z["sigma"].astype(np.float64), "npz mu/sigma"
-        if "arr_0" not in z:
-            st.notes.append("npz has statistics only: KID and precision/recall need images")
-            return st
-        images = z["arr_0"]
+        path = key_src = Path(src)
+        if not path.exists():
+            raise FidInputError(f"path does not exist: {path}")
+        st = Stats(str(path))
+        if path.is_dir():
+            images = list_images(path)
+        else:
+            z = read_npz(path)
+            if "mu" in z:
+                st.mu, st.sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
+                st.origin = "npz mu/sigma"
+            if "arr_0" not in z:
+                st.notes.append("npz has statistics only: KID and precision/recall need images")
+                return st
+            images = z["arr_0"]
     cache = None
     if cache_dir is not None and not with_logits:
-        cache = Path(cache_dir) / f"{_input_key(path, weights, files)}.npz"
+        cache = Path(cache_dir) / f"{input_key(key_src, weights)}.npz"
         if cache.is_file():
             with np.load(cache) as c:
                 st.features, st.n = c["features"], len(c["features"])
                 if st.mu is None:
                     st.mu, st.sigma, st.origin = c["mu"], c["sigma"], "cache"
             return st
-    f = extract(images, weights, batch_size, with_logits, device, desc=f"inception {path.name}")
+    f = extract(images, weights, batch_size, with_logits, device, desc=f"inception {st.source[:40]}")
     st.features, st.logits, st.n = f["2048"], f.get("logits_unbiased"), len(f["2048"])
     if st.mu is None:
         st.mu, st.sigma = gaussian_stats(st.features)
     if cache is not None:
-        from ov3common.checkpoint import atomic_write
-
-        mu, sigma = gaussian_stats(st.features)
-
-        def write(tmp: str) -> None:
-            with open(tmp, "wb") as fh:  # a file object: np.savez would append '.npz' to a path
-                np.savez(fh, features=st.features, mu=mu, sigma=sigma)
-
-        atomic_write(cache, write)
+        _save_cache(cache, st.features)
     return st
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
-def compute_metrics(fake: str | Path | np.ndarray, real: str | Path | np.ndarray,
+def compute_metrics(fake: str | Path | list[Path] | np.ndarray, real: str | Path | list[Path] | np.ndarray,
                     weights: str | Path = DEFAULT_WEIGHTS, *, cache_dir: str | Path | None = None,
                     batch_size: int = 32, kid: bool = True, prc: bool = True, isc: bool = True,
                     kid_subsets: int = 100, device: str = "cpu") -> dict:

@@ -128,12 +128,16 @@ def test_adm_npz_reading(weights, image_dirs, tmp_path):
 def test_cache_key_follows_files_and_weights(weights, image_dirs, tmp_path):
     a, _ = image_dirs
     files = F.list_images(a)
-    k1 = F._input_key(a, weights, files)
-    assert k1 == F._input_key(a, weights, files)
+    k1 = F.input_key(a, weights)
+    assert k1 == F.input_key(a, weights) and F.input_key(files, weights) == F.input_key(files, weights)
     other_w = tmp_path / "w2.pth"
     other_w.write_bytes(b"different")
-    assert F._input_key(a, other_w, files) != k1
-    assert F._input_key(a, weights, files[:-1]) != k1
+    assert F.input_key(a, other_w) != k1
+    assert F.input_key(files[:-1], weights) != F.input_key(files, weights)
+    arr = np.zeros((2, 8, 8, 3), np.uint8)
+    k_arr = F.input_key(arr, weights)
+    arr[0, 0, 0, 0] = 1
+    assert F.input_key(arr, weights) != k_arr
 
 
 def test_cli_errors(tmp_path, capsys):

@@ -93,11 +93,11 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", default=DEFAULT_WEIGHTS)
     ap.add_argument("--cache-dir", default="runs/fid_cache")
     ap.add_argument("--lpips-net", default="alex")
-    ap.add_argument("--lpips-backbone", default="auto", choices=("auto", "pretrained", "random", "off"))
+    ap.add_argument("--lpips-backbone", default="auto", choices=("auto", "pretrained", "random", "none"))
     ap.add_argument("--lpips-backbone-path", default="")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
-    lp = None if args.lpips_backbone == "off" else LPIPSMetric(args.lpips_net, args.lpips_backbone,
+    lp = None if args.lpips_backbone == "none" else LPIPSMetric(args.lpips_net, args.lpips_backbone,
                                                                args.lpips_backbone_path, args.device)
     r = run_rfid(args.encoder, args.images, args.out, weights=args.weights, max_images=args.max_images,
                  batch_size=args.batch_size, lpips=lp, cache_dir=args.cache_dir or None, device=args.device)

@@ -5,9 +5,12 @@
 For each row (an encoder and the LLaVA / RAE runs built on it; by default OV3 and the baseline trained with
 reconstruction weight 0) it runs, when the inputs exist:
   * SeedBench / POPE: scores ``<llava>/{seedbench,pope}_predictions.jsonl`` if present, else calls the configured
-    predictor ``llava.predictor = "module:function"`` as ``function(run_dir, device) -> predict`` with
-    ``predict(records) -> list[str]`` on the records of :mod:`eval.benchmarks`;
-  * gFID: ``<rae>/samples.npz`` if present, else the configured sampler (see :mod:`eval.gfid`);
+    predictor ``llava.predictor = "module:function"`` (default :func:`eval.adapters.llava_predictor`) as
+    ``function(run_dir, device, batch_size=, max_new_tokens=) -> predict`` with ``predict(records) -> list[str]``
+    on the records of :mod:`eval.benchmarks`;
+  * gFID: ``<rae>/samples/samples.npz`` (``make rae-sample``) or ``<rae>/samples.npz`` if present, else the
+    configured sampler (default :func:`eval.adapters.rae_sampler`, called as
+    ``function(run_dir, device, seed=, steps=, cfg_scale=) -> (generate(labels), class_names)``);
   * rFID + PSNR / SSIM / LPIPS: the encoder export on the rFID image set (:mod:`eval.rfid`).
 Anything missing is reported as "—" with the reason; a piece that fails is reported with its error and the
 command exits with status 1 after writing the report. Outputs: ``<out>/summary.json``, ``<out>/summary.md``,
@@ -76,7 +79,9 @@ class SeedConfig:
 
 @dataclass
 class LlavaConfig:
-    predictor: str = "llava_bridge.predict:load_predictor"
+    predictor: str = "eval.adapters:llava_predictor"   # function(run_dir, device, batch_size, max_new_tokens)
+    batch_size: int = 8
+    max_new_tokens: int = 16
 
 
 @dataclass
@@ -93,7 +98,9 @@ class GfidConfig:
     per_class: int = 2
     batch_size: int = 32
     seed: int = 0
-    sampler: str = "rae_generation.sample:load_sampler"
+    steps: int = 0            # 0 = the RAE run's default
+    cfg_scale: float = -1.0   # < 0 = the RAE run's default
+    sampler: str = "eval.adapters:rae_sampler"   # function(run_dir, device, seed, steps, cfg_scale)
 
 
 def _default_rows() -> list[RowConfig]:
@@ -134,13 +141,21 @@ def _import(spec: str, what: str):
     if ":" not in spec:
         raise ValueError(f"{what}: expected 'module:function', got {spec!r}")
     mod, fn = spec.split(":", 1)
-    try:
-        return getattr(importlib.import_module(mod), fn)
-    except (ImportError, AttributeError) as e:
-        raise Missing(f"{what} {spec} is not available ({e})") from e
+    return getattr(importlib.import_module(mod), fn)
 
 
 # ---------------------------------------------------------------------------------------------------- pieces
+def _records(bench: str, cfg, cache: dict) -> list[dict]:
+    from eval import benchmarks
+
+    bc = getattr(cfg, bench)
+    if bench not in cache:
+        kw = dict(image_root=bc.image_root or None, split=bc.split, limit_per_category=bc.limit_per_category or None)
+        cache[bench] = (benchmarks.load_pope(bc.path, **kw) if bench == "pope"
+                        else benchmarks.load_seedbench(bc.path, data_type=bc.data_type or None, **kw))
+    return cache[bench]
+
+
 def run_understanding(bench: str, cfg, row: RowConfig, out: Path, device: str, cache: dict) -> dict:
     from eval import benchmarks, score
 
@@ -150,19 +165,23 @@ def run_understanding(bench: str, cfg, row: RowConfig, out: Path, device: str, c
     else:
         if not row.llava or not Path(row.llava).is_dir():
             raise Missing(f"no LLaVA run at {row.llava or '(row.llava not set)'}")
-        predictor = _import(cfg.llava.predictor, "llava.predictor")
-        bc = getattr(cfg, bench)
-        if bench not in cache:
-            cache[bench] = (benchmarks.load_pope(bc.path, image_root=bc.image_root or None, split=bc.split,
-                                                 limit_per_category=bc.limit_per_category or None)
-                            if bench == "pope" else
-                            benchmarks.load_seedbench(bc.path, image_root=bc.image_root or None, split=bc.split,
-                                                      data_type=bc.data_type or None,
-                                                      limit_per_category=bc.limit_per_category or None))
-        predict = predictor(row.llava, device)
-        preds = benchmarks.write_predictions(cache[bench], predict(cache[bench]), out / f"{bench}_predictions.jsonl")
+        try:
+            factory = _import(cfg.llava.predictor, "llava.predictor")
+        except (ImportError, AttributeError) as e:
+            raise Missing(f"llava.predictor {cfg.llava.predictor} is not available ({e})") from e
+        records = _records(bench, cfg, cache)
+        key = ("predict", row.llava)
+        if key not in cache:  # the model is loaded once per row
+            try:
+                cache[key] = factory(row.llava, device, batch_size=cfg.llava.batch_size,
+                                     max_new_tokens=cfg.llava.max_new_tokens)
+            except ImportError as e:
+                raise Missing(f"llava.predictor {cfg.llava.predictor} is not available ({e})") from e
+        preds = benchmarks.write_predictions(records, cache[key](records), out / f"{bench}_predictions.jsonl")
     result = score.score_file(bench, preds, cfg.pope.parser) if bench == "pope" else score.score_file(bench, preds)
-    (out / f"{bench}_scores.json").write_text(json.dumps(result, indent=2) + "\n")
+    from ov3common.checkpoint import atomic_write_json
+
+    atomic_write_json(out / f"{bench}_scores.json", result)
     return result
 
 
@@ -204,11 +223,17 @@ def run_gfid_piece(cfg, row: RowConfig, out: Path, device: str) -> dict:
     if Path(g.real).is_dir() and all(p.is_dir() for p in Path(g.real).iterdir()):
         names = [d.name for d in gfid.class_folders(g.real)]
         real = gfid.class_real_images(g.real, g.real_per_class)
-    samples, labels = (Path(row.rae) / "samples.npz") if row.rae else None, None
-    if samples is None or not samples.is_file():
+    found = [p for p in (Path(row.rae) / "samples" / "samples.npz", Path(row.rae) / "samples.npz")
+             if row.rae and p.is_file()]
+    samples, labels = (found[0] if found else None), None
+    if samples is None:
         if not row.rae or not Path(row.rae).is_dir():
             raise Missing(f"no RAE run at {row.rae or '(row.rae not set)'}")
-        gen, gen_names = _import(g.sampler, "gfid.sampler")(row.rae, device)
+        try:
+            gen, gen_names = gfid.load_sampler(g.sampler, row.rae, device, seed=g.seed, steps=g.steps,
+                                               cfg_scale=g.cfg_scale)
+        except (ImportError, AttributeError) as e:
+            raise Missing(f"gfid.sampler {g.sampler} is not available ({e})") from e
         names = list(gen_names) if gen_names else names
         if not names:
             raise Missing("number of classes unknown: gfid.real is not a class-split folder and the sampler gave none")
@@ -286,6 +311,7 @@ def evaluate(cfg) -> dict:
                 entry["errors"][piece] = f"error: {type(e).__name__}: {e}"
                 log.error("%s / %s failed:\n%s", row.name, piece, traceback.format_exc())
             entry["seconds"][piece] = round(time.perf_counter() - t, 1)
+        caches.pop(("predict", row.llava), None)  # free this row's LLaVA model
         rows.append(entry)
     summary = {"generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "toy": cfg.toy,
                "disclaimer": TOY_DISCLAIMER if cfg.toy else "", "pope_parser": cfg.pope.parser, "rows": rows,

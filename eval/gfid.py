@@ -2,8 +2,9 @@
 
 The generator is a plain function ``generate(labels: LongTensor[B]) -> images [B, 3, H, W] in [-1, 1]``; how it is
 built from an RAE run is configurable (``sampler = "module:function"``, called as
-``function(run_dir, device) -> (generate, class_names)``), so this runner does not depend on rae_generation's
-internals. If the run directory already holds ``samples.npz`` (from ``make rae-sample``), it is used as is.
+``function(run_dir, device, seed=, steps=, cfg_scale=) -> (generate, class_names)``; default
+:func:`eval.adapters.rae_sampler`), so this runner depends only on that small interface. Samples written by
+``make rae-sample`` (an ADM npz) can be scored directly with ``--samples``.
 
 Real images: a class-split folder (``<root>/<class>/*.png``; ``real_per_class`` first images of every class),
 any folder, or an (ADM reference) npz.
@@ -80,13 +81,13 @@ def write_samples_npz(path: str | Path, images: np.ndarray, labels: np.ndarray |
     return Path(path)
 
 
-def load_sampler(spec: str, run_dir: str | Path, device: str) -> tuple[Generator, list[str] | None]:
-    """Import ``module:function`` and call it as ``function(run_dir, device)``."""
+def load_sampler(spec: str, run_dir: str | Path, device: str, **options) -> tuple[Generator, list[str] | None]:
+    """Import ``module:function`` and call it as ``function(run_dir, device, **options)``."""
     if ":" not in spec:
         raise ValueError(f"sampler: expected 'module:function', got {spec!r}")
     mod, fn = spec.split(":", 1)
     factory = getattr(importlib.import_module(mod), fn)
-    gen, names = factory(str(run_dir), device)
+    gen, names = factory(str(run_dir), device, **options)
     return gen, list(names) if names is not None else None
 
 
@@ -142,7 +143,9 @@ def main(argv=None) -> int:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--samples", help="ADM npz of samples (arr_0 [, arr_1 labels])")
     src.add_argument("--run", help="RAE run dir, sampled through --sampler")
-    ap.add_argument("--sampler", default="rae_generation.sample:load_sampler")
+    ap.add_argument("--sampler", default="eval.adapters:rae_sampler")
+    ap.add_argument("--steps", type=int, default=0, help="ODE steps (0: the run's default)")
+    ap.add_argument("--cfg-scale", type=float, default=-1.0, help="guidance scale (< 0: the run's default)")
     ap.add_argument("--per-class", type=int, default=50)
     ap.add_argument("--num-classes", type=int, default=0, help="default: the class folders of --real")
     ap.add_argument("--real", required=True, help="class-split folder, folder or (ADM) npz")
@@ -161,7 +164,8 @@ def main(argv=None) -> int:
         real = class_real_images(args.real, args.real_per_class)
     samples, labels = args.samples, None
     if args.run:
-        gen, gen_names = load_sampler(args.sampler, args.run, args.device)
+        gen, gen_names = load_sampler(args.sampler, args.run, args.device, seed=args.seed, steps=args.steps,
+                                      cfg_scale=args.cfg_scale)
         names = gen_names or names
         n_cls = args.num_classes or (len(names) if names else 0)
         if not n_cls:

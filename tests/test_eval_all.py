@@ -13,7 +13,7 @@ from eval import eval_all, inception, report
 PALETTE = torch.tensor([[1.0, -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, -1]])
 
 
-def fake_sampler(run_dir: str, device: str):
+def fake_sampler(run_dir: str, device: str, **options):
     """gfid.sampler interface: (generate(labels) -> images in [-1, 1], class names)."""
     def generate(labels):
         base = PALETTE[labels % 4][:, :, None, None].expand(-1, -1, 32, 32)
@@ -22,7 +22,7 @@ def fake_sampler(run_dir: str, device: str):
     return generate, ["c0", "c1", "c2", "c3"]
 
 
-def fake_predictor(run_dir: str, device: str):
+def fake_predictor(run_dir: str, device: str, **options):
     """llava.predictor interface: predict(records) -> raw answers (always 'A' here)."""
     assert Path(run_dir).is_dir()
     return lambda records: ["A" for _ in records]
@@ -66,10 +66,10 @@ def world(tmp_path_factory, request):
     preds = [dict(question_id=r["question_id"], answer=r["answer"], category=r["category"],
                   prediction="Yes" if k % 3 else "No.") for k, r in enumerate(pope)]
     (runs / "llava" / "pope_predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
-    (runs / "rae").mkdir()
     gen, _ = fake_sampler("", "cpu")
     x = gen(torch.arange(4))
-    np.savez(runs / "rae" / "samples.npz", arr_0=((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy(),
+    (runs / "rae" / "samples").mkdir(parents=True)
+    np.savez(runs / "rae" / "samples" / "samples.npz", arr_0=((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy(),
              arr_1=np.arange(4))
     (runs / "rae_b").mkdir()
     weights = Path(request.config.cache.mkdir("eval_inception")) / "inception.pth"
@@ -132,3 +132,21 @@ def test_config_errors(tmp_path, capsys):
     assert "pope.path" in capsys.readouterr().err
     assert eval_all.main(["--config", "configs/eval/toy.yaml", "nosuchkey=1"]) == 2
     assert "nosuchkey" in capsys.readouterr().err
+
+
+def test_unavailable_predictor_and_sampler_are_missing_not_errors(tmp_path):
+    from ov3common.config import load_config
+
+    (tmp_path / "llava").mkdir()
+    (tmp_path / "rae").mkdir()
+    (tmp_path / "pope.jsonl").write_text(json.dumps(dict(question_id="1", question="q?", answer="yes",
+                                                         image="x.jpg", category="random")) + "\n")
+    cfg = load_config(eval_all.EvalAllConfig, None, [
+        f"out={tmp_path / 'r'}", "pieces=[pope, gfid]", f"pope.path={tmp_path / 'pope.jsonl'}",
+        f"fid.weights={tmp_path / 'w.pth'}", "llava.predictor=no_such_module:predictor",
+        "gfid.sampler=no_such_module:sampler",
+        f"rows=[{{name: x, llava: {tmp_path / 'llava'}, rae: {tmp_path / 'rae'}}}]"])
+    (tmp_path / "w.pth").write_bytes(b"")
+    row = eval_all.evaluate(cfg)["rows"][0]
+    assert "no_such_module" in row["missing"]["pope"] and "no_such_module" in row["missing"]["gfid"]
+    assert not row["errors"]

@@ -19,7 +19,7 @@ def fake_generator(labels: torch.Tensor) -> torch.Tensor:
     return (base * 0.8 + 0.1 * torch.randn(len(labels), 3, 32, 32)).clamp(-1, 1)
 
 
-def fake_sampler(run_dir: str, device: str):
+def fake_sampler(run_dir: str, device: str, **options):
     """The sampler interface eval.gfid.load_sampler expects: (generate, class names)."""
     return fake_generator, [f"class{i}" for i in range(len(PALETTE))]
 

@@ -67,11 +67,15 @@ def load_image(image: str | Path | bytes | Image.Image) -> Image.Image:
     from ov3common.images import BadSample, decode_image
 
     if isinstance(image, Image.Image):
-        try:
-            image.load()
-        except OSError as e:
-            raise BenchmarkError(f"cannot decode embedded image: {e}") from e
-        return image if image.mode == "RGB" else image.convert("RGB")
+        fp = getattr(image, "fp", None)
+        if isinstance(fp, io.BytesIO):  # opened lazily by a loader: decode its bytes robustly
+            image = fp.getvalue()
+        else:
+            try:
+                image.load()
+            except OSError as e:
+                raise BenchmarkError(f"cannot decode image: {e}") from e
+            return image if image.mode == "RGB" else image.convert("RGB")
     if isinstance(image, (str, Path)):
         if not Path(image).is_file():
             raise BenchmarkError(f"image file does not exist: {image}")

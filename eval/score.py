@@ -254,10 +254,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(str(args.out) + ".tmp")
-        tmp.write_text(text + "\n", encoding="utf-8")
-        tmp.replace(args.out)
+        from ov3common.checkpoint import atomic_write_json
+
+        atomic_write_json(args.out, result)
     return 0
 
 

@@ -144,6 +144,11 @@ def test_loader_errors(tmp_path, toy_world):
     with pytest.raises(BenchmarkError, match="cannot decode"):
         load_image(b"not an image")
     assert load_image(_png(5)).mode == "RGB"
+    buf = io.BytesIO()
+    Image.new("RGBA", (9, 9), (255, 0, 0, 0)).save(buf, "PNG")  # transparent -> composited on white
+    rgba = load_image(Image.open(io.BytesIO(buf.getvalue())))
+    assert rgba.mode == "RGB" and rgba.getpixel((0, 0)) == (255, 255, 255)
+    assert load_image(Image.new("L", (4, 4), 7)).getpixel((0, 0)) == (7, 7, 7)
 
 
 def test_write_predictions_roundtrip_with_scorer(toy_world, tmp_path):

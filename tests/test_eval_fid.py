@@ -165,3 +165,14 @@ def test_cli_errors(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(F.FidInputError, match="no images"):
         F.list_images(tmp_path / "empty")
+
+
+def test_inception_score_only_with_classifier_weights(weights, tmp_path):
+    sd = torch.load(weights, map_location="cpu", weights_only=True)
+    sd["fc.weight"] = torch.randn(1008, 2048, generator=torch.Generator().manual_seed(0)) * 0.05
+    with_fc = tmp_path / "with_fc.pth"
+    torch.save(sd, with_fc)  # no check note: has_logits falls back to a non-zero fc
+    assert F.has_logits(with_fc) and not F.has_logits(weights)
+    imgs = (np.random.default_rng(0).uniform(0, 255, (4, 24, 24, 3))).astype(np.uint8)
+    r = F.compute_metrics(imgs, imgs.copy(), with_fc, kid=False, prc=False)
+    assert r["is_mean"] >= 1.0 and "is_unavailable" not in r and abs(r["fid"]) < 1e-2

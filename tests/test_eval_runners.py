@@ -65,6 +65,12 @@ def test_lpips_random_backbone_is_labelled(monkeypatch, tmp_path):
     assert acc.result()["lpips_note"] == recon.RANDOM_LABEL and acc.result()["lpips_random_backbone"]
     with pytest.raises(FileNotFoundError):
         recon.LPIPSMetric("alex", backbone="pretrained")
+    import torchvision  # a local torchvision-format file is picked up (random values: plumbing only)
+
+    local = tmp_path / "alexnet.pth"
+    torch.save(torchvision.models.alexnet().state_dict(), local)
+    real = recon.LPIPSMetric("alex", backbone="auto", backbone_path=str(local))
+    assert not real.random_backbone and str(local) in real.label and real(x, -x).shape == (2,)
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ CLI (JSON to stdout, and to ``--out`` if given)::
     python -m eval.score seedbench --predictions P.jsonl [--out FILE]
 
 POPE parsers
-  * ``llava`` (default; LLaVA-1.5's ``eval_pope.py`` rule, used for headline numbers): keep the text before the
-    first '.', drop commas, split on single spaces; if one of the words is exactly ``No``, ``no`` or ``not`` the
+  * ``llava`` (default; LLaVA-1.5's ``eval_pope.py`` rule, used for headline numbers): strip the text (LLaVA strips
+    generations when it writes them), keep the text before the first '.', drop commas, split on single spaces; if one of the words is exactly ``No``, ``no`` or ``not`` the
     prediction is "no", otherwise "yes" (so empty or garbage text counts as "yes", as in LLaVA).
   * ``lmms`` (lmms-eval's ``pope`` task): the prediction is the text lowercased and stripped, compared by exact
     match. Anything other than "yes"/"no" is wrong for accuracy and is left out of precision/recall counts,
@@ -94,8 +94,9 @@ def _text(x: object) -> str:
 
 # ---------------------------------------------------------------------------------------------------- POPE
 def parse_pope_llava(text: object) -> str:
-    """LLaVA-1.5's POPE rule: first sentence; a word 'No'/'no'/'not' -> 'no', else 'yes'."""
-    s = _text(text)
+    """LLaVA-1.5's POPE rule: first sentence; a word 'No'/'no'/'not' -> 'no', else 'yes'. The text is stripped
+    first, as LLaVA's ``model_vqa_loader`` strips generations before ``eval_pope.py`` reads them."""
+    s = _text(text).strip()
     if "." in s:
         s = s.split(".")[0]
     words = s.replace(",", "").split(" ")

@@ -39,6 +39,8 @@ from eval.score import (
         ("@#$%^ garbage", "yes"),
         (".no", "yes"),  # first sentence is empty
         ("I do not know", "no"),
+        ("No\n", "no"),  # stripped first (LLaVA strips generations before eval_pope.py)
+        (" no thanks", "no"),
     ],
 )
 def test_pope_llava_parser(text, expected):

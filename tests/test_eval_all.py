@@ -86,7 +86,7 @@ def test_eval_all_on_a_miniature_toy_world(world):
     d, r = root / "data", root / "runs"
     cfg = load_config(eval_all.EvalAllConfig, None, [
         f"out={root / 'reports'}", "device=cpu", f"fid.weights={weights}", f"fid.cache_dir={root / 'cache'}",
-        "fid.kid_subsets=2", "lpips.backbone=none",
+        "fid.kid_subsets=2", "lpips.backbone=random",
         f"pope.path={d / 'pope' / 'pope.jsonl'}", f"seedbench.path={d / 'seedbench' / 'seedbench.jsonl'}",
         f"rfid.images={d / 'images' / 'val'}", f"gfid.real={d / 'classes' / 'val'}", "gfid.per_class=1",
         "llava.predictor=tests.test_eval_all:fake_predictor", "gfid.sampler=tests.test_eval_all:fake_sampler",
@@ -99,6 +99,7 @@ def test_eval_all_on_a_miniature_toy_world(world):
     assert ov3["results"]["seedbench"]["image"] == 0.5  # the fake predictor always answers 'A'
     assert ov3["results"]["pope"]["overall"]["n"] == 6 and ov3["results"]["gfid"]["n"] == 4
     assert ov3["results"]["rfid"]["n"] == 4 and ov3["results"]["rfid"]["rfid"] > 0
+    assert ov3["results"]["rfid"]["lpips_random_backbone"] and ov3["results"]["rfid"]["lpips"] > 0
     # baseline: no encoder, no LLaVA run -> '—' with reasons; gFID through the sampler interface
     assert "no encoder export" in base["missing"]["rfid"] and "no LLaVA run" in base["missing"]["pope"]
     assert base["results"]["gfid"]["n"] == 4 and not base["errors"]
@@ -109,6 +110,7 @@ def test_eval_all_on_a_miniature_toy_world(world):
     assert "| Encoder | SeedBench (img) | POPE F1 | POPE acc | gFID | rFID | PSNR | SSIM | LPIPS |" in md
     assert report.TOY_DISCLAIMER in md and "| baseline | —[2] | —[3] | —[3] |" in md
     assert "- [4] baseline / rfid: no encoder export" in md
+    assert " †" in md and "random backbone: not a real perceptual score" in md
     for f in ("curves_encoder.png", "curves_llava.png", "ov3/rfid/recon_grid.png", "ov3/gfid/samples_grid.png",
               "baseline/gfid/samples_grid.png"):
         assert f in js["figures"] and (out / f).is_file()

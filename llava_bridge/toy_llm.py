@@ -47,7 +47,7 @@ class ToyLLMConfig:
     max_docs: int = 20000  # documents taken from the corpus (0 = all)
     block: int = 256
     batch_size: int = 16
-    steps: int = 300
+    steps: int = 120
     lr: float = 3e-3
     warmup: int = 20
     weight_decay: float = 0.1

@@ -53,7 +53,7 @@ ENC_RUN ?= runs/toy/encoder
 ENC_CFG ?= configs/encoder/toy.yaml
 # ARGS go to the target named on the command line only (not to a prerequisite built on the way)
 goal_args = $(if $(filter $(1),$(MAKECMDGOALS)),$(ARGS))
-.PHONY: toy-vae pretrain-encoder cache-latents export-encoder ablate-encoder bench-encoder
+.PHONY: toy-vae pretrain-encoder pretrain-encoder-baseline cache-latents export-encoder ablate-encoder bench-encoder
 
 toy-vae: data $(TOY_VAE)/config.json ## train the toy world's frozen VAE once (AutoencoderKL, 8x, 16 ch; a few CPU min)
 
@@ -62,6 +62,9 @@ $(TOY_VAE)/config.json: | $(DATA)/.done
 
 pretrain-encoder: toy-vae ## train the OV3 encoder on the toy world (NPROC=2 for DDP), export to runs/toy/encoder/export
 	$(TORCHRUN) -m encoder.train --config $(ENC_CFG) data.root=$(DATA) vae.path=$(TOY_VAE) out_dir=$(ENC_RUN) $(call goal_args,pretrain-encoder)
+
+pretrain-encoder-baseline: toy-vae ## the baseline row: contrastive + caption only (decoder on detached z_u) -> runs/toy/encoder_baseline/export
+	$(TORCHRUN) -m encoder.train --config configs/encoder/toy_baseline.yaml data.root=$(DATA) vae.path=$(TOY_VAE) $(call goal_args,pretrain-encoder-baseline)
 
 cache-latents: toy-vae ## VAE latents once; then make pretrain-encoder ARGS="data.latent_cache=runs/toy/latents"
 	$(PY) -m encoder.cache_latents --config $(ENC_CFG) data.root=$(DATA) vae.path=$(TOY_VAE) cache.out_dir=runs/toy/latents $(call goal_args,cache-latents)

@@ -65,6 +65,8 @@ class LossConfig:
     lpips_net: str = "vgg"  # vgg | alex
     lpips_backbone: str = "pretrained"  # pretrained (local torchvision weights) | random (NOT perceptual)
     lpips_backbone_path: str = ""  # torchvision .pth; empty: $TORCH_HOME/hub/checkpoints
+    rec_stop_grad: bool = False  # train the ViT decoder on detached z_u: no reconstruction gradient reaches the
+    #                              encoder (an understanding-only encoder with a usable decoder: the baseline row)
 
 
 def build_vit(mc: ModelConfig, in_channels: int) -> tuple[ViTConfig, LatentViT, ViTDecoder]:
@@ -142,7 +144,8 @@ class OV3Model(nn.Module):
         out["caption"] = global_mean(ce, tok_global, world_size)
         und = lc.w_caption * out["caption"] + lc.w_contrastive * out["contrastive"]
         # reconstruction: noised z_u → ViT decoder → latents → frozen VAE decoder → pixels
-        noisy = tokens + self.noise(batch["index"], tokens, step) if lc.tau > 0 else tokens
+        z = tokens.detach() if lc.rec_stop_grad else tokens
+        noisy = z + self.noise(batch["index"], z, step) if lc.tau > 0 else z
         p = self.vit_cfg.patch_size
         pred_lat = self.decoder(noisy, (lat.shape[-2] // p, lat.shape[-1] // p))
         need_px = lc.w_pixel > 0 or lc.w_lpips > 0

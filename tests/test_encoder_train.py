@@ -127,3 +127,23 @@ def test_bf16_autocast_and_grad_checkpointing_run(toy_root, tmp_path):
                   "export_dir=none"))
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_rec_stop_grad_keeps_reconstruction_gradient_out_of_the_encoder():
+    from encoder.ov3 import LossConfig, ModelConfig, OV3Model
+    from encoder.vae import FrozenVAE, build_random_vae
+
+    torch.manual_seed(0)
+    mc = ModelConfig(size="tiny", text_width=32, text_depth=1, text_heads=2, text_decoder_width=32,
+                     text_decoder_depth=1, text_decoder_heads=2)
+    ids = torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0]])
+    batch = {"image": torch.rand(2, 3, 32, 32) * 2 - 1, "alt": ids, "sent": ids, "recap": ids,
+             "index": torch.arange(2)}
+    n, nt = torch.tensor(2.0), torch.tensor(5.0)
+    for stop in (False, True):
+        lc = LossConfig(w_und=0.0, w_lpips=0.0, rec_stop_grad=stop)
+        model = OV3Model(mc, lc, 10, 0, 8, FrozenVAE(build_random_vae()))
+        model(batch, 0, n, nt)["loss"].backward()
+        enc_grad = model.vit.blocks[0].attn.qkv.weight.grad
+        assert model.decoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+        assert (enc_grad is None or enc_grad.abs().sum() == 0) == stop

@@ -48,7 +48,7 @@ class DataConfig:
     recap_fallback: bool = True  # a sample without a recaption uses its alt-text (counted as recap_from_alt)
     max_text_len: int = 64
     num_workers: int = 0
-    latent_cache: str = ""  # folder written by `python -m encoder.cache_latents`; empty = encode on the fly
+    latent_cache: str = path_field("", "dir")  # folder from `python -m encoder.cache_latents`; empty = on the fly
     val_size: int = 256
 
 

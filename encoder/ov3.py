@@ -25,6 +25,7 @@ from encoder.losses import (
 from encoder.models import LatentViT, ViTConfig, ViTDecoder, decoder_config_for, vit_config
 from encoder.text import TextConfig, TextDecoder, TextEncoder
 from encoder.vae import FrozenVAE
+from ov3common.config import path_field
 from ov3common.dist import step_seed
 
 
@@ -64,7 +65,7 @@ class LossConfig:
     w_lpips: float = 1.0
     lpips_net: str = "vgg"  # vgg | alex
     lpips_backbone: str = "pretrained"  # pretrained (local torchvision weights) | random (NOT perceptual)
-    lpips_backbone_path: str = ""  # torchvision .pth; empty: $TORCH_HOME/hub/checkpoints
+    lpips_backbone_path: str = path_field("", "file")  # torchvision .pth; empty: $TORCH_HOME/hub/checkpoints
     rec_stop_grad: bool = False  # train the ViT decoder on detached z_u: no reconstruction gradient reaches the
     #                              encoder (an understanding-only encoder with a usable decoder: the baseline row)
 

@@ -12,6 +12,8 @@ NPROC  ?= 1
 TORCHRUN ?= $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC)
 DATA   ?= data/toy
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
+# ARGS go to the target named on the command line only (not to a prerequisite built on the way)
+goal_args = $(if $(filter $(1),$(MAKECMDGOALS)),$(ARGS))
 
 .PHONY: help setup data demo test test-fast lint clean-toy
 
@@ -32,7 +34,7 @@ $(VENV)/.installed: pyproject.toml
 data: setup $(DATA)/.done ## build the embedded toy world under data/toy (deterministic)
 
 $(DATA)/.done:
-	$(PY) -m ov3common.toyworld --out $(DATA) $(ARGS)
+	$(PY) -m ov3common.toyworld --out $(DATA) $(call goal_args,data)
 
 test: setup ## run the test suite (tiny sizes, CPU)
 	$(PY) -m pytest -q -ra
@@ -51,8 +53,6 @@ clean-toy: ## remove the toy world and toy runs
 TOY_VAE ?= runs/toy/vae
 ENC_RUN ?= runs/toy/encoder
 ENC_CFG ?= configs/encoder/toy.yaml
-# ARGS go to the target named on the command line only (not to a prerequisite built on the way)
-goal_args = $(if $(filter $(1),$(MAKECMDGOALS)),$(ARGS))
 .PHONY: toy-vae pretrain-encoder pretrain-encoder-baseline cache-latents export-encoder ablate-encoder bench-encoder
 
 toy-vae: data $(TOY_VAE)/config.json ## train the toy world's frozen VAE once (AutoencoderKL, 8x, 16 ch; a few CPU min)

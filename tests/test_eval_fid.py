@@ -175,4 +175,4 @@ def test_inception_score_only_with_classifier_weights(weights, tmp_path):
     assert F.has_logits(with_fc) and not F.has_logits(weights)
     imgs = (np.random.default_rng(0).uniform(0, 255, (4, 24, 24, 3))).astype(np.uint8)
     r = F.compute_metrics(imgs, imgs.copy(), with_fc, kid=False, prc=False)
-    assert r["is_mean"] >= 1.0 and "is_unavailable" not in r and abs(r["fid"]) < 1e-2
+    assert r["is_mean"] >= 1.0 - 1e-6 and "is_unavailable" not in r and abs(r["fid"]) < 1e-2

@@ -48,3 +48,19 @@ def test_warmup_cosine_shape():
     assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
+
+
+def test_nonfinite_guard_skips_then_stops():
+    from ov3common.guard import NonFiniteGuard, TrainingDiverged
+
+    g = NonFiniteGuard(max_consecutive=3)
+    assert not g.bad(torch.tensor(1.0), 0)
+    assert g.bad(torch.tensor(float("nan")), 1) and g.bad(float("inf"), 2)
+    assert not g.bad(torch.tensor(0.5), 3) and g.consecutive == 0
+    m = torch.nn.Linear(2, 1)
+    m.weight.grad = torch.full_like(m.weight, float("inf"))
+    assert g.bad(torch.tensor(0.5), 4, grads_of=m)
+    g.bad(torch.tensor(float("nan")), 5)
+    with pytest.raises(TrainingDiverged, match="3 consecutive"):
+        g.bad(torch.tensor(float("-inf")), 6)
+    assert g.skipped_total == 5

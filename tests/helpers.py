@@ -14,7 +14,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_env(**extra: str) -> dict:
+def subprocess_env(**extra: str) -> dict:
     """Environment for subprocess runs of our modules: this checkout first on the path, one thread, no bars."""
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "OV3_NO_PROGRESS": "1", **extra}
 
@@ -42,7 +42,7 @@ def run_with_kills(cmd: list[str], metrics: Path, kills: int = 2, min_step: int 
     while True:
         start = last_step(metrics)
         target = start + rng.randint(min_step, max_step) if len(killed_at) < kills else None
-        proc = subprocess.Popen(cmd, env=env or test_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, env=env or subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         while proc.poll() is None:
             if time.time() > deadline:

@@ -41,19 +41,22 @@ class ClassifyConfig:
 
 
 class ToyClassifier(nn.Module):
-    """Four strided 3×3 convolutions with GroupNorm + SiLU, global average pool, linear."""
+    """Strided convolutions with BatchNorm + ReLU, then global max and mean pooling (toy objects are small)."""
 
     def __init__(self, num_classes: int, width: int = 32):
         super().__init__()
-        chans, layers, c_in = (width // 2, width, 2 * width, 4 * width), [], 3
-        for i, c in enumerate(chans):
-            layers += [nn.Conv2d(c_in, c, 3, stride=1 if i == 3 else 2, padding=1), nn.GroupNorm(8, c), nn.SiLU()]
-            c_in = c
+        w = width
+        spec = [(3, w, 5, 2), (w, 2 * w, 3, 2), (2 * w, 4 * w, 3, 2), (4 * w, 4 * w, 3, 1)]
+        layers: list[nn.Module] = []
+        for c_in, c_out, k, s in spec:
+            layers += [nn.Conv2d(c_in, c_out, k, stride=s, padding=k // 2, bias=False), nn.BatchNorm2d(c_out),
+                       nn.ReLU(inplace=True)]
         self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(c_in, num_classes)
+        self.head = nn.Linear(8 * w, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x).mean((2, 3)))
+        f = self.features(x)
+        return self.head(torch.cat([f.amax((2, 3)), f.mean((2, 3))], dim=1))
 
 
 def load_folder(root: str, image_size: int) -> tuple[Tensor, Tensor, list[str]]:

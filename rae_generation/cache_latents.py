@@ -112,8 +112,8 @@ def build_cache(cfg, info: D.DistInfo | None = None) -> Path:
     stats = stats.reduce()
     if info.is_main:
         if float(sums["count"]) < 2:
-            raise RuntimeError(f"{cfg.source}: fewer than 2 usable images were encoded; nothing to train on "
-                               f"(skipped: {stats.as_dict()['skipped']})")
+            log.warning("%s: only %d usable labelled images (skipped: %s); the cache cannot be trained on",
+                        cfg.source, int(sums["count"]), stats.as_dict()["skipped"])
         save_safetensors(out / "stats.safetensors", sums)
         meta = {"format": CACHE_FORMAT, "version": 1, "encoder": str(Path(cfg.encoder).resolve()),
                 "source": str(Path(cfg.source).resolve()), "image_size": cfg.image_size,

@@ -139,7 +139,12 @@ class TarSource(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int) -> dict:
+        """The image is decoded first (so its defects are counted with their own reason), then the label read."""
         si, members = self.samples[i]
+        ext = next((e for e in _IMAGE_EXTS if e in members), None)
+        out = _load_image(self._read(si, members[ext]) if ext else None, self.image_size)
+        if "image" not in out:
+            return {**out, "label": -1, "index": i}
         try:
             meta = decode_json(self._read(si, members["json"]) if "json" in members else None)
         except BadSample as e:
@@ -147,9 +152,7 @@ class TarSource(Dataset):
         label = meta.get("label")
         if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(self.classes):
             return {"reason": "no_label", "label": -1, "index": i}
-        ext = next((e for e in _IMAGE_EXTS if e in members), None)
-        data = self._read(si, members[ext]) if ext else None
-        return {**_load_image(data, self.image_size), "label": label, "index": i}
+        return {**out, "label": label, "index": i}
 
     def __getstate__(self) -> dict:  # file handles are per process
         return {**self.__dict__, "_handles": {}}

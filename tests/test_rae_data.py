@@ -101,3 +101,19 @@ def test_normalizer_position_and_channel(tmp_path):
 def test_missing_cache_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="cache-rae-latents"):
         LatentDataset(tmp_path)
+
+
+def test_toyworld_poisoned_shard_through_the_cacher(tmp_path, export):
+    """Issue 7's shard (ov3common.toyworld.poison): image defects are skipped with their reason, nothing crashes;
+    its samples carry no class label (multi-object scenes, caption/json defects), so they count as no_label."""
+    from ov3common.toyworld.poison import BAD_KINDS, write_poisoned_shard
+
+    write_poisoned_shard(str(tmp_path / "wds" / "poison-000000.tar"), n_good=6, resolution=32)
+    out = cache(tmp_path / "wds", export, tmp_path / "lat")
+    meta = json.loads((out / "meta.json").read_text())
+    image_reasons = {"truncated", "empty_file", "not_an_image", "bad_aspect", "too_small", "bad_json"}
+    for reason in image_reasons:
+        assert meta["skipped"][reason] == 1, reason
+    unlabelled = len(BAD_KINDS) - len(image_reasons)  # odd modes (decoded fine) and caption defects
+    assert unlabelled <= meta["skipped"]["no_label"] <= unlabelled + 6
+    assert meta["num_samples"] + meta["skipped_total"] == 6 + len(BAD_KINDS)

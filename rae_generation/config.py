@@ -34,6 +34,7 @@ class ModelCfg:
     head_depth: int = -1  # -1 = the size's default (0 = no head)
     head_heads: int = 0
     class_dropout: float = 0.1
+    class_embed_std: float = 0.02  # DiT's init; the toy config uses more (conditioning is learned sooner)
     rope: bool = True
     pos_embed: bool = True
     qk_norm: bool = False
@@ -124,5 +125,6 @@ class SampleConfig:
     seed: int = 0
     device: str = "auto"
     out: str = ""  # default: <run>/samples/samples.npz (+ grid.png beside it)
+    save_tokens: bool = False  # also <stem>_tokens.safetensors (generated tokens, for the token classifier)
     grid_columns: int = 8  # samples per class shown in the grid
     grid_max_classes: int = 64

@@ -47,6 +47,7 @@ class DiTDHConfig:
     head_heads: int = 16
     mlp_ratio: float = 4.0
     class_dropout: float = 0.1
+    class_embed_std: float = 0.02  # init std of the class table (DiT: 0.02; larger = faster conditioning early on)
     rope: bool = True
     rope_theta: float = 10000.0
     pos_embed: bool = True  # fixed 2-D sin-cos added to the trunk input (as RAE)
@@ -95,9 +96,10 @@ class SwiGLU(nn.Module):
         return self.w3(F.silu(a) * b)
 
 
-def rope_2d(grid: int, head_dim: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
-    """cos/sin tables ``[grid², head_dim/2]`` for 2-D RoPE: the first half of the rotated pairs follows the row,
-    the second half the column. ``head_dim`` must be a multiple of 4."""
+def rope_2d(grid: int, head_dim: int, theta: float = 10000.0) -> Tensor:
+    """Rotations ``[grid², head_dim/2, 2]`` (cos, sin) for 2-D RoPE: the first half of the rotated pairs turns with
+    the row, the second half with the column. ``head_dim`` must be a multiple of 4. Stored as real numbers so a
+    ``module.to(dtype)`` cannot drop an imaginary part."""
     if head_dim % 4:
         raise ValueError(f"2-D RoPE needs a head dim divisible by 4, got {head_dim}")
     quarter = head_dim // 4
@@ -105,14 +107,13 @@ def rope_2d(grid: int, head_dim: int, theta: float = 10000.0) -> tuple[Tensor, T
     pos = torch.arange(grid, dtype=torch.float64)
     rows, cols = torch.meshgrid(pos, pos, indexing="ij")
     ang = torch.cat([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], dim=-1)
-    return ang.cos().float(), ang.sin().float()
+    return torch.stack([ang.cos(), ang.sin()], dim=-1).float()
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate consecutive pairs of ``x [B, H, N, Dh]`` by the angles of ``cos/sin [N, Dh/2]``."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
-    return out.type_as(x)
+def apply_rope(x: Tensor, rot: Tensor) -> Tensor:
+    """Rotate consecutive pairs of ``x [B, H, N, Dh]`` by ``rot [N, Dh/2, 2]`` (one complex product)."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(xc * torch.view_as_complex(rot.float().contiguous())).flatten(-2).type_as(x)
 
 
 def sincos_2d(dim: int, grid: int) -> Tensor:
@@ -139,18 +140,19 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor | None) -> Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale) + shift
+    """``x·(1 + scale) + shift`` (adaLN)."""
+    return torch.addcmul(shift, x, 1 + scale)
 
 
 class Block(nn.Module):
@@ -164,13 +166,13 @@ class Block(nn.Module):
         self.mlp = SwiGLU(dim, int(2 / 3 * mlp_ratio * dim))
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x: Tensor, c: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, rope: Tensor | None) -> Tensor:
         mod = self.ada(c)
         if mod.ndim == 2:
             mod = mod.unsqueeze(1)
         sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, dim=-1)
-        x = x + g1 * self.attn(modulate(self.norm1(x), sh1, sc1), rope)
-        return x + g2 * self.mlp(modulate(self.norm2(x), sh2, sc2))
+        x = torch.addcmul(x, g1, self.attn(modulate(self.norm1(x), sh1, sc1), rope))
+        return torch.addcmul(x, g2, self.mlp(modulate(self.norm2(x), sh2, sc2)))
 
 
 class FinalLayer(nn.Module):
@@ -221,13 +223,11 @@ class DiTDH(nn.Module):
         self.final = FinalLayer(hw, c)
         n = cfg.grid * cfg.grid
         self.register_buffer("pos", sincos_2d(w, cfg.grid) if cfg.pos_embed else torch.zeros(n, w), persistent=False)
-        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
-        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
-        self.register_buffer("head_rope_cos", torch.empty(0), persistent=False)
-        self.register_buffer("head_rope_sin", torch.empty(0), persistent=False)
-        if cfg.rope:
-            self.rope_cos, self.rope_sin = rope_2d(cfg.grid, w // cfg.heads, cfg.rope_theta)
-            self.head_rope_cos, self.head_rope_sin = rope_2d(cfg.grid, hw // cfg.head_heads, cfg.rope_theta)
+        empty = torch.empty(0)
+        self.register_buffer("rope", rope_2d(cfg.grid, w // cfg.heads, cfg.rope_theta) if cfg.rope else empty,
+                             persistent=False)
+        self.register_buffer("head_rope", rope_2d(cfg.grid, hw // cfg.head_heads, cfg.rope_theta) if cfg.rope
+                             else empty, persistent=False)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -236,7 +236,7 @@ class DiTDH(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        nn.init.normal_(self.y_embed.weight, std=0.02)
+        nn.init.normal_(self.y_embed.weight, std=self.cfg.class_embed_std)
         for lin in self.t_embed.mlp[0], self.t_embed.mlp[2]:
             nn.init.normal_(lin.weight, std=0.02)
         for blk in (*self.blocks, *self.head_blocks, self.final):
@@ -267,13 +267,13 @@ class DiTDH(nn.Module):
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
         temb = self.t_embed(t)
         c = temb + self.y_embed(self.drop_labels(y))
-        rope = (self.rope_cos, self.rope_sin) if self.cfg.rope else None
+        rope = self.rope if self.cfg.rope else None
         s = self.x_embed(x) + self.pos.to(x.dtype)
         for blk in self.blocks:
             s = self._run(blk, s, c, rope)
         hc = self.head_cond(s + temb.unsqueeze(1))  # per-token condition for the head (DDT)
         h = self.head_x_embed(x)
-        head_rope = (self.head_rope_cos, self.head_rope_sin) if self.cfg.rope else None
+        head_rope = self.head_rope if self.cfg.rope else None
         for blk in self.head_blocks:
             h = self._run(blk, h, hc, head_rope)
         return self.final(h, hc)

@@ -24,7 +24,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ov3common.checkpoint import CheckpointManager, atomic_write, atomic_write_json, load_safetensors
+from ov3common.checkpoint import (
+    CheckpointManager,
+    atomic_write,
+    atomic_write_json,
+    load_safetensors,
+    save_safetensors,
+)
 from ov3common.config import parse_cli, save_config
 from ov3common.images import save_image_grid, to_uint8
 from ov3common.log import get_logger, progress
@@ -212,12 +218,18 @@ def main(argv=None) -> None:
     out = Path(cfg.out or Path(cfg.run) / "samples" / "samples.npz")
     out.parent.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out.with_suffix(".yaml"))
-    images = []
+    images, tokens = [], []
     for i in progress(range(0, len(labels), cfg.batch_size), desc="sample"):
-        images.append(gen.sample(labels[i:i + cfg.batch_size], g.steps, g.cfg_scale, cfg.seed, g.method,
-                                 tuple(g.interval), cfg.batch_size, offset=i))
+        z = gen.sample_latents(labels[i:i + cfg.batch_size], g.steps, g.cfg_scale, cfg.seed, g.method,
+                               tuple(g.interval), cfg.batch_size, offset=i)
+        images.append(gen.decode(z, cfg.batch_size))
+        if cfg.save_tokens:
+            tokens.append(z)
     imgs = torch.cat(images)
     write_npz(out, imgs, labels)
+    if cfg.save_tokens:
+        save_safetensors(out.with_name(out.stem + "_tokens.safetensors"), {"tokens": torch.cat(tokens),
+                                                                          "labels": labels})
     grid = out.with_name(out.stem + "_grid.png")
     class_grid(imgs, labels, gen.class_names, grid, cfg.grid_columns, cfg.grid_max_classes)
     atomic_write_json(out.with_name(out.stem + "_info.json"), {

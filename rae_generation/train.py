@@ -64,7 +64,8 @@ def model_config(cfg, in_dim: int, grid: int, num_classes: int) -> DiTDHConfig:
     if m.head_depth >= 0:
         over["head_depth"] = m.head_depth
     return dit_config(m.size, in_dim=in_dim, grid=grid, num_classes=num_classes, class_dropout=m.class_dropout,
-                      rope=m.rope, pos_embed=m.pos_embed, qk_norm=m.qk_norm, grad_ckpt=m.grad_ckpt, **over)
+                      class_embed_std=m.class_embed_std, rope=m.rope, pos_embed=m.pos_embed, qk_norm=m.qk_norm,
+                      grad_ckpt=m.grad_ckpt, **over)
 
 
 def _identity(batch):

@@ -53,10 +53,10 @@ def test_class_dropout_only_in_training():
 
 
 def test_rope_is_a_relative_rotation():
-    cos, sin = rope_2d(grid=4, head_dim=8)
+    rot = rope_2d(grid=4, head_dim=8)
     q = torch.randn(1, 1, 1, 8).expand(1, 1, 16, 8)
     k = torch.randn(1, 1, 1, 8).expand(1, 1, 16, 8)
-    rq, rk = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    rq, rk = apply_rope(q, rot), apply_rope(k, rot)
     torch.testing.assert_close(rq.norm(dim=-1), q.norm(dim=-1))  # a rotation
     dots = (rq[0, 0] @ rk[0, 0].T).reshape(4, 4, 4, 4)  # [r1, c1, r2, c2]
     torch.testing.assert_close(dots[0, 0, 1, 2], dots[2, 1, 3, 3])  # same (dr, dc) offset, same score

@@ -79,3 +79,18 @@ def test_npz_layout_is_checked(tmp_path):
         assert f["arr_0"].shape == (2, 8, 8, 3) and f["arr_0"][0, 0, 0, 0] == 128 and f["arr_1"].tolist() == [1, 0]
     with pytest.raises(ValueError, match="npz"):
         write_npz(tmp_path / "b.npz", torch.zeros(2, 3, 8, 8), torch.tensor([1]))
+
+
+def test_class_accuracy_of_samples_pixels_and_tokens(run, tmp_path):
+    from rae_generation.classify import main as classify
+
+    root = run.parent
+    out = tmp_path / "samples.npz"
+    main([f"run={run}", f"out={out}", "per_class=2", "guidance.steps=2", "device=cpu", "save_tokens=true"])
+    res = classify([f"train={root / 'imgs'}", f"val={root / 'imgs'}", f"latents={root / 'lat'}",
+                    f"encoder={root / 'export'}", f"npz={out}", f"out={tmp_path / 'clf'}", "image_size=32",
+                    "epochs=8", "token_epochs=2", "batch_size=8", "lr=3e-3"])
+    assert res["pixels"]["val_accuracy_real"] > 0.9  # 3 colours: an easy task for the pixel CNN
+    assert 0 <= res["pixels"]["val_accuracy_reconstructed"] <= 1 and 0 <= res["pixels"]["sample_accuracy"] <= 1
+    assert 0 <= res["tokens"]["sample_accuracy"] <= 1 and res["num_samples"] == 6
+    assert (tmp_path / "samples_class_accuracy.json").is_file()

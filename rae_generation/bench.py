@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ov3common.config import parse_cli, path_field
-from ov3common.log import get_logger
+from ov3common.log import count_flops, get_logger
 from rae_generation.models import DiTDH, DiTDHConfig, count_params, dit_config
 
 log = get_logger("rae.bench")
@@ -105,16 +105,19 @@ def main(argv=None) -> dict:
     bf16 = cfg.precision == "bf16"
     ours = DiTDH(mcfg).to(device).train()
     ref = diffusers_reference(mcfg).to(device).train()
-    t_ours = time_steps(train_step_fn(ours, "ditdh", mcfg, cfg.batch_size, device, bf16), cfg.iters, cfg.warmup,
-                        device)
-    t_ref = time_steps(train_step_fn(ref, "diffusers", mcfg, cfg.batch_size, device, bf16), cfg.iters, cfg.warmup,
-                       device)
+    step_ours = train_step_fn(ours, "ditdh", mcfg, cfg.batch_size, device, bf16)
+    step_ref = train_step_fn(ref, "diffusers", mcfg, cfg.batch_size, device, bf16)
+    f_ours, f_ref = count_flops(step_ours), count_flops(step_ref)
+    t_ours = time_steps(step_ours, cfg.iters, cfg.warmup, device)
+    t_ref = time_steps(step_ref, cfg.iters, cfg.warmup, device)
     result = {"device": str(device), "precision": cfg.precision, "batch_size": cfg.batch_size,
               "tokens": mcfg.grid**2, "channels": mcfg.in_dim,
               "ditdh": {"params_M": count_params(ours) / 1e6, "trunk": [mcfg.depth, mcfg.width],
-                        "head": [mcfg.head_depth, mcfg.head_width], "step_s": t_ours},
+                        "head": [mcfg.head_depth, mcfg.head_width], "step_s": t_ours, "step_gflop": f_ours / 1e9,
+                        "gflop_per_s": f_ours / t_ours / 1e9},
               "diffusers_dit": {"params_M": count_params(ref) / 1e6, "depth": mcfg.depth + mcfg.head_depth,
-                                "width": mcfg.width, "step_s": t_ref},
+                                "width": mcfg.width, "step_s": t_ref, "step_gflop": f_ref / 1e9,
+                                "gflop_per_s": f_ref / t_ref / 1e9},
               "step_time_ratio_ditdh_over_diffusers": t_ours / t_ref}
     del ref
     if cfg.run:
@@ -137,6 +140,9 @@ def main(argv=None) -> dict:
           f"{mcfg.depth + mcfg.head_depth}x{mcfg.width} ({result['diffusers_dit']['params_M']:.2f}M): "
           f"{t_ref * 1e3:.1f} ms/step | ratio {t_ours / t_ref:.2f}  [{device}, batch {cfg.batch_size}, "
           f"{mcfg.grid**2} tokens x {mcfg.in_dim}, {cfg.precision}]")
+    print(f"matmul work per step: DiT-DH {f_ours / 1e9:.2f} GFLOP ({f_ours / t_ours / 1e9:.1f} GFLOP/s), diffusers DiT "
+          f"{f_ref / 1e9:.2f} GFLOP ({f_ref / t_ref / 1e9:.1f} GFLOP/s): the time ratio over the work ratio is "
+          f"{(t_ours / t_ref) / (f_ours / f_ref):.2f}")
     if "sampling" in result:
         s = result["sampling"]
         print(f"sampling: {s['images_per_s']:.1f} images/s ({s['steps']} Euler steps, cfg {s['cfg_scale']}, "

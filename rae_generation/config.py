@@ -82,6 +82,7 @@ class TrainCfg:
     max_bad_steps: int = 5  # consecutive NaN/Inf steps that stop the run
     dist: str = "ddp"  # none | ddp
     device: str = "auto"
+    threads: int = 0  # CPU threads per process (torch.set_num_threads); 0 = torch's default
     inject_nan_steps: list[int] = field(default_factory=list)  # tests only: force a NaN loss at these steps
     record_indices: bool = False  # tests only: write each step's sample indices to indices.jsonl
 

@@ -230,7 +230,8 @@ def train(cfg, info: D.DistInfo) -> Path:
             sched.step()
             if tc.record_indices:
                 with open(out / f"indices_rank{info.rank}.jsonl", "a") as f:
-                    f.write(json.dumps({"step": step, "epoch": epoch, "index": batch["index"].tolist()}) + "\n")
+                    seen = batch.get("seen", batch["index"])  # on the fly: skipped samples count as consumed
+                    f.write(json.dumps({"step": step, "epoch": epoch, "index": seen.tolist()}) + "\n")
             step += 1
             consumed += per_rank
             rate = speed.update(x.shape[0] * info.world_size, time.perf_counter() - t0)
@@ -258,6 +259,8 @@ def train(cfg, info: D.DistInfo) -> Path:
 def main(argv=None) -> None:
     cfg = parse_cli(RAETrainConfig, argv, default_config="configs/rae/toy.yaml")
     info = D.init_distributed(cfg.train.device)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
     try:
         train(cfg, info)
     except TrainingDiverged as e:

@@ -119,3 +119,52 @@ def test_exact_resume_after_sigkill(latents, tmp_path):
     for epoch in (0, 1):  # 64 samples, batch 8: each epoch sees every sample exactly once
         seen = [i for s, (e, idx) in ib.items() if e == epoch for i in idx]
         assert sorted(seen) == list(range(64))
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_shard_the_data_and_resume(latents, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+
+    def launch(steps: int) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "rae_generation.train", "--config", "configs/rae/toy.yaml",
+               *overrides(latents, out, **{"train.steps": steps, "train.ckpt_every": 3, "train.batch_size": 16,
+                                           "train.record_indices": True})]
+        res = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+    launch(3)
+    launch(6)  # resumes from step 3 under DDP
+    r0, r1 = _indices(out), _indices_rank(out, 1)
+    assert sorted(r0) == sorted(r1) == list(range(6))
+    for s in range(4):  # 64 samples, 2 ranks x 8 per step: steps 0-3 are epoch 0, disjoint across ranks
+        assert not set(r0[s][1]) & set(r1[s][1])
+    seen = [i for s in range(4) for i in r0[s][1] + r1[s][1]]
+    assert sorted(seen) == list(range(64))
+    assert Path(CheckpointManager(out / "checkpoints").latest()).name == "step_00000006"
+
+
+def _indices_rank(out: Path, rank: int) -> dict[int, tuple[int, list[int]]]:
+    return {r["step"]: (r["epoch"], r["index"]) for r in read_jsonl(out / f"indices_rank{rank}.jsonl")}
+
+
+def test_on_the_fly_encoding_of_a_poisoned_folder(latents, tmp_path):
+    from rae_generation.data import ImageFolderSource
+    from rae_generation.testing import bad_images, make_poisoned_folder
+
+    root, _ = make_poisoned_folder(tmp_path / "poison", size=32, good_per_class=6)
+    enc = Path(latents).parent / "export"
+    out = run_inprocess("''", tmp_path / "run", **{"data.images": root, "data.encoder": enc, "train.steps": 5,
+                                                    "train.batch_size": 4, "data.stats_samples": 64, "data.image_size": 32,
+                                                    "train.record_indices": True})
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert len(rows) == 5 and all(isinstance(r["loss"], float) for r in rows)
+    files = ImageFolderSource(root, 32).files
+    reasons = {f"bad_{k}": r for k, (_, r) in bad_images(32).items()}
+    seen = [i for _, (_, idx) in _indices(out).items() for i in idx]
+    expect = sum(1 for i in seen if reasons.get(files[i][0].name))
+    state, _ = CheckpointManager(out / "checkpoints").load()
+    assert expect > 0 and sum(state["train"]["skips"]["skipped"].values()) == expect  # skipped, counted per reason

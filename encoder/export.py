@@ -39,7 +39,7 @@ class FrozenEncoder(nn.Module):
     All methods run without grad; the module is always in eval mode.
     """
 
-    def __init__(self, vit: LatentViT, decoder: ViTDecoder, vae: FrozenVAE, config: dict):
+    def __init__(self, vit: LatentViT, decoder: ViTDecoder | None, vae: FrozenVAE, config: dict):
         super().__init__()
         self.vit, self.decoder, self.vae = vit, decoder, vae
         self.config = config
@@ -95,6 +95,9 @@ class FrozenEncoder(nn.Module):
     @torch.no_grad()
     def decode_latents(self, tokens: Tensor, grid: tuple[int, int] | None = None) -> Tensor:
         """Tokens ``[B,N,D]`` → scaled VAE latents via the ViT decoder (τ = 0: no noise)."""
+        if self.decoder is None:
+            raise RuntimeError("this encoder export has no ViT decoder (e.g. converted from an official OV3 "
+                               "checkpoint, which ships none): decode() is unavailable")
         return self.decoder(tokens.to(self.device, self.dtype), grid)
 
     @torch.no_grad()
@@ -107,7 +110,7 @@ class FrozenEncoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------- writing
-def build_config(vit_cfg: ViTConfig, dec_cfg: DecoderConfig, vae: FrozenVAE, image_size: int, tau: float,
+def build_config(vit_cfg: ViTConfig, dec_cfg: DecoderConfig | None, vae: FrozenVAE, image_size: int, tau: float,
                  vae_path: str = "vae", vae_config: str | None = None, extra: dict | None = None) -> dict:
     grid = image_size // (vae.downsample * vit_cfg.patch_size)
     return {
@@ -115,13 +118,13 @@ def build_config(vit_cfg: ViTConfig, dec_cfg: DecoderConfig, vae: FrozenVAE, ima
         "image_size": image_size, "patch_size": vit_cfg.patch_size, "grid_size": grid,
         "num_tokens": grid * grid, "width": vit_cfg.width, "embed_dim": vit_cfg.embed_dim,
         "latent_size": image_size // vae.downsample, "tau": float(tau),
-        "encoder": vit_cfg.to_dict(), "decoder": dec_cfg.to_dict(),
+        "encoder": vit_cfg.to_dict(), "decoder": dec_cfg.to_dict() if dec_cfg is not None else None,
         "vae": {"path": vae_path, "config": vae_config, **vae.reference()},
         **(extra or {}),
     }
 
 
-def export_encoder(out_dir: str | os.PathLike, vit: LatentViT, decoder: ViTDecoder, vae: FrozenVAE,
+def export_encoder(out_dir: str | os.PathLike, vit: LatentViT, decoder: ViTDecoder | None, vae: FrozenVAE,
                    image_size: int, tau: float, copy_vae: bool = True, vae_source: str | None = None,
                    vae_config: str | None = None, extra: dict | None = None) -> Path:
     """Write the export folder atomically (temp dir + rename). ``copy_vae`` stores the VAE as ``vae/``
@@ -130,13 +133,14 @@ def export_encoder(out_dir: str | os.PathLike, vit: LatentViT, decoder: ViTDecod
     if not copy_vae and not vae_source:
         raise ValueError("export_encoder: copy_vae=False needs vae_source (a local VAE path)")
     vae_path = "vae" if copy_vae else str(Path(vae_source).resolve())
-    cfg = build_config(vit.cfg, decoder.cfg, vae, image_size, tau, vae_path, vae_config if not copy_vae else None,
-                       extra)
+    dec_cfg = decoder.cfg if decoder is not None else None
+    cfg = build_config(vit.cfg, dec_cfg, vae, image_size, tau, vae_path, None if copy_vae else vae_config, extra)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
     try:
         tensors = {f"encoder.{k}": v for k, v in vit.state_dict().items()}
-        tensors.update({f"decoder.{k}": v for k, v in decoder.state_dict().items()})
+        if decoder is not None:
+            tensors.update({f"decoder.{k}": v for k, v in decoder.state_dict().items()})
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
         if copy_vae:
@@ -203,8 +207,51 @@ def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu",
     vae = load_frozen_vae(vae_src, vae_ref.get("config"), vae_ref.get("scaling_factor"),
                           vae_ref.get("shift_factor", 0.0))
     vit = LatentViT(ViTConfig.from_dict(cfg["encoder"]))
-    dec = ViTDecoder(DecoderConfig.from_dict(cfg["decoder"]))
+    dec = ViTDecoder(DecoderConfig.from_dict(cfg["decoder"])) if cfg["decoder"] is not None else None
     sd = load_file(str(w_path))
     _load_strict(vit, _split(sd, "encoder."), "encoder", w_path)
-    _load_strict(dec, _split(sd, "decoder."), "decoder", w_path)
+    if dec is not None:
+        _load_strict(dec, _split(sd, "decoder."), "decoder", w_path)
+    elif _split(sd, "decoder."):
+        raise KeyError(f"{w_path}: has decoder.* weights but config.json says decoder: null")
     return FrozenEncoder(vit, dec, vae, cfg).to(device=device, dtype=dtype)
+
+
+def export_run(run_dir: str | os.PathLike, out_dir: str | None = None, checkpoint: str | None = None) -> Path:
+    """Re-export a training run (its ``config.yaml`` + the latest valid, or the given, checkpoint)."""
+    from encoder.train import Config, build_vae, export_from_state
+    from ov3common.checkpoint import CheckpointManager
+    from ov3common.config import load_config
+
+    run = Path(run_dir)
+    cfg_path = run / "config.yaml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"--run: missing {cfg_path} (not a training run folder?)")
+    cfg = load_config(Config, str(cfg_path))
+    loaded = CheckpointManager(run / "checkpoints").load(checkpoint)
+    if loaded is None:
+        raise FileNotFoundError(f"--run: no valid checkpoint under {run / 'checkpoints'}")
+    return export_from_state(loaded[0]["model"], cfg, build_vae(cfg.vae, "cpu"), out_dir or str(run / "export"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Write a frozen-encoder export folder (DESIGN.md §5).")
+    ap.add_argument("--run", help="training run folder (runs/toy/encoder): export its latest checkpoint")
+    ap.add_argument("--checkpoint", default=None, help="a specific checkpoint folder of that run")
+    ap.add_argument("--random", metavar="OUT", help="write a RANDOM tiny export here (sibling tests)")
+    ap.add_argument("--out", default=None, help="export folder (default <run>/export)")
+    ap.add_argument("--size", default="tiny")
+    ap.add_argument("--image-size", type=int, default=64)
+    a = ap.parse_args(argv)
+    if a.random:
+        print(write_random_export(a.random, a.size, a.image_size))
+    elif a.run:
+        print(export_run(a.run, a.out, a.checkpoint))
+    else:
+        ap.error("give --run RUN_DIR or --random OUT")
+
+
+if __name__ == "__main__":
+    main()

@@ -118,6 +118,14 @@ def sincos_2d(dim: int, h: int, w: int, device=None, dtype=torch.float32) -> Ten
     return emb.to(dtype)
 
 
+def cached_sincos(cache: dict, dim: int, h: int, w: int, device, dtype) -> Tensor:
+    """``sincos_2d`` memoised per module (grid, device, dtype): no recomputation every step."""
+    key = (dim, h, w, str(device), dtype)
+    if key not in cache:
+        cache[key] = sincos_2d(dim, h, w, device=device, dtype=dtype)
+    return cache[key]
+
+
 class QuickGELU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return x * torch.sigmoid(1.702 * x)
@@ -209,6 +217,7 @@ class LatentViT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.grad_checkpointing = False
+        self._pos_cache: dict = {}
         d = cfg.width
         self.patch_embed = nn.Conv2d(cfg.in_channels, d, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.class_token else None
@@ -250,7 +259,7 @@ class LatentViT(nn.Module):
         b, d, gh, gw = x.shape
         x = x.flatten(2).transpose(1, 2)
         if self.pos_embed is None:
-            x = x + sincos_2d(d, gh, gw, device=x.device, dtype=x.dtype)
+            x = x + cached_sincos(self._pos_cache, d, gh, gw, x.device, x.dtype)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(b, -1, -1).to(x.dtype), x], dim=1)
         if self.pos_embed is not None:
@@ -295,6 +304,7 @@ class ViTDecoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.grad_checkpointing = False
+        self._pos_cache: dict = {}
         self.embed = nn.Linear(cfg.in_dim, cfg.width)
         self.blocks = nn.ModuleList(
             Block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.norm_eps) for _ in range(cfg.depth))
@@ -308,7 +318,7 @@ class ViTDecoder(nn.Module):
         if gh * gw != n:
             raise ValueError(f"ViTDecoder: {n} tokens do not form a {gh}x{gw} grid; pass grid=(h, w)")
         x = self.embed(tokens)
-        x = x + sincos_2d(x.shape[-1], gh, gw, device=x.device, dtype=x.dtype)
+        x = x + cached_sincos(self._pos_cache, x.shape[-1], gh, gw, x.device, x.dtype)
         x = run_blocks(self.blocks, x, self.grad_checkpointing)
         x = self.out(self.norm(x))
         p, c = self.cfg.patch_size, self.cfg.out_channels

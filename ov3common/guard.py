@@ -33,7 +33,9 @@ class NonFiniteGuard:
         if isinstance(loss, torch.Tensor):
             flag = (~torch.isfinite(loss.detach().float())).any().float().reshape(1)
             if grads_of is not None:
-                grads = [p.grad for p in grads_of.parameters() if p.grad is not None]
+                # FSDP2 gradients are DTensors: each rank checks its own shard (the flag is all-reduced below)
+                grads = [g.to_local() if hasattr(g, "to_local") else g
+                         for g in (p.grad for p in grads_of.parameters()) if g is not None]
                 if grads:
                     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
                     flag = torch.maximum(flag, (~torch.isfinite(norm)).float().reshape(1))

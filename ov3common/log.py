@@ -39,6 +39,8 @@ def get_logger(name: str) -> logging.Logger:
 def progress(iterable: Iterable | None = None, total: int | None = None, desc: str = "", initial: int = 0, **kw):
     """tqdm on rank 0, silent elsewhere (and when OV3_NO_PROGRESS=1)."""
     disable = _rank() != 0 or os.environ.get("OV3_NO_PROGRESS") == "1"
+    if not sys.stderr.isatty():
+        kw.setdefault("mininterval", 30.0)  # a log file gets a line every 30 s, not one per update
     return tqdm(iterable, total=total, desc=desc, initial=initial, disable=disable, dynamic_ncols=True, **kw)
 
 

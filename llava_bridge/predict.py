@@ -1,0 +1,75 @@
+"""Batch predictions on POPE / SeedBench for ``python -m eval.score`` (LLaVA-1.5's prompts, greedy decoding).
+
+    python -m llava_bridge.predict --model runs/toy/llava/stage2 --benchmark pope \\
+        --data data/toy/pope/pope.jsonl --out runs/toy/llava/pope_predictions.jsonl
+
+Records come from ``eval.benchmarks`` (the one home of the benchmark loaders and prompts); each output line has
+``question_id, answer, prediction, category`` (+ ``choices`` for SeedBench), written by
+``eval.benchmarks.write_predictions``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from llava_bridge.generate import generate_ids
+from llava_bridge.model import load_llava
+from ov3common.log import get_logger, progress
+
+log = get_logger("llava_bridge.predict")
+
+
+def predict(model, tokenizer, records: list[dict], batch_size: int = 32, max_new_tokens: int = 16) -> list[str]:
+    """The model's raw answer text for each record (its ``prompt`` + its image)."""
+    from eval.benchmarks import load_image
+
+    out: list[str] = []
+    bar = progress(total=len(records), desc="predict")
+    for s in range(0, len(records), batch_size):
+        chunk = records[s:s + batch_size]
+        images = [load_image(r["image"]) for r in chunk]
+        ids = generate_ids(model, tokenizer, images, [r["prompt"] for r in chunk], max_new_tokens, len(chunk))
+        out += [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        bar.update(len(chunk))
+    bar.close()
+    return out
+
+
+def load_records(benchmark: str, data: str, image_root: str | None, limit: int | None) -> list[dict]:
+    from eval.benchmarks import load_pope, load_seedbench
+
+    if benchmark == "pope":
+        return load_pope(data, image_root=image_root, limit_per_category=limit)
+    if benchmark == "seedbench":
+        return load_seedbench(data, image_root=image_root, limit_per_category=limit)
+    raise ValueError(f"benchmark must be pope or seedbench, got {benchmark!r}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--benchmark", required=True, choices=("pope", "seedbench"))
+    ap.add_argument("--data", required=True, help="benchmark file/folder (JSONL, parquet, save_to_disk)")
+    ap.add_argument("--out", required=True, help="predictions JSONL for eval.score")
+    ap.add_argument("--image-root", default=None)
+    ap.add_argument("--limit-per-category", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--vision-tower", default=None, help="override mm_vision_tower from config.json")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = ap.parse_args(argv)
+    from eval.benchmarks import write_predictions
+
+    records = load_records(a.benchmark, a.data, a.image_root, a.limit_per_category)
+    model, tok = load_llava(a.model, a.vision_tower, device=a.device)
+    preds = predict(model, tok, records, a.batch_size, a.max_new_tokens)
+    path = write_predictions(records, preds, a.out)
+    log.info("%d %s predictions -> %s", len(preds), a.benchmark, path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Train LLaVA-1.5 with the HF Trainer (+ DeepSpeed): stage 1 (projector), stage 2 (LLM + projector) or LoRA.
+
+    torchrun --nproc_per_node N -m llava_bridge.train --config configs/llava/toy_stage1.yaml [key=value ...]
+
+Resumes by default from the newest complete checkpoint in ``train.output_dir`` (``train.resume=auto``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from llava_bridge.config import LlavaTrainConfig, check_inputs, training_arguments
+from llava_bridge.data import Collator, LlavaDataset
+from llava_bridge.model import MMSettings, attach_vision, load_lm, load_tokenizer
+from llava_bridge.trainer import LlavaTrainer, find_resumable_checkpoint
+from llava_bridge.vision import build_vision_tower
+from ov3common.checkpoint import atomic_write_json
+from ov3common.config import ConfigError, parse_cli, save_config
+from ov3common.guard import TrainingDiverged
+from ov3common.images import SkipStats
+from ov3common.log import MetricLogger, get_logger
+
+log = get_logger("llava_bridge.train")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def lora_targets(model) -> list[str]:
+    """Names of every Linear in the LLM except the projector and the LM head (LLaVA's find_all_linear_names)."""
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and "mm_projector" not in name and "lm_head" not in name:
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def set_trainable(model, cfg):
+    """Freeze per ``train.tune``; returns the (possibly peft-wrapped) model."""
+    tune = cfg.train.tune
+    if tune == "projector":
+        model.requires_grad_(False)
+        model.model.mm_projector.requires_grad_(True)
+    elif tune == "full":
+        model.requires_grad_(True)
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        lcfg = LoraConfig(r=cfg.train.lora_r, lora_alpha=cfg.train.lora_alpha, lora_dropout=cfg.train.lora_dropout,
+                          target_modules=lora_targets(model), bias="none", task_type="CAUSAL_LM")
+        model = get_peft_model(model, lcfg)
+        model.get_base_model().model.mm_projector.requires_grad_(True)
+    return model
+
+
+class _MetricsCallback:
+    """Mirror the Trainer's logs into ``output_dir/metrics.jsonl`` (ov3common.log.MetricLogger)."""
+
+    def __init__(self, out_dir: str):
+        from transformers import TrainerCallback
+
+        logger = MetricLogger(out_dir)
+
+        class CB(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kw):
+                if logs:
+                    logger.log(state.global_step, {k: v for k, v in logs.items() if isinstance(v, int | float)})
+
+        self.callback = CB()
+
+
+def build(cfg):
+    """(trainer, resume checkpoint) for a parsed config; the TrainingArguments exist before the LM is loaded."""
+    check_inputs(cfg)
+    use_cpu = cfg.train.use_cpu or not torch.cuda.is_available()
+    if cfg.train.deepspeed:  # DeepSpeed's own comm must exist before ZeRO-3 partitioned loading (gloo on CPU)
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo" if use_cpu else "nccl")
+    args = training_arguments(cfg, use_cpu)
+    from transformers import set_seed
+
+    set_seed(args.seed)
+    m = cfg.model
+    tower = build_vision_tower(m.vision_tower, m.select_layer, m.select_feature, m.image_aspect_ratio)
+    model = load_lm(m.llm, DTYPES[m.dtype], m.attn_implementation)
+    model.config.use_cache = False
+    tokenizer = load_tokenizer(m.llm, m.model_max_length)
+    mm = MMSettings(m.vision_tower, m.select_layer, m.select_feature, m.projector_type, m.image_aspect_ratio,
+                    m.model_max_length, m.template)
+    attach_vision(model, tower, mm, m.pretrain_projector or None)
+    model = set_trainable(model, cfg)
+    stats = SkipStats()
+    ds = LlavaDataset(cfg.data.train, cfg.data.image_root or None, tokenizer, m.template, tower.processor,
+                      m.model_max_length, tower.num_tokens, stats, cfg.data.shard_caption)
+    if cfg.data.max_samples:
+        ds.items = ds.items[: cfg.data.max_samples]
+    if stats.total():
+        log.warning("dropped %d records while building the dataset: %s", stats.total(), stats.as_dict()["skipped"])
+    extra = {"llm_path": str(Path(m.llm).resolve()), "conv_template": m.template}
+    trainer = LlavaTrainer(
+        model=model, args=args, train_dataset=ds, data_collator=Collator(tokenizer.pad_token_id),
+        processing_class=tokenizer, tune=cfg.train.tune, mm_projector_lr=cfg.train.mm_projector_lr,
+        max_bad_steps=cfg.train.max_bad_steps, skip_stats=stats, extra_config=extra,
+        modality_lengths=ds.modality_lengths if cfg.data.group_by_modality_length else None,
+        callbacks=[_MetricsCallback(cfg.train.output_dir).callback],
+        sample_log=str(Path(cfg.train.output_dir) / "samples.jsonl") if cfg.train.log_samples else None)
+    resume = None
+    if cfg.train.resume == "auto":
+        resume = find_resumable_checkpoint(cfg.train.output_dir, quarantine=args.process_index == 0)
+    elif cfg.train.resume != "none":
+        resume = cfg.train.resume
+        if not Path(resume).is_dir():
+            raise ConfigError(f"train.resume: checkpoint folder does not exist: {resume}")
+    return trainer, resume
+
+
+def main(argv=None) -> int:
+    cfg = parse_cli(LlavaTrainConfig, argv, description=__doc__)
+    trainer, resume = build(cfg)
+    out = Path(cfg.train.output_dir)
+    if trainer.args.process_index == 0:
+        save_config(cfg, out / "train_config.yaml")
+    if resume:
+        log.info("resuming from %s", resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except TrainingDiverged as e:
+        log.error("%s", e)
+        return 3
+    trainer.save_model(str(out))
+    report = trainer.skip_report()
+    if trainer.args.process_index == 0:
+        atomic_write_json(out / "skip_stats.json", report)
+        log.info("skipped samples: %s; converted to RGB: %s; non-finite loss steps: %d; saved to %s",
+                 report["skipped"], report["converted"], report["nonfinite_loss_steps"], out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Export CLI from a training run, ablation planning/table, bench smoke (tiny sizes)."""
+
+import json
+
+import pytest
+import torch
+
+from encoder.ablate import AblateConfig, canonical, plan, table
+from tests.test_encoder_train import TINY, stages, toy_root  # noqa: F401 (session fixture)
+
+
+def test_export_cli_from_run_and_random(toy_root, tmp_path):  # noqa: F811
+    from encoder.export import load_encoder, main
+    from encoder.train import Config, train
+    from ov3common.config import load_config
+
+    run = tmp_path / "run"
+    train(load_config(Config, "configs/encoder/toy.yaml",
+                      [f"out_dir={run}", f"data.root={toy_root}", *TINY, stages((16, 2, 8)), "export_dir=none"]))
+    assert not (run / "export").exists()
+    main(["--run", str(run), "--out", str(tmp_path / "exp")])
+    enc = load_encoder(tmp_path / "exp")
+    assert enc.image_size == 16 and enc.config["trained_config"]["model"]["size"] == "tiny"
+    main(["--random", str(tmp_path / "rnd"), "--image-size", "32"])
+    assert load_encoder(tmp_path / "rnd").num_tokens == 4
+    with pytest.raises(FileNotFoundError, match="config.yaml"):
+        main(["--run", str(tmp_path / "nothing")])
+
+
+def test_ablation_plan_dedupes_and_table():
+    cfg = AblateConfig()
+    runs = plan(cfg)
+    assert len(runs) == 11
+    keys = {canonical(ov, 0.8, 2.0) for _, _, ov in runs}
+    assert len(keys) == 9  # tau=0.8, und/rec=2 and "both" are the same run
+    md = table([{"group": "tau", "label": "tau=0", "psnr": 20.0, "r1": 0.5,
+                 "losses": {"caption": 1.0, "contrastive": 2.0, "pixel_l1": 0.1, "latent_l1": 0.4}}])
+    assert "| tau | tau=0 | 20.00 | 0.500 | 1.0000 | 2.0000 | 0.1000 | 0.4000 |" in md
+    with pytest.raises(ValueError, match="branches"):
+        plan(AblateConfig(branches=["nope"]))
+
+
+def test_bench_smoke(tmp_path):
+    from encoder.bench import main
+
+    threads = torch.get_num_threads()
+    try:
+        res = main(["size=tiny", "resolution=32", "batch=2", "warmup=1", "iters=1", "vae_resolution=16",
+                    "lpips=false", "threads=1", f"out={tmp_path / 'b.json'}"])
+    finally:
+        torch.set_num_threads(threads)
+    assert res["vit"]["ratio_ours_over_timm"] > 0 and 0 < res["vit"]["mfu"] < 1
+    assert res["vit"]["params_ours"] == pytest.approx(res["vit"]["params_timm"], rel=0.05)
+    assert res["latent_cache"]["speedup_cached"] > 0
+    assert json.loads((tmp_path / "b.json").read_text())["vit"]["size"] == "tiny"

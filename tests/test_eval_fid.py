@@ -1,0 +1,178 @@
+"""FID: weight conversion check, self-FID ~ 0, Gaussian closed form, ADM npz reading, statistics cache."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from PIL import Image
+
+from eval import fid as F
+from eval import inception as I
+
+
+@pytest.fixture(scope="session")
+def weights(request) -> Path:
+    """Converted Inception weights, built once and kept in pytest's cache dir between runs."""
+    path = Path(request.config.cache.mkdir("eval_inception")) / "inception.pth"
+    if not path.is_file() or not I.weights_note(path).get("check", {}).get("passed"):
+        I.build_fid_weights(path, n_check=2)
+    return path
+
+
+@pytest.fixture(scope="session")
+def image_dirs(tmp_path_factory):
+    """Two small folders of different-looking images (sizes vary within a folder)."""
+    root = tmp_path_factory.mktemp("fid_images")
+    g = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (root / name).mkdir()
+        for i in range(6):
+            size = 32 if i % 2 else 40
+            if name == "a":
+                arr = (g.uniform(0, 1, (size, size, 3)) * 255).astype(np.uint8)
+            else:
+                arr = np.zeros((size, size, 3), np.uint8)
+                arr[:, : size // 2, i % 3] = 50 + 20 * i
+            Image.fromarray(arr).save(root / name / f"{i:02d}.png")
+    return root / "a", root / "b"
+
+
+def test_build_weights_reproduces_torchscript_features(tmp_path):
+    report = I.build_fid_weights(tmp_path / "w.pth", n_check=2)
+    assert report["check"]["passed"] and report["check"]["max_rel_diff"] < 1e-4
+    assert report["has_logits"] is False
+    assert I.weights_note(tmp_path / "w.pth")["check"]["n_images"] == 2
+    assert not F.has_logits(tmp_path / "w.pth")
+
+
+def test_convert_state_dict_rejects_wrong_source():
+    sd = I.load_torchscript(I.find_fid_helper_model()).state_dict()
+    full = I.convert_state_dict(sd)
+    assert full["fc.weight"].shape == (1008, 2048) and float(full["fc.weight"].abs().sum()) == 0
+    missing = {k: v for k, v in sd.items() if not k.startswith("net.layers.mixed_10.conv.")}
+    with pytest.raises(I.FidWeightsError, match="mixed_10.conv"):
+        I.convert_state_dict(missing)
+    with pytest.raises(I.FidWeightsError, match="does not use"):
+        I.convert_state_dict({**sd, "net.extra.weight": torch.zeros(1)})
+
+
+def _closed_form(mu1, s1, mu2, s2):
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+@pytest.mark.parametrize("dim", [1, 4, 32])
+def test_frechet_distance_equals_gaussian_closed_form(dim):
+    g = np.random.default_rng(dim)
+    a, b = g.normal(size=(dim, dim)), g.normal(size=(dim, dim))
+    s1, s2 = a @ a.T + 0.1 * np.eye(dim), b @ b.T + 0.1 * np.eye(dim)
+    mu1, mu2 = g.normal(size=dim), g.normal(size=dim)
+    assert F.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(_closed_form(mu1, s1, mu2, s2), rel=1e-6)
+    # diagonal covariances: sum (sqrt(s1) - sqrt(s2))^2 + |mu1 - mu2|^2
+    d1, d2 = g.uniform(0.1, 2, dim), g.uniform(0.1, 2, dim)
+    exact = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(d1) - np.sqrt(d2)) ** 2).sum()
+    assert F.frechet_distance(mu1, np.diag(d1), mu2, np.diag(d2)) == pytest.approx(exact, rel=1e-9)
+    assert F.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_frechet_distance_parity_with_torch_fidelity_and_low_rank_path():
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+
+    g = np.random.default_rng(1)
+    f1 = g.normal(size=(20, 64)) * g.uniform(0.5, 2, 64)  # N < D: singular covariance
+    f2 = g.normal(size=(300, 64)) + 0.3
+    mu1, s1 = F.gaussian_stats(f1)
+    mu2, s2 = F.gaussian_stats(f2)
+    ref = fid_statistics_to_metric({"mu": mu1, "sigma": s1}, {"mu": mu2, "sigma": s2}, False)
+    ref = ref["frechet_inception_distance"]
+    assert F.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(ref, rel=1e-8)
+    assert F.frechet_distance(mu1, s1, mu2, s2, features1=f1) == pytest.approx(ref, rel=1e-6)
+    assert F.frechet_distance(mu2, s2, mu1, s1) == pytest.approx(ref, rel=1e-8)
+    assert F.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(_closed_form(mu1, s1, mu2, s2), rel=1e-6)
+    with pytest.raises(F.FidInputError, match="shapes differ"):
+        F.frechet_distance(mu1, s1, mu2[:3], s2[:3, :3])
+
+
+def test_gaussian_samples_statistics():
+    g = np.random.default_rng(0)
+    x = g.normal(size=(20000, 3)) * [1.0, 2.0, 0.5] + [1, 0, -1]
+    mu, sigma = F.gaussian_stats(x.astype(np.float32))
+    assert np.allclose(mu, [1, 0, -1], atol=0.05) and np.allclose(np.diag(sigma), [1, 4, 0.25], rtol=0.05)
+    with pytest.raises(F.FidInputError, match="at least 2"):
+        F.gaussian_stats(x[:1])
+
+
+def test_fid_of_a_set_against_itself_is_zero(weights, image_dirs, tmp_path):
+    a, b = image_dirs
+    r = F.compute_metrics(a, a, weights, cache_dir=tmp_path / "cache", kid_subsets=5)
+    assert abs(r["fid"]) < 1e-2
+    assert r["precision"] == 1.0 and r["recall"] == 1.0
+    assert r["is_mean"] is None and "logits" in r["is_unavailable"]
+    assert r["n_fake"] == r["n_real"] == 6 and any("< 2048" in n for n in r["notes"])
+    other = F.compute_metrics(b, a, weights, cache_dir=tmp_path / "cache", kid_subsets=5)
+    assert other["real_stats"] == "cache" and other["fid"] > 50 and other["kid_mean"] > r["kid_mean"]
+
+
+def test_adm_npz_reading(weights, image_dirs, tmp_path):
+    a, _ = image_dirs
+    imgs = np.stack([np.asarray(Image.open(p).convert("RGB").resize((32, 32))) for p in F.list_images(a)[:4]])
+    feats = F.extract(imgs, weights)["2048"]
+    mu, sigma = F.gaussian_stats(feats)
+    ref = tmp_path / "VIRTUAL_ref.npz"
+    np.savez(ref, arr_0=imgs, mu=mu, sigma=sigma)
+    stats_only = tmp_path / "stats.npz"
+    np.savez(stats_only, mu=mu + 1.0, sigma=sigma)
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, arr_0=imgs)
+    r = F.compute_metrics(samples, ref, weights, kid_subsets=5)
+    assert r["real_stats"] == "npz mu/sigma" and abs(r["fid"]) < 1e-2 and r["kid_mean"] is not None
+    r2 = F.compute_metrics(samples, stats_only, weights)
+    assert r2["fid"] == pytest.approx(2048.0, rel=1e-3)  # mean shifted by 1 in each of 2048 dims
+    assert r2["kid_mean"] is None and r2["precision"] is None
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, arr_0=imgs.astype(np.float32))
+    with pytest.raises(F.FidInputError, match="uint8 NHWC"):
+        F.read_npz(bad)
+    np.savez(bad, mu=mu)
+    with pytest.raises(F.FidInputError, match="only one of mu / sigma"):
+        F.read_npz(bad)
+    np.savez(bad, other=mu)
+    with pytest.raises(F.FidInputError, match="none of arr_0"):
+        F.read_npz(bad)
+
+
+def test_cache_key_follows_files_and_weights(weights, image_dirs, tmp_path):
+    a, _ = image_dirs
+    files = F.list_images(a)
+    k1 = F.input_key(a, weights)
+    assert k1 == F.input_key(a, weights) and F.input_key(files, weights) == F.input_key(files, weights)
+    other_w = tmp_path / "w2.pth"
+    other_w.write_bytes(b"different")
+    assert F.input_key(a, other_w) != k1
+    assert F.input_key(files[:-1], weights) != F.input_key(files, weights)
+    arr = np.zeros((2, 8, 8, 3), np.uint8)
+    k_arr = F.input_key(arr, weights)
+    arr[0, 0, 0, 0] = 1
+    assert F.input_key(arr, weights) != k_arr
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert F.main(["--fake", str(tmp_path / "nope"), "--real", str(tmp_path), "--weights",
+                   str(tmp_path / "w.pth")]) == 2
+    assert "make fid-weights" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(F.FidInputError, match="no images"):
+        F.list_images(tmp_path / "empty")
+
+
+def test_inception_score_only_with_classifier_weights(weights, tmp_path):
+    sd = torch.load(weights, map_location="cpu", weights_only=True)
+    sd["fc.weight"] = torch.randn(1008, 2048, generator=torch.Generator().manual_seed(0)) * 0.05
+    with_fc = tmp_path / "with_fc.pth"
+    torch.save(sd, with_fc)  # no check note: has_logits falls back to a non-zero fc
+    assert F.has_logits(with_fc) and not F.has_logits(weights)
+    imgs = (np.random.default_rng(0).uniform(0, 255, (4, 24, 24, 3))).astype(np.uint8)
+    r = F.compute_metrics(imgs, imgs.copy(), with_fc, kid=False, prc=False)
+    assert r["is_mean"] >= 1.0 and "is_unavailable" not in r and abs(r["fid"]) < 1e-2

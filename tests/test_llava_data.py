@@ -1,0 +1,53 @@
+"""Data: the modality-grouped sampler, truncation that counts image tokens, the collator."""
+
+import json
+
+import torch
+
+from llava_bridge import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava_bridge.data import Collator, LlavaDataset
+from llava_bridge.sampler import ModalityLengthGroupedSampler
+from llava_bridge.vision import build_processor
+from tests.llava_fixtures import *  # noqa: F403 (pytest fixtures)
+
+
+def test_modality_grouped_sampler():
+    lengths = [10 + i if i % 3 else -(5 + i) for i in range(50)]  # 1/3 text-only
+    s = ModalityLengthGroupedSampler(lengths, batch_size=4, world_size=2, seed=3)
+    order = list(s)
+    assert sorted(order) == list(range(50))  # every sample once per epoch
+    full = len(order) - len(order) % 8
+    megabatches = [order[i:i + 8] for i in range(0, full, 8)]
+    for mb in megabatches[:-1]:  # the last one may hold the leftovers of both modalities
+        signs = {lengths[i] > 0 for i in mb}
+        assert len(signs) == 1
+        assert [abs(lengths[i]) for i in mb] == sorted((abs(lengths[i]) for i in mb), reverse=True)
+    assert list(s) == order  # a function of (seed, epoch)
+    s.set_epoch(1)
+    assert list(s) != order and sorted(s) == list(range(50))
+
+
+def test_truncation_counts_image_tokens(llava_world, word_tokenizer, tmp_path):
+    rec = [{"id": "long", "image": "img0.png", "conversations": [
+        {"from": "human", "value": "<image>\nDescribe the image."},
+        {"from": "gpt", "value": " ".join(["red circle"] * 40)}]}]
+    (tmp_path / "d.json").write_text(json.dumps(rec))
+    ds = LlavaDataset([str(tmp_path / "d.json")], str(llava_world["images"]), word_tokenizer, "vicuna_v1",
+                      build_processor(llava_world["enc"]), max_length=64, num_image_tokens=4)
+    item = ds[0]
+    assert len(item["input_ids"]) == 64 - 3  # + 4 image positions - 1 placeholder = 64 after the splice
+    assert (item["input_ids"] == IMAGE_TOKEN_INDEX).sum() == 1
+    assert item["image"].shape == (3, 32, 32) and item["image"].min() >= -1 and item["image"].max() <= 1
+
+
+def test_collator_pads_and_stacks():
+    samples = [{"id": "a", "input_ids": torch.tensor([1, IMAGE_TOKEN_INDEX, 5]), "labels": torch.tensor([-100, -100, 5]),
+                "image": torch.zeros(3, 4, 4), "skipped": {"truncated": 1}, "converted": {}},
+               {"id": "b", "input_ids": torch.tensor([1, 7]), "labels": torch.tensor([-100, 7]), "image": None,
+                "skipped": {}, "converted": {"cmyk": 1}}]
+    b = Collator(pad_token_id=0)(samples)
+    assert b["input_ids"].tolist() == [[1, IMAGE_TOKEN_INDEX, 5], [1, 7, 0]]
+    assert b["labels"].tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 5], [IGNORE_INDEX, 7, IGNORE_INDEX]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert b["images"].shape == (1, 3, 4, 4)
+    assert b["_skip"] == {"skipped": {"truncated": 1}, "converted": {"cmyk": 1}} and b["_ids"] == ["a", "b"]

@@ -8,6 +8,7 @@ statistics are summed across ranks.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -28,12 +29,20 @@ log = get_logger("rae.cache")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def cache_is_complete(out: Path, encoder: str, image_size: int) -> bool:
+def fingerprint(encoder: str, source: str, image_size: int) -> str:
+    """Identifies what a cache was built from: the export's files (size + mtime), the source path, the size."""
+    parts = [str(Path(source).resolve()), str(image_size)]
+    for name in ("config.json", "model.safetensors"):
+        st = (Path(encoder) / name).stat()
+        parts.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def cache_is_complete(out: Path, cfg) -> bool:
     meta = out / "meta.json"
     if not meta.is_file():
         return False
-    m = json.loads(meta.read_text())
-    return m.get("encoder") == str(Path(encoder).resolve()) and m.get("image_size") == image_size
+    return json.loads(meta.read_text()).get("fingerprint") == fingerprint(cfg.encoder, cfg.source, cfg.image_size)
 
 
 def build_cache(cfg, info: D.DistInfo | None = None) -> Path:
@@ -44,8 +53,9 @@ def build_cache(cfg, info: D.DistInfo | None = None) -> Path:
     out = Path(cfg.out)
     if cfg.dtype not in _DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(_DTYPES)}, got {cfg.dtype!r}")
-    if not cfg.overwrite and cache_is_complete(out, cfg.encoder, cfg.image_size):
-        log.info("latent cache %s is complete for this encoder; nothing to do (overwrite=true rebuilds it)", out)
+    if not cfg.overwrite and cache_is_complete(out, cfg):
+        log.info("latent cache %s is complete for this encoder and source; nothing to do (overwrite=true rebuilds it)",
+                 out)
         return out
     if info.is_main:
         shutil.rmtree(out, ignore_errors=True)
@@ -116,6 +126,7 @@ def build_cache(cfg, info: D.DistInfo | None = None) -> Path:
                         cfg.source, int(sums["count"]), stats.as_dict()["skipped"])
         save_safetensors(out / "stats.safetensors", sums)
         meta = {"format": CACHE_FORMAT, "version": 1, "encoder": str(Path(cfg.encoder).resolve()),
+                "fingerprint": fingerprint(cfg.encoder, cfg.source, cfg.image_size),
                 "source": str(Path(cfg.source).resolve()), "image_size": cfg.image_size,
                 "num_tokens": enc.num_tokens, "grid_size": enc.grid_size, "width": enc.width,
                 "classes": list(source.classes), "num_samples": int(sums["count"]), "dtype": cfg.dtype,

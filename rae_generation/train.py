@@ -84,6 +84,7 @@ class TrainData:
             self.classes, self.image_size = self.dataset.classes, int(meta["image_size"])
             self.num_tokens, self.channels = self.dataset.num_tokens, self.dataset.channels
             self.encoder_path = d.encoder or meta.get("encoder", "")
+            self.fingerprint = meta.get("fingerprint", str(Path(d.latents).resolve()))
             self.collate = _identity
         elif d.images and d.encoder:
             from encoder.export import load_encoder
@@ -91,6 +92,7 @@ class TrainData:
             self.encoder = load_encoder(d.encoder, device=info.device)
             self.dataset = open_source(d.images, d.image_size)
             self.classes, self.image_size = list(self.dataset.classes), d.image_size
+            self.fingerprint = f"{Path(d.images).resolve()}|{Path(d.encoder).resolve()}|{d.image_size}"
             side = d.image_size // (self.encoder.downsample * self.encoder.patch_size)
             self.num_tokens, self.channels = side * side, self.encoder.width
             self.collate = collate_images
@@ -130,13 +132,22 @@ class TrainData:
 
 
 def prepare_run(cfg, data: TrainData, info: D.DistInfo) -> tuple[Path, Normalizer, DiTDHConfig, float]:
-    """Write config.yaml, stats.safetensors (once) and generator.json; returns what the loop needs."""
+    """Check a resumed run matches; write config.yaml, stats.safetensors (when starting) and generator.json."""
     out = Path(cfg.out)
-    stats_path = out / "stats.safetensors"
+    stats_path, spec_path = out / "stats.safetensors", out / "generator.json"
+    mcfg = model_config(cfg, data.channels, data.grid, len(data.classes))
+    shift = cfg.flow.shift or shift_factor(data.num_tokens, data.channels, cfg.flow.shift_base)
+    resuming = bool(CheckpointManager(out / "checkpoints").all())
+    if resuming:
+        old = json.loads(spec_path.read_text()) if spec_path.is_file() else {}
+        if old.get("data") != data.fingerprint or old.get("model") != mcfg.to_dict():
+            raise ValueError(f"{out} holds checkpoints of a run on other data or another model (the latent cache or "
+                             f"the encoder changed, or model.* did): resume is impossible; use a new `out` or delete "
+                             f"{out}/checkpoints (make clean-toy removes runs/toy)")
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-        if not stats_path.is_file():
+        if not resuming or not stats_path.is_file():  # computed once per run, kept on resume
             Normalizer.from_sums(data.sums(cfg.data.stats_samples, info.device), cfg.data.norm,
                                  cfg.data.norm_eps).save(stats_path)
     D.barrier()
@@ -144,12 +155,11 @@ def prepare_run(cfg, data: TrainData, info: D.DistInfo) -> tuple[Path, Normalize
     if norm.kind != cfg.data.norm:
         raise ValueError(f"data.norm={cfg.data.norm!r} but {stats_path} holds {norm.kind!r} statistics "
                          f"(a resumed run keeps its statistics; use a new out folder)")
-    mcfg = model_config(cfg, data.channels, data.grid, len(data.classes))
-    shift = cfg.flow.shift or shift_factor(data.num_tokens, data.channels, cfg.flow.shift_base)
     if info.is_main:
-        atomic_write_json(out / "generator.json", {
-            "format": GENERATOR_FORMAT, "model": mcfg.to_dict(), "classes": data.classes, "shift": shift,
-            "norm": norm.kind, "encoder": str(Path(data.encoder_path).resolve()) if data.encoder_path else "",
+        atomic_write_json(spec_path, {
+            "format": GENERATOR_FORMAT, "data": data.fingerprint, "model": mcfg.to_dict(), "classes": data.classes,
+            "shift": shift, "norm": norm.kind,
+            "encoder": str(Path(data.encoder_path).resolve()) if data.encoder_path else "",
             "image_size": data.image_size, "sample": to_dict(cfg.sample)})
     return out, norm, mcfg, shift
 

@@ -168,3 +168,13 @@ def test_on_the_fly_encoding_of_a_poisoned_folder(latents, tmp_path):
     expect = sum(1 for i in seen if reasons.get(files[i][0].name))
     state, _ = CheckpointManager(out / "checkpoints").load()
     assert expect > 0 and sum(state["train"]["skips"]["skipped"].values()) == expect  # skipped, counted per reason
+
+
+def test_resume_refuses_a_run_on_other_data_or_model(latents, tmp_path):
+    run_inprocess(latents, tmp_path / "run", **{"train.steps": 2, "train.ckpt_every": 2})
+    with pytest.raises(ValueError, match="resume is impossible"):
+        run_inprocess(latents, tmp_path / "run", **{"train.steps": 4, "model.width": 48})
+    spec = tmp_path / "run" / "generator.json"
+    spec.write_text(spec.read_text().replace('"data": "', '"data": "stale'))
+    with pytest.raises(ValueError, match="other data"):
+        run_inprocess(latents, tmp_path / "run", **{"train.steps": 4})

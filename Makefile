@@ -161,7 +161,31 @@ test-lmms: $(LMMS_VENV)/.installed ## the lmms-eval plugin against lmms-eval's r
 
 
 # ---------------------------------------------------------------- rae generation (issue: rae)
-# (targets: cache-rae-latents, rae-train, rae-sample, bench-rae)
+# (targets: cache-rae-latents, rae-train, rae-sample, rae-classacc, bench-rae)
+RAE_DIR     ?= runs/toy/rae
+RAE_ENCODER ?= runs/toy/encoder/export
+# the RAE part of `make demo`, in order (needs the encoder export and $(DATA)/classes)
+RAE_DEMO    := cache-rae-latents rae-train rae-sample rae-classacc
+.PHONY: cache-rae-latents rae-train rae-sample rae-classacc bench-rae
+
+cache-rae-latents: setup ## RAE: encode $(DATA)/classes/train with the frozen encoder into safetensors shards (skips bad images)
+	$(TORCHRUN) -m rae_generation.cache_latents --config configs/rae/cache_toy.yaml source=$(DATA)/classes/train \
+		encoder=$(RAE_ENCODER) out=$(RAE_DIR)/latents/train $(call goal_args,cache-rae-latents)
+
+rae-train: setup ## RAE: train DiT-DH (flow matching) on the cached tokens; resumes from $(RAE_DIR)/checkpoints
+	$(TORCHRUN) -m rae_generation.train --config configs/rae/toy.yaml out=$(RAE_DIR) \
+		data.latents=$(RAE_DIR)/latents/train $(call goal_args,rae-train)
+
+rae-sample: setup ## RAE: class-conditional samples -> $(RAE_DIR)/samples/samples.npz (ADM layout) + samples_grid.png
+	$(PY) -m rae_generation.sample --config configs/rae/sample_toy.yaml run=$(RAE_DIR) $(call goal_args,rae-sample)
+
+rae-classacc: setup ## RAE: class accuracy of the samples by a toy classifier trained on $(DATA)/classes
+	$(PY) -m rae_generation.classify --config configs/rae/classify_toy.yaml train=$(DATA)/classes/train \
+		val=$(DATA)/classes/val encoder=$(RAE_ENCODER) latents=$(RAE_DIR)/latents/train out=$(RAE_DIR)/classifier \
+		npz=$(RAE_DIR)/samples/samples.npz $(call goal_args,rae-classacc)
+
+bench-rae: setup ## RAE: DiT-DH step time vs diffusers DiT (ratio) and sampling images/s, from the run in $(RAE_DIR)
+	$(PY) -m rae_generation.bench run=$(RAE_DIR) $(call goal_args,bench-rae)
 
 
 

@@ -1,0 +1,131 @@
+"""Typed configs of the RAE modules (``configs/rae/*.yaml`` override these defaults; see ov3common.config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ov3common.config import path_field
+
+
+@dataclass
+class CacheConfig:
+    """``python -m rae_generation.cache_latents``: encode a class-labelled image source into token shards."""
+
+    source: str = path_field("data/toy/classes/train", "exists")  # ImageFolder dir, dir of .tar shards, or a .tar
+    encoder: str = path_field("runs/toy/encoder/export", "dir")
+    out: str = "runs/toy/rae/latents/train"
+    image_size: int = 64
+    batch_size: int = 64
+    num_workers: int = 2
+    shard_size: int = 8192  # samples per safetensors shard
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (storage dtype of the tokens)
+    device: str = "auto"
+    overwrite: bool = False
+    limit: int = 0  # > 0: only the first `limit` samples (smoke runs)
+
+
+@dataclass
+class ModelCfg:
+    size: str = "toy"  # a key of rae_generation.models.DIT_SIZES
+    width: int = 0  # 0 = the size's default (likewise below)
+    depth: int = 0
+    heads: int = 0
+    head_width: int = 0
+    head_depth: int = -1  # -1 = the size's default (0 = no head)
+    head_heads: int = 0
+    class_dropout: float = 0.1
+    class_embed_std: float = 0.02  # DiT's init; the toy config uses more (conditioning is learned sooner)
+    rope: bool = True
+    pos_embed: bool = True
+    qk_norm: bool = False
+    grad_ckpt: bool = False
+
+
+@dataclass
+class DataCfg:
+    latents: str = path_field("", "dir")  # a latent cache (make cache-rae-latents); empty = encode on the fly
+    images: str = path_field("", "exists")  # on the fly: ImageFolder / shard dir
+    encoder: str = path_field("", "dir")  # on the fly, and to decode previews; default = the cache's encoder
+    image_size: int = 64
+    norm: str = "position"  # position (RAE) | channel | none
+    norm_eps: float = 1e-5
+    stats_samples: int = 4096  # on the fly: images used once for the normalisation statistics
+    num_workers: int = 0
+
+
+@dataclass
+class FlowCfg:
+    t_dist: str = "logit_normal"  # logit_normal | uniform (RAE's released configs use uniform)
+    t_mean: float = 0.0
+    t_std: float = 1.0
+    shift: float = 0.0  # 0 = sqrt(N_tokens * C / shift_base)
+    shift_base: float = 4096.0
+
+
+@dataclass
+class TrainCfg:
+    steps: int = 1000
+    batch_size: int = 256  # global (split over ranks)
+    lr: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    min_lr_ratio: float = 1.0  # cosine decay to lr * min_lr_ratio after warmup; 1.0 = constant
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9995
+    ema_warmup: bool = False  # decay min(ema_decay, (1 + step) / (10 + step)) early on
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    log_every: int = 20
+    ckpt_every: int = 500
+    keep_last: int = 2
+    preview: bool = True  # a PNG grid of EMA samples at the end (needs an encoder)
+    max_bad_steps: int = 5  # consecutive NaN/Inf steps that stop the run
+    dist: str = "ddp"  # none | ddp
+    device: str = "auto"
+    threads: int = 0  # CPU threads per process (torch.set_num_threads); 0 = torch's default
+    inject_nan_steps: list[int] = field(default_factory=list)  # tests only: force a NaN loss at these steps
+    record_indices: bool = False  # tests only: write each step's sample indices to indices.jsonl
+
+
+@dataclass
+class GuidanceCfg:
+    steps: int = 50
+    method: str = "euler"  # euler | heun
+    cfg_scale: float = 1.0
+    interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # guidance only for t in [lo, hi]
+
+
+@dataclass
+class RAETrainConfig:
+    """``python -m rae_generation.train``: DiT-DH flow matching on encoder tokens."""
+
+    out: str = "runs/toy/rae"
+    seed: int = 0
+    model: ModelCfg = field(default_factory=ModelCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    flow: FlowCfg = field(default_factory=FlowCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    sample: GuidanceCfg = field(default_factory=GuidanceCfg)
+
+
+@dataclass
+class SampleConfig:
+    """``python -m rae_generation.sample``: class-conditional samples → ADM npz + labelled PNG grid."""
+
+    run: str = path_field("runs/toy/rae", "dir")
+    checkpoint: str = "latest"  # latest | a step folder name | a path
+    weights: str = "ema"  # ema | model
+    encoder: str = path_field("", "dir")  # default: the encoder recorded by the run
+    per_class: int = 8
+    classes: list[int] = field(default_factory=list)  # empty = all
+    guidance: GuidanceCfg = field(default_factory=GuidanceCfg)
+    guide_run: str = path_field("", "dir")  # AutoGuidance: the weaker model's run (may equal `run`)
+    guide_checkpoint: str = "latest"  # e.g. an early step folder of the same run
+    guide_weights: str = "ema"
+    batch_size: int = 64
+    seed: int = 0
+    device: str = "auto"
+    out: str = ""  # default: <run>/samples/samples.npz (+ grid.png beside it)
+    save_tokens: bool = False  # also <stem>_tokens.safetensors (generated tokens, for the token classifier)
+    grid_columns: int = 8  # samples per class shown in the grid
+    grid_max_classes: int = 64

@@ -1,0 +1,96 @@
+"""Sampling API used by the eval harness, the ADM npz layout, the labelled grid and AutoGuidance via the CLI."""
+
+import numpy as np
+import pytest
+import torch
+
+from ov3common.config import load_config
+from ov3common.dist import init_distributed
+from rae_generation.cache_latents import build_cache
+from rae_generation.config import CacheConfig, RAETrainConfig
+from rae_generation.sample import load_generator, main, write_npz
+from rae_generation.testing import make_image_folder
+from rae_generation.train import train
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny trained run (3 classes, 32 px, random tiny encoder) with checkpoints at steps 4 and 8."""
+    from encoder.export import write_random_export
+
+    root = tmp_path_factory.mktemp("rae_sample")
+    enc = write_random_export(root / "export", size="tiny", image_size=32)
+    imgs = make_image_folder(root / "imgs", num_classes=3, per_class=8, size=32)
+    lat = build_cache(load_config(CacheConfig, None, [f"source={imgs}", f"encoder={enc}", f"out={root / 'lat'}",
+                                                      "image_size=32", "num_workers=0", "device=cpu"]))
+    cfg = load_config(RAETrainConfig, "configs/rae/toy.yaml", [
+        f"out={root / 'run'}", f"data.latents={lat}", "model.size=tiny", "train.batch_size=8", "train.steps=8",
+        "train.ckpt_every=4", "train.keep_last=5", "train.device=cpu", "train.preview=true", "sample.steps=3"])
+    return train(cfg, init_distributed("cpu"))
+
+
+def test_load_generator_api(run):
+    gen = load_generator(run, device="cpu")
+    assert gen.num_classes == 3 and gen.class_names == ["class_00", "class_01", "class_02"]
+    labels = torch.tensor([0, 1, 2, 1])
+    imgs = gen.sample(labels, steps=3, cfg_scale=1.5, seed=3)
+    assert imgs.shape == (4, 3, 32, 32) and imgs.dtype == torch.float32
+    assert imgs.min() >= -1 and imgs.max() <= 1
+    torch.testing.assert_close(gen.sample(labels, steps=3, cfg_scale=1.5, seed=3), imgs)  # deterministic
+    part = gen.sample_latents(labels[2:], steps=3, seed=3, offset=2, batch_size=1)
+    torch.testing.assert_close(part, gen.sample_latents(labels, steps=3, seed=3)[2:])  # batch-independent noise
+    heun = gen.sample_latents(labels, steps=3, seed=3, method="heun")
+    assert not torch.allclose(heun, gen.sample_latents(labels, steps=3, seed=3))
+    with pytest.raises(ValueError, match="labels must be in"):
+        gen.sample(torch.tensor([3]), steps=2)
+    assert (run / "preview.png").is_file()
+
+
+def test_sample_cli_writes_adm_npz_and_grid(run, tmp_path):
+    out = tmp_path / "s" / "samples.npz"
+    main([f"run={run}", f"out={out}", "per_class=3", "guidance.steps=2", "guidance.cfg_scale=2.0", "device=cpu",
+          "batch_size=4"])
+    with np.load(out) as f:
+        assert sorted(f.files) == ["arr_0", "arr_1"]
+        arr, lab = f["arr_0"], f["arr_1"]
+    assert arr.dtype == np.uint8 and arr.shape == (9, 32, 32, 3)
+    assert lab.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert (tmp_path / "s" / "samples_grid.png").is_file() and (tmp_path / "s" / "samples_info.json").is_file()
+
+
+def test_autoguidance_with_an_earlier_checkpoint(run, tmp_path):
+    out = tmp_path / "ag.npz"
+    main([f"run={run}", f"guide_run={run}", "guide_checkpoint=step_00000004", f"out={out}", "per_class=1",
+          "guidance.steps=2", "guidance.cfg_scale=1.5", "device=cpu"])
+    early = load_generator(run, checkpoint="step_00000004", load_encoder=False)
+    gen = load_generator(run, guide=early, load_encoder=False)
+    plain = load_generator(run, load_encoder=False)
+    y = torch.tensor([0, 2])
+    assert not torch.allclose(gen.sample_latents(y, steps=2, cfg_scale=1.5), plain.sample_latents(y, steps=2,
+                                                                                                  cfg_scale=1.5))
+    torch.testing.assert_close(gen.sample_latents(y, steps=2, cfg_scale=1.0), plain.sample_latents(y, steps=2))
+    with np.load(out) as f:
+        assert f["arr_0"].shape == (3, 32, 32, 3)
+
+
+def test_npz_layout_is_checked(tmp_path):
+    write_npz(tmp_path / "a.npz", torch.zeros(2, 3, 8, 8), torch.tensor([1, 0]))
+    with np.load(tmp_path / "a.npz") as f:
+        assert f["arr_0"].shape == (2, 8, 8, 3) and f["arr_0"][0, 0, 0, 0] == 128 and f["arr_1"].tolist() == [1, 0]
+    with pytest.raises(ValueError, match="npz"):
+        write_npz(tmp_path / "b.npz", torch.zeros(2, 3, 8, 8), torch.tensor([1]))
+
+
+def test_class_accuracy_of_samples_pixels_and_tokens(run, tmp_path):
+    from rae_generation.classify import main as classify
+
+    root = run.parent
+    out = tmp_path / "samples.npz"
+    main([f"run={run}", f"out={out}", "per_class=2", "guidance.steps=2", "device=cpu", "save_tokens=true"])
+    res = classify([f"train={root / 'imgs'}", f"val={root / 'imgs'}", f"latents={root / 'lat'}",
+                    f"encoder={root / 'export'}", f"npz={out}", f"out={tmp_path / 'clf'}", "image_size=32",
+                    "epochs=8", "token_epochs=2", "batch_size=8", "lr=3e-3"])
+    assert res["pixels"]["val_accuracy_real"] > 0.9  # 3 colours: an easy task for the pixel CNN
+    assert 0 <= res["pixels"]["val_accuracy_reconstructed"] <= 1 and 0 <= res["pixels"]["sample_accuracy"] <= 1
+    assert 0 <= res["tokens"]["sample_accuracy"] <= 1 and res["num_samples"] == 6
+    assert (tmp_path / "samples_class_accuracy.json").is_file()

@@ -92,7 +92,7 @@ $(FID_WEIGHTS):
 	$(PY) -m eval.inception --out $@
 
 eval-all: setup data $(FID_WEIGHTS) ## score every available run -> reports/summary.{json,md} + figures (EVAL_CONFIG=...)
-	$(PY) -m eval.eval_all --config $(EVAL_CONFIG) $(ARGS)
+	$(PY) -m eval.eval_all --config $(EVAL_CONFIG) $(call goal_args,eval-all)
 
 
 
@@ -162,7 +162,8 @@ test-lmms: $(LMMS_VENV)/.installed ## the lmms-eval plugin against lmms-eval's r
 
 # ---------------------------------------------------------------- rae generation (issue: rae)
 # (targets: cache-rae-latents, rae-train, rae-sample, rae-classacc, bench-rae)
-RAE_DIR     ?= runs/toy/rae
+RAE_NAME    ?= ov3
+RAE_DIR     ?= runs/toy/rae/$(RAE_NAME)
 RAE_ENCODER ?= runs/toy/encoder/export
 # the RAE part of `make demo`, in order (needs the encoder export and $(DATA)/classes)
 RAE_DEMO    := cache-rae-latents rae-train rae-sample rae-classacc
@@ -190,7 +191,18 @@ bench-rae: setup ## RAE: DiT-DH step time vs diffusers DiT (ratio) and sampling 
 
 
 # ---------------------------------------------------------------- demo: the whole chain on the toy world
-DEMO_STEPS := data
+# Each line is one `make` run (ARGS are not passed down); its wall time goes to reports/demo_timings.tsv.
+DEMO_NPROC ?= 2
+DEMO_STEPS := "data toy-vae" \
+	"pretrain-encoder pretrain-encoder-baseline NPROC=$(DEMO_NPROC)" \
+	"$(LLAVA_DEMO)" \
+	"$(RAE_DEMO) NPROC=$(DEMO_NPROC)" \
+	"eval-all"
 
-demo: setup $(DEMO_STEPS) ## install, build the toy world, run the whole chain on CPU, write reports/
+demo: setup ## install, build the toy world, run the whole chain on CPU (~35 min on 2 cores), write reports/
+	@mkdir -p reports && printf 'step\tseconds\n' > reports/demo_timings.tsv
+	@set -e; for step in $(DEMO_STEPS); do \
+		t0=$$(date +%s); echo "== make $$step"; $(MAKE) --no-print-directory $$step ARGS=; \
+		printf '%s\t%s\n' "$$step" "$$(( $$(date +%s) - t0 ))" >> reports/demo_timings.tsv; done
 	$(PY) -m ov3common.toyworld.summary --data $(DATA) --out reports
+	@echo "demo done: reports/summary.md (all rows), reports/toyworld.md, step times in reports/demo_timings.tsv"

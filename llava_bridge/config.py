@@ -36,6 +36,9 @@ class DataCfg:
     num_workers: int = 0
     group_by_modality_length: bool = False
     max_samples: int = 0  # 0 = all (toy runs use a prefix)
+    # a folder: the frozen tower's features of every training image, computed once and reused (image folders only;
+    # for small towers / datasets such as the toy world). "" = run the tower on every step, as LLaVA.
+    feature_cache: str = ""
 
 
 @dataclass

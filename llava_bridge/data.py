@@ -61,8 +61,9 @@ class LlavaDataset(Dataset):
 
     def __init__(self, sources: Sequence[str], image_root: str | None, tokenizer, template: str,
                  processor: Callable, max_length: int, num_image_tokens: int, stats: SkipStats | None = None,
-                 shard_caption: str = "txt"):
+                 shard_caption: str = "txt", features=None):
         self.tokenizer, self.template, self.processor = tokenizer, template, processor
+        self.features = features  # a FeatureCache (llava_bridge.feature_cache): tower outputs instead of pixels
         self.max_length, self.num_image_tokens = max_length, num_image_tokens
         self.stats = stats if stats is not None else SkipStats()
         self.root = Path(image_root) if image_root else None
@@ -125,8 +126,14 @@ class LlavaDataset(Dataset):
         local = SkipStats()  # counts of the item at `index` only: a fallback is counted when it is primary
         for k in range(MAX_FALLBACKS):
             sid, image, turns = self.items[(index + k) % len(self.items)]
-            pixels = None
-            if image is not None:
+            pixels = feat = None
+            if image is not None and self.features is not None:
+                if image not in self.features:  # unreadable when the cache was built
+                    if k == 0:
+                        local.add(self.features.bad.get(str(image), "missing_features"))
+                    continue
+                feat = self.features[image]
+            elif image is not None:
                 try:
                     pixels = self._read_image(image, local if k == 0 else SkipStats())
                 except BadSample as e:
@@ -137,13 +144,14 @@ class LlavaDataset(Dataset):
             ids, labels = tokenize_rendered(self.tokenizer, render(self.template, turns, self.tokenizer), sid,
                                             max(budget, 1))
             return {"id": sid, "input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "image": pixels,
-                    "skipped": dict(local.skipped), "converted": dict(local.converted)}
+                    "feat": feat, "skipped": dict(local.skipped), "converted": dict(local.converted)}
         raise RuntimeError(f"{MAX_FALLBACKS} consecutive samples from index {index} have unreadable images: "
                            "check the image root")
 
 
 class Collator:
-    """Right-pads ``input_ids`` (pad id), ``labels`` (−100) and builds ``attention_mask``; stacks the images."""
+    """Right-pads ``input_ids`` (pad id), ``labels`` (−100) and builds ``attention_mask``; stacks the images (or
+    the cached tower features, as ``image_features``)."""
 
     def __init__(self, pad_token_id: int):
         self.pad = int(pad_token_id)
@@ -167,4 +175,7 @@ class Collator:
                  "_ids": [s["id"] for s in samples]}
         if images:
             batch["images"] = torch.stack(images)
+        feats = [s["feat"] for s in samples if s.get("feat") is not None]
+        if feats:
+            batch["image_features"] = torch.stack(feats)
         return batch

@@ -14,6 +14,7 @@ import torch
 
 from llava_bridge.config import LlavaTrainConfig, check_inputs, training_arguments
 from llava_bridge.data import Collator, LlavaDataset
+from llava_bridge.feature_cache import build_feature_cache
 from llava_bridge.model import MMSettings, attach_vision, load_lm, load_tokenizer
 from llava_bridge.trainer import LlavaTrainer, find_resumable_checkpoint
 from llava_bridge.vision import build_vision_tower
@@ -96,6 +97,11 @@ def build(cfg):
                       m.model_max_length, tower.num_tokens, stats, cfg.data.shard_caption)
     if cfg.data.max_samples:
         ds.items = ds.items[: cfg.data.max_samples]
+    if cfg.data.feature_cache:
+        images = [img for _, img, _ in ds.items if img is not None]
+        if not all(isinstance(img, Path) for img in images):
+            raise ConfigError("data.feature_cache: works with JSON records and an image folder, not with tar shards")
+        ds.features = build_feature_cache(tower, images, cfg.data.feature_cache)
     if stats.total():
         log.warning("dropped %d records while building the dataset: %s", stats.total(), stats.as_dict()["skipped"])
     extra = {"llm_path": str(Path(m.llm).resolve()), "conv_template": m.template}

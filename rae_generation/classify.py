@@ -14,7 +14,7 @@ Results go to ``<npz stem>_class_accuracy.json`` beside the samples.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,8 @@ class ClassifyConfig:
     lr: float = 2e-3
     seed: int = 0
     retrain: bool = False
+    # class names "<a>_<b>" (toy: colour_shape): also report how often each part is right, named by these
+    factors: list[str] = field(default_factory=list)
 
 
 class ToyClassifier(nn.Module):
@@ -95,10 +97,15 @@ def _float(x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: Tensor, labels: Tensor, batch: int = 256) -> tuple[float, Tensor]:
-    """Top-1 accuracy and per-class accuracy (images: uint8 NCHW or float in [-1, 1]; or tokens)."""
+def predict(model: nn.Module, x: Tensor, batch: int = 256) -> Tensor:
+    """Top-1 class of each input (images: uint8 NCHW or float in [-1, 1]; or tokens)."""
     model.eval()
-    pred = torch.cat([model(_float(x[i:i + batch])).argmax(1) for i in range(0, len(x), batch)])
+    return torch.cat([model(_float(x[i:i + batch])).argmax(1) for i in range(0, len(x), batch)])
+
+
+def accuracy(model: nn.Module, x: Tensor, labels: Tensor, batch: int = 256) -> tuple[float, Tensor]:
+    """Top-1 accuracy and per-class accuracy."""
+    pred = predict(model, x, batch)
     correct = (pred == labels).float()
     n = int(labels.max()) + 1 if len(labels) else 0
     per_class = torch.zeros(n).index_add_(0, labels, correct) / torch.bincount(labels, minlength=n).clamp_min(1)
@@ -137,6 +144,20 @@ def _jitter(zb: Tensor, g: torch.Generator) -> Tensor:
     return zb + 0.1 * torch.randn(zb.shape, generator=g)
 
 
+def factor_accuracy(pred: Tensor, labels: Tensor, classes: list[str], factors: list[str]) -> dict[str, float]:
+    """For class names ``"<a>_<b>"`` split at the first ``_``: the accuracy of each part (e.g. colour, shape)."""
+    if not factors:
+        return {}
+    parts = [c.split("_", 1) for c in classes]
+    if len(factors) != 2 or any(len(p) != 2 for p in parts):
+        raise ValueError(f"factors={factors}: needs two names and class names of the form a_b (got {classes[:3]}...)")
+    out = {}
+    for j, name in enumerate(factors):
+        part = [p[j] for p in parts]
+        out[name] = sum(part[a] == part[b] for a, b in zip(pred.tolist(), labels.tolist())) / max(1, len(labels))
+    return out
+
+
 def pixel_classifier(cfg, out: Path) -> tuple[ToyClassifier, dict]:
     weights, info_path = out / "pixels.safetensors", out / "pixels.json"
     if weights.is_file() and info_path.is_file() and not cfg.retrain:
@@ -156,7 +177,9 @@ def pixel_classifier(cfg, out: Path) -> tuple[ToyClassifier, dict]:
         enc = load_encoder(cfg.encoder)
         vx, vy, _ = load_folder(cfg.val, cfg.image_size)
         recon = torch.cat([enc.decode(enc.encode(_float(vx[i:i + 128]))[0]) for i in range(0, len(vx), 128)])
-        info.update(val_accuracy_reconstructed=accuracy(model, recon, vy)[0], encoder=str(Path(cfg.encoder).resolve()))
+        info.update(val_accuracy_reconstructed=accuracy(model, recon, vy)[0], encoder=str(Path(cfg.encoder).resolve()),
+                    val_factor_accuracy_reconstructed=factor_accuracy(predict(model, recon), vy, info["classes"],
+                                                                      list(cfg.factors)))
         atomic_write_json(info_path, info)
     return model, info
 
@@ -210,16 +233,20 @@ def main(argv=None) -> dict:
             imgs = F.interpolate(imgs.float(), size=cfg.image_size, mode="bilinear", antialias=True)
             imgs = imgs.round().clamp(0, 255).to(torch.uint8)
         acc, per_class = accuracy(pix, imgs, labels)
-        result["pixels"].update(sample_accuracy=acc, per_class={classes[c]: round(float(a), 3)
-                                                                for c, a in enumerate(per_class)})
-        log.info("class accuracy of %d decoded samples (pixel classifier): %.3f (chance %.3f)", len(labels), acc,
-                 1 / len(classes))
+        parts = factor_accuracy(predict(pix, imgs), labels, classes, list(cfg.factors))
+        result["pixels"].update(sample_accuracy=acc, factor_accuracy=parts,
+                                per_class={classes[c]: round(float(a), 3) for c, a in enumerate(per_class)})
+        log.info("class accuracy of %d decoded samples (pixel classifier): %.3f (chance %.3f)%s", len(labels), acc,
+                 1 / len(classes), "".join(f"; {k} right {v:.3f}" for k, v in parts.items()))
         tok_file = npz.with_name(npz.stem + "_tokens.safetensors")
         if tok is not None and tok_file.is_file():
             t = load_safetensors(tok_file)
-            tacc, _ = accuracy(tok, norm.normalize(t["tokens"].float()), t["labels"].long())
-            result["tokens"]["sample_accuracy"] = tacc
-            log.info("class accuracy of %d generated token sets (token classifier): %.3f", len(t["labels"]), tacc)
+            tz, tl = norm.normalize(t["tokens"].float()), t["labels"].long()
+            tacc, _ = accuracy(tok, tz, tl)
+            tparts = factor_accuracy(predict(tok, tz), tl, classes, list(cfg.factors))
+            result["tokens"].update(sample_accuracy=tacc, factor_accuracy=tparts)
+            log.info("class accuracy of %d generated token sets (token classifier): %.3f%s", len(tl), tacc,
+                     "".join(f"; {k} right {v:.3f}" for k, v in tparts.items()))
         result.update(npz=str(npz), num_samples=len(labels), num_classes=len(classes))
         atomic_write_json(npz.with_name(npz.stem + "_class_accuracy.json"), result)
     return result

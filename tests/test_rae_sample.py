@@ -94,3 +94,14 @@ def test_class_accuracy_of_samples_pixels_and_tokens(run, tmp_path):
     assert 0 <= res["pixels"]["val_accuracy_reconstructed"] <= 1 and 0 <= res["pixels"]["sample_accuracy"] <= 1
     assert 0 <= res["tokens"]["sample_accuracy"] <= 1 and res["num_samples"] == 6
     assert (tmp_path / "samples_class_accuracy.json").is_file()
+
+
+def test_factor_accuracy_counts_each_part():
+    from rae_generation.classify import factor_accuracy
+
+    classes = ["red_circle", "red_star", "blue_circle", "blue_star"]
+    pred, labels = torch.tensor([0, 1, 3, 2]), torch.tensor([0, 0, 1, 3])
+    assert factor_accuracy(pred, labels, classes, ["colour", "shape"]) == {"colour": 0.75, "shape": 0.5}
+    assert factor_accuracy(pred, labels, classes, []) == {}
+    with pytest.raises(ValueError, match="a_b"):
+        factor_accuracy(pred, labels, ["red", "blue", "x", "y"], ["colour", "shape"])

@@ -111,7 +111,8 @@ LLAVA_DEMO   := toy-llm llava-stage1 llava-stage2 llava-predict
 # the baseline row: make llava-stage1 llava-stage2 llava-predict LLAVA_NAME=baseline LLAVA_ENC=runs/toy/encoder_baseline/export
 # ARGS go only to the target named on the command line; toy configs also get the toy paths under $(DATA)
 llava_args = $(if $(filter $(1),$(MAKECMDGOALS)),$(ARGS))
-llava_toy  = $(if $(findstring /toy_,$(1)),model.llm=$(LLAVA_LLM) model.vision_tower=$(LLAVA_ENC) data.image_root=$(DATA)/images)
+llava_toy  = $(if $(findstring /toy_,$(1)),model.llm=$(LLAVA_LLM) model.vision_tower=$(LLAVA_ENC) data.image_root=$(DATA)/images \
+	data.feature_cache=$(LLAVA_RUN)_features)
 .PHONY: toy-llm llava-stage1 llava-stage2 llava-lora llava-predict test-lmms
 
 toy-llm: data $(LLAVA_LLM)/config.json ## pretrain the toy world's tiny Llama on toy chat text -> runs/toy/llm

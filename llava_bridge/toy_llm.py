@@ -6,8 +6,12 @@ text so that LLaVA stage 1 starts from a language model (as the real recipe star
 Corpus: the train split's instruction records rendered in the ``vicuna_v1`` chat format with each image replaced by
 its short caption (the chat-tuned-LM analogue: Vicuna answers questions about a scene described in its context;
 stage 1 then teaches the projector to put the image where the description was). Documents
-are tokenized, joined and cut into fixed blocks (nanoGPT style); the loss is on every token. Output: a
-transformers folder (``LlamaForCausalLM`` + the tokenizer) that ``AutoModelForCausalLM`` loads.
+are tokenized, joined and cut into fixed blocks (nanoGPT style); the loss is on every token. Then, as Vicuna is a
+chat-finetuned Llama, ``sft_steps`` of supervised finetuning on the short-answer questions (answers of at most
+``sft_max_answer_words`` words) with the scene's caption in the user turn and the loss on the answer only: a tiny LM
+learns to look things up in its context far sooner this way (measured: yes/no questions answered from the caption
+0.84 after 1,500 SFT steps vs 0.51–0.55 after LM pretraining alone). Output: a transformers folder
+(``LlamaForCausalLM`` + the tokenizer) that ``AutoModelForCausalLM`` loads.
 """
 
 from __future__ import annotations
@@ -53,18 +57,27 @@ class ToyLLMConfig:
     weight_decay: float = 0.1
     seed: int = 0
     threads: int = 0  # torch threads (0 = torch default)
+    sft_steps: int = 0  # supervised finetuning on short answers after pretraining (0 = none)
+    sft_batch_size: int = 64
+    sft_lr: float = 3e-3
+    sft_max_answer_words: int = 3
+
+
+def _captions(path: str) -> dict[str, str]:
+    by_id: dict[str, str] = {}
+    if path:
+        for rec in json.loads(Path(path).read_text()):
+            conv = rec.get("conversations") or []
+            if rec.get("id") is not None and len(conv) >= 2:
+                by_id[str(rec["id"])] = conv[1]["value"]
+    return by_id
 
 
 def corpus(paths: list[str], tokenizer, max_docs: int, captions: str = "") -> list[str]:
     """Texts: the instruction records in the ``vicuna_v1`` format, each image replaced by its short caption (from
     the ``plain`` records with the same id) — so the LM learns to answer from a scene described in its context,
     as a real LLM reads a description. Records without a caption for their image keep only text-only turns."""
-    by_id: dict[str, str] = {}
-    if captions:
-        for rec in json.loads(Path(captions).read_text()):
-            conv = rec.get("conversations") or []
-            if rec.get("id") is not None and len(conv) >= 2:
-                by_id[str(rec["id"])] = conv[1]["value"]
+    by_id = _captions(captions)
     docs: list[str] = []
     for p in paths:
         for rec in json.loads(Path(p).read_text()):
@@ -81,6 +94,34 @@ def corpus(paths: list[str], tokenizer, max_docs: int, captions: str = "") -> li
     g = torch.Generator().manual_seed(0)
     order = torch.randperm(len(docs), generator=g).tolist()
     return [docs[i] for i in order[: max_docs or None]]
+
+
+def sft_samples(paths: list[str], tokenizer, captions: str, max_answer_words: int) -> list[dict]:
+    """One sample per short-answer turn: ``[caption \n] question`` → answer, labels on the answer and ``</s>`` only."""
+    from llava_bridge.conversation import tokenize_rendered
+
+    by_id = _captions(captions)
+    out = []
+    for p in paths:
+        for rec in json.loads(Path(p).read_text()):
+            has_image = rec.get("image") is not None
+            context = by_id.get(str(rec.get("id"))) if has_image else ""
+            if has_image and not context:
+                continue
+            try:
+                turns = normalize_turns(rec["conversations"], has_image=has_image)
+            except (BadRecord, KeyError):
+                continue
+            for (_, q), (_, a) in zip(turns[::2], turns[1::2]):
+                if len(a.split()) > max_answer_words:
+                    continue
+                q = q.replace(IMAGE_PLACEHOLDER, "").strip()
+                user = f"{context}\n{q}" if context else q
+                ids, labels = tokenize_rendered(tokenizer, render("vicuna_v1", [("human", user), ("gpt", a)],
+                                                                  tokenizer), str(rec.get("id")), 10_000)
+                out.append({"id": str(rec.get("id")), "input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
+                            "image": None})
+    return out
 
 
 def build_model(size: str, vocab: int, tokenizer):
@@ -134,6 +175,33 @@ def main(argv=None) -> int:
         if step % 10 == 0 or step == cfg.steps:
             metrics.log(step, {"loss": loss.item(), "lr": sched.get_last_lr()[0], "seconds": time.time() - t0})
     log.info("toy LLM: final loss %.3f after %d steps (%.0f s)", loss.item(), cfg.steps, time.time() - t0)
+    if cfg.sft_steps:
+        from llava_bridge.data import Collator
+
+        samples = sft_samples(list(cfg.data), tok, cfg.captions, cfg.sft_max_answer_words)
+        if not samples:
+            raise ValueError(f"sft_steps={cfg.sft_steps} but {list(cfg.data)} hold no answers of at most "
+                             f"{cfg.sft_max_answer_words} words")
+        log.info("toy LLM SFT: %d short-answer samples, %d steps of %d", len(samples), cfg.sft_steps,
+                 cfg.sft_batch_size)
+        collate = Collator(tok.pad_token_id)
+        opt = build_adamw(model, cfg.sft_lr, weight_decay=0.0)
+        sched = warmup_cosine(opt, cfg.warmup, cfg.sft_steps, 0.1)
+        t1 = time.time()
+        for step in progress(range(1, cfg.sft_steps + 1), desc="toy LLM SFT"):
+            idx = torch.randint(len(samples), (cfg.sft_batch_size,), generator=g).tolist()
+            b = collate([samples[i] for i in idx])
+            loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if step % 10 == 0 or step == cfg.sft_steps:
+                metrics.log(cfg.steps + step, {"sft_loss": loss.item(), "lr": sched.get_last_lr()[0],
+                                               "seconds": time.time() - t0})
+        log.info("toy LLM SFT: final loss %.3f after %d steps (%.0f s)", loss.item(), cfg.sft_steps,
+                 time.time() - t1)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return 0

@@ -20,6 +20,7 @@ from llava_bridge.trainer import LlavaTrainer, find_resumable_checkpoint
 from llava_bridge.vision import build_vision_tower
 from ov3common.checkpoint import atomic_write_json
 from ov3common.config import ConfigError, parse_cli, save_config
+from ov3common.dist import barrier, cleanup
 from ov3common.guard import TrainingDiverged
 from ov3common.images import SkipStats
 from ov3common.log import MetricLogger, get_logger
@@ -123,6 +124,15 @@ def build(cfg):
 
 
 def main(argv=None) -> int:
+    try:
+        rc = _main(argv)
+        barrier()  # every rank has saved
+        return rc
+    finally:  # a process group left open at exit aborts the other ranks' gloo threads ("terminate called ...")
+        cleanup()
+
+
+def _main(argv=None) -> int:
     cfg = parse_cli(LlavaTrainConfig, argv, description=__doc__)
     trainer, resume = build(cfg)
     out = Path(cfg.train.output_dir)

@@ -196,7 +196,7 @@ bench-rae: setup ## RAE: DiT-DH step time vs diffusers DiT (ratio) and sampling 
 DEMO_NPROC ?= 2
 DEMO_STEPS := "data toy-vae" \
 	"pretrain-encoder pretrain-encoder-baseline NPROC=$(DEMO_NPROC)" \
-	"$(LLAVA_DEMO)" \
+	"$(LLAVA_DEMO) NPROC=$(DEMO_NPROC)" \
 	"$(RAE_DEMO) NPROC=$(DEMO_NPROC)" \
 	"eval-all"
 

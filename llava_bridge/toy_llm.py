@@ -34,6 +34,7 @@ from ov3common.optim import build_adamw, warmup_cosine
 log = get_logger("llava_bridge.toy_llm")
 SIZES = {  # hidden, layers, heads, intermediate
     "tiny": (64, 2, 2, 172),
+    "mini": (64, 4, 2, 172),
     "toy": (128, 4, 4, 344),
     "small": (256, 6, 8, 688),
 }

@@ -74,24 +74,29 @@ def _captions(path: str) -> dict[str, str]:
     return by_id
 
 
+def _with_captions(paths: list[str], captions: str):
+    """``(record, caption of its image or "")``; records whose image has no caption are left out."""
+    by_id = _captions(captions)
+    for p in paths:
+        for rec in json.loads(Path(p).read_text()):
+            has_image = rec.get("image") is not None
+            context = by_id.get(str(rec.get("id")), "") if has_image else ""
+            if not has_image or context:
+                yield rec, context
+
+
 def corpus(paths: list[str], tokenizer, max_docs: int, captions: str = "") -> list[str]:
     """Texts: the instruction records in the ``vicuna_v1`` format, each image replaced by its short caption (from
     the ``plain`` records with the same id) — so the LM learns to answer from a scene described in its context,
     as a real LLM reads a description. Records without a caption for their image keep only text-only turns."""
-    by_id = _captions(captions)
     docs: list[str] = []
-    for p in paths:
-        for rec in json.loads(Path(p).read_text()):
-            has_image = rec.get("image") is not None
-            context = by_id.get(str(rec.get("id"))) if has_image else ""
-            if has_image and not context:
-                continue
-            conv = [dict(t, value=t["value"].replace(IMAGE_PLACEHOLDER, context).strip()) for t in rec["conversations"]]
-            try:
-                turns = normalize_turns(conv, has_image=False)
-            except BadRecord:
-                continue
-            docs.append(render("vicuna_v1", turns, tokenizer).text)
+    for rec, context in _with_captions(paths, captions):
+        conv = [dict(t, value=t["value"].replace(IMAGE_PLACEHOLDER, context).strip()) for t in rec["conversations"]]
+        try:
+            turns = normalize_turns(conv, has_image=False)
+        except BadRecord:
+            continue
+        docs.append(render("vicuna_v1", turns, tokenizer).text)
     g = torch.Generator().manual_seed(0)
     order = torch.randperm(len(docs), generator=g).tolist()
     return [docs[i] for i in order[: max_docs or None]]
@@ -101,27 +106,21 @@ def sft_samples(paths: list[str], tokenizer, captions: str, max_answer_words: in
     """One sample per short-answer turn: ``[caption \n] question`` → answer, labels on the answer and ``</s>`` only."""
     from llava_bridge.conversation import tokenize_rendered
 
-    by_id = _captions(captions)
     out = []
-    for p in paths:
-        for rec in json.loads(Path(p).read_text()):
-            has_image = rec.get("image") is not None
-            context = by_id.get(str(rec.get("id"))) if has_image else ""
-            if has_image and not context:
+    for rec, context in _with_captions(paths, captions):
+        try:
+            turns = normalize_turns(rec["conversations"], has_image=bool(context))
+        except (BadRecord, KeyError):
+            continue
+        for (_, q), (_, a) in zip(turns[::2], turns[1::2]):
+            if len(a.split()) > max_answer_words:
                 continue
-            try:
-                turns = normalize_turns(rec["conversations"], has_image=has_image)
-            except (BadRecord, KeyError):
-                continue
-            for (_, q), (_, a) in zip(turns[::2], turns[1::2]):
-                if len(a.split()) > max_answer_words:
-                    continue
-                q = q.replace(IMAGE_PLACEHOLDER, "").strip()
-                user = f"{context}\n{q}" if context else q
-                ids, labels = tokenize_rendered(tokenizer, render("vicuna_v1", [("human", user), ("gpt", a)],
-                                                                  tokenizer), str(rec.get("id")), 10_000)
-                out.append({"id": str(rec.get("id")), "input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
-                            "image": None})
+            q = q.replace(IMAGE_PLACEHOLDER, "").strip()
+            user = f"{context}\n{q}" if context else q
+            ids, labels = tokenize_rendered(tokenizer, render("vicuna_v1", [("human", user), ("gpt", a)],
+                                                              tokenizer), str(rec.get("id")), 10_000)
+            out.append({"id": str(rec.get("id")), "input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
+                        "image": None})
     return out
 
 

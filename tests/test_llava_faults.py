@@ -41,7 +41,12 @@ def test_resume_after_sigkill_is_bitwise(llava_world, tmp_path):
     kw = {"train.max_steps": 9, "train.batch_size": 2, "train.save_steps": 1, "train.log_samples": True,
           "train.lr": 1e-3}  # 9 steps × 2 > 11 samples: crosses an epoch boundary
     ref, run = tmp_path / "ref", tmp_path / "run"
-    assert main(stage2(llava_world, ref, **kw)) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the killed subprocesses (OMP_NUM_THREADS=1): same reduction order, bitwise
+    try:
+        assert main(stage2(llava_world, ref, **kw)) == 0
+    finally:
+        torch.set_num_threads(threads)
     cmd = python_module("llava_bridge.train", *stage2(llava_world, run, **kw))
     killed = run_with_kills(cmd, run / "metrics.jsonl", kills=2, min_step=1, max_step=3, seed=1, timeout=400)
     assert len(killed) == 2

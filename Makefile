@@ -206,4 +206,12 @@ demo: setup ## install, build the toy world, run the whole chain on CPU (~35 min
 		t0=$$(date +%s); echo "== make $$step"; $(MAKE) --no-print-directory $$step ARGS=; \
 		printf '%s\t%s\n' "$$step" "$$(( $$(date +%s) - t0 ))" >> reports/demo_timings.tsv; done
 	$(PY) -m ov3common.toyworld.summary --data $(DATA) --out reports
-	@echo "demo done: reports/summary.md (all rows), reports/toyworld.md, step times in reports/demo_timings.tsv"
+	@echo "demo done: reports/summary.md, reports/toyworld.md, step times in reports/demo_timings.tsv"
+	@echo "the baseline row's LLaVA / gFID columns: make demo-baselines"
+
+BASE_ENC := runs/toy/encoder_baseline/export
+.PHONY: demo-baselines
+demo-baselines: setup ## after `make demo`: LLaVA + RAE on the baseline encoder (~15 min on 2 cores), then eval-all
+	$(MAKE) --no-print-directory $(LLAVA_DEMO) NPROC=$(DEMO_NPROC) LLAVA_NAME=baseline LLAVA_ENC=$(BASE_ENC) ARGS=
+	$(MAKE) --no-print-directory $(RAE_DEMO) NPROC=$(DEMO_NPROC) RAE_NAME=baseline RAE_ENCODER=$(BASE_ENC) ARGS=
+	$(MAKE) --no-print-directory eval-all ARGS=

@@ -211,7 +211,7 @@ demo: setup ## install, build the toy world, run the whole chain on CPU (~35 min
 
 BASE_ENC := runs/toy/encoder_baseline/export
 .PHONY: demo-baselines
-demo-baselines: setup ## after `make demo`: LLaVA + RAE on the baseline encoder (~15 min on 2 cores), then eval-all
+demo-baselines: setup ## after `make demo`: LLaVA + RAE on the baseline encoder (~17 min on 2 cores), then eval-all
 	$(MAKE) --no-print-directory $(LLAVA_DEMO) NPROC=$(DEMO_NPROC) LLAVA_NAME=baseline LLAVA_ENC=$(BASE_ENC) ARGS=
 	$(MAKE) --no-print-directory $(RAE_DEMO) NPROC=$(DEMO_NPROC) RAE_NAME=baseline RAE_ENCODER=$(BASE_ENC) ARGS=
 	$(MAKE) --no-print-directory eval-all ARGS=

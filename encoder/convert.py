@@ -108,8 +108,10 @@ def load_open_clip_checkpoint(folder: str | Path) -> tuple[dict, dict[str, Tenso
     for name in OPEN_CLIP_WEIGHT_FILES:
         w = root / name
         if w.is_file():
-            sd = load_file(str(w)) if w.suffix == ".safetensors" else torch.load(
-                str(w), map_location="cpu", weights_only=True)  # the official format is a pickled state dict
+            if w.suffix == ".safetensors":
+                sd = load_file(str(w))
+            else:  # the official format is a pickled state dict: tensors only
+                sd = torch.load(str(w), map_location="cpu", weights_only=True)
             break
     else:
         raise FileNotFoundError(f"official checkpoint: none of {OPEN_CLIP_WEIGHT_FILES} in {root}")

@@ -137,6 +137,26 @@ def build_model(size: str, vocab: int, tokenizer):
     return LlamaForCausalLM(cfg)
 
 
+def fit(model, batch_fn, steps: int, lr: float, weight_decay: float, warmup: int, metrics: MetricLogger,
+        key: str, step_offset: int, desc: str) -> None:
+    """AdamW + warmup/cosine for ``steps`` steps on ``batch_fn()`` (model kwargs); logs ``key`` every 10 steps."""
+    opt = build_adamw(model, lr, weight_decay=weight_decay)
+    sched = warmup_cosine(opt, warmup, steps, 0.1)
+    model.train()
+    t0 = time.time()
+    for step in progress(range(1, steps + 1), desc=desc):
+        loss = model(**batch_fn()).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 10 == 0 or step == steps:
+            metrics.log(step_offset + step, {key: loss.item(), "lr": sched.get_last_lr()[0],
+                                             "seconds": time.time() - t0})
+    log.info("%s: final loss %.3f after %d steps (%.0f s)", desc, loss.item(), steps, time.time() - t0)
+
+
 def main(argv=None) -> int:
     cfg = parse_cli(ToyLLMConfig, argv, description=__doc__)
     for i, p in enumerate(cfg.data):
@@ -156,25 +176,16 @@ def main(argv=None) -> int:
     log.info("toy LLM corpus: %d documents, %d tokens, %d blocks of %d", len(docs), len(flat), n_blocks, cfg.block)
     model = build_model(cfg.size, len(tok), tok)
     log.info("toy LLM: %s, %.2fM parameters", cfg.size, sum(p.numel() for p in model.parameters()) / 1e6)
-    opt = build_adamw(model, cfg.lr, weight_decay=cfg.weight_decay)
-    sched = warmup_cosine(opt, cfg.warmup, cfg.steps, 0.1)
     out = Path(cfg.out)
     save_config(cfg, out / "toy_llm_config.yaml")
     metrics = MetricLogger(out)
     g = torch.Generator().manual_seed(cfg.seed)
-    model.train()
-    t0 = time.time()
-    for step in progress(range(1, cfg.steps + 1), desc="toy LLM"):
+
+    def lm_batch() -> dict:
         x = blocks[torch.randint(n_blocks, (cfg.batch_size,), generator=g)]
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 10 == 0 or step == cfg.steps:
-            metrics.log(step, {"loss": loss.item(), "lr": sched.get_last_lr()[0], "seconds": time.time() - t0})
-    log.info("toy LLM: final loss %.3f after %d steps (%.0f s)", loss.item(), cfg.steps, time.time() - t0)
+        return {"input_ids": x, "labels": x}
+
+    fit(model, lm_batch, cfg.steps, cfg.lr, cfg.weight_decay, cfg.warmup, metrics, "loss", 0, "toy LLM")
     if cfg.sft_steps:
         from llava_bridge.data import Collator
 
@@ -185,23 +196,14 @@ def main(argv=None) -> int:
         log.info("toy LLM SFT: %d short-answer samples, %d steps of %d", len(samples), cfg.sft_steps,
                  cfg.sft_batch_size)
         collate = Collator(tok.pad_token_id)
-        opt = build_adamw(model, cfg.sft_lr, weight_decay=0.0)
-        sched = warmup_cosine(opt, cfg.warmup, cfg.sft_steps, 0.1)
-        t1 = time.time()
-        for step in progress(range(1, cfg.sft_steps + 1), desc="toy LLM SFT"):
+
+        def sft_batch() -> dict:
             idx = torch.randint(len(samples), (cfg.sft_batch_size,), generator=g).tolist()
             b = collate([samples[i] for i in idx])
-            loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            if step % 10 == 0 or step == cfg.sft_steps:
-                metrics.log(cfg.steps + step, {"sft_loss": loss.item(), "lr": sched.get_last_lr()[0],
-                                               "seconds": time.time() - t0})
-        log.info("toy LLM SFT: final loss %.3f after %d steps (%.0f s)", loss.item(), cfg.sft_steps,
-                 time.time() - t1)
+            return {k: b[k] for k in ("input_ids", "attention_mask", "labels")}
+
+        fit(model, sft_batch, cfg.sft_steps, cfg.sft_lr, 0.0, cfg.warmup, metrics, "sft_loss", cfg.steps,
+            "toy LLM SFT")
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return 0

@@ -137,7 +137,7 @@ llava-lora: ## LLaVA stage 2 with LoRA (r 128, alpha 256; projector LR apart) ->
 		"data.train=[$(DATA)/llava/instruct.json]" model.pretrain_projector=$(LLAVA_RUN)_stage1/mm_projector.safetensors \
 		train.tune=lora train.lr=2e-3 train.mm_projector_lr=2e-3 train.output_dir=$(LLAVA_RUN)_lora $(call llava_args,llava-lora)
 
-llava-predict: ## toy POPE + SeedBench predictions of stage 2 + eval.score -> runs/toy/llava/ov3/*_{predictions,scores}
+llava-predict: ## toy POPE + SeedBench (letter, and answer ranking) predictions of stage 2 + eval.score -> runs/toy/llava/ov3/*_{predictions,scores}
 	$(PY) -m llava_bridge.predict --model $(LLAVA_RUN) --benchmark pope --data $(DATA)/pope/pope.jsonl \
 		--out $(LLAVA_RUN)/pope_predictions.jsonl $(LLAVA_PRED)
 	$(PY) -m llava_bridge.predict --model $(LLAVA_RUN) --benchmark seedbench \
@@ -145,6 +145,10 @@ llava-predict: ## toy POPE + SeedBench predictions of stage 2 + eval.score -> ru
 	$(PY) -m eval.score pope --predictions $(LLAVA_RUN)/pope_predictions.jsonl --out $(LLAVA_RUN)/pope_scores.json
 	$(PY) -m eval.score seedbench --predictions $(LLAVA_RUN)/seedbench_predictions.jsonl \
 		--out $(LLAVA_RUN)/seedbench_scores.json
+	$(PY) -m llava_bridge.predict --model $(LLAVA_RUN) --benchmark seedbench --protocol rank \
+		--data $(DATA)/seedbench/seedbench.jsonl --out $(LLAVA_RUN)/seedbench_rank_predictions.jsonl $(LLAVA_PRED)
+	$(PY) -m eval.score seedbench --predictions $(LLAVA_RUN)/seedbench_rank_predictions.jsonl \
+		--out $(LLAVA_RUN)/seedbench_rank_scores.json
 
 # lmms-eval pins its own versions: it lives in .venv-lmms, which sees .venv's packages through a .pth file
 LMMS_VENV ?= .venv-lmms

@@ -2,6 +2,8 @@
 
 * predictor: ``llava_predictor(run_dir, device, batch_size=8, max_new_tokens=16) -> predict(records) -> list[str]``
   (records from :mod:`eval.benchmarks`; greedy answers of a trained LLaVA folder via ``llava_bridge``).
+* ranker: ``llava_ranker(run_dir, device, batch_size=8) -> predict(records) -> list[str]`` (SeedBench by answer
+  ranking: the letter of the most likely choice text, ``llava_bridge.predict.predict_by_ranking``).
 * sampler: ``rae_sampler(run_dir, device, seed=0, steps=0, cfg_scale=-1.0) -> (generate(labels), class_names)``
   (``rae_generation.sample.load_generator``; ``steps=0`` / ``cfg_scale<0`` keep the run's defaults; sample i's noise
   is a function of (seed, i) only, so the set does not depend on the batch size).
@@ -19,10 +21,9 @@ import torch
 def llava_predictor(run_dir: str, device: str, batch_size: int = 8, max_new_tokens: int = 16,
                     chunk: int = 256) -> Callable[[list[dict]], list[str]]:
     """Greedy answers of the LLaVA model folder ``run_dir`` to the records' prompts (images decoded per chunk)."""
+    from eval.benchmarks import load_image
     from llava_bridge.generate import answer
     from llava_bridge.model import load_llava
-
-    from eval.benchmarks import load_image
     from ov3common.log import progress
 
     model, tok = load_llava(run_dir, device=device)
@@ -36,6 +37,15 @@ def llava_predictor(run_dir: str, device: str, batch_size: int = 8, max_new_toke
         return out
 
     return predict
+
+
+def llava_ranker(run_dir: str, device: str, batch_size: int = 8) -> Callable[[list[dict]], list[str]]:
+    """SeedBench answer ranking with the LLaVA model folder ``run_dir`` (letters of the most likely choices)."""
+    from llava_bridge.model import load_llava
+    from llava_bridge.predict import predict_by_ranking
+
+    model, tok = load_llava(run_dir, device=device)
+    return lambda records: predict_by_ranking(model, tok, records, batch_size)
 
 
 def rae_sampler(run_dir: str, device: str, seed: int = 0, steps: int = 0, cfg_scale: float = -1.0

@@ -14,8 +14,9 @@ Each record is a dict with
     SeedBench: "A".."D"), ``category`` (POPE: adversarial | popular | random; SeedBench: dimension name),
   * ``image``: a path (str) for JSONL + image-folder sets, or a lazily opened ``PIL.Image`` for images embedded
     in parquet / arrow files. Use :func:`load_image` to get an RGB image from either.
-  * SeedBench also: ``choices`` {"A": ..., "D": ...}, ``data_type`` ("image" | "video"), ``question_type_id``,
-    ``images`` (all images of the question; video questions have several frames).
+  * SeedBench also: ``answer_prompt`` (answer ranking, see below), ``choices`` {"A": ..., "D": ...},
+    ``data_type`` ("image" | "video"), ``question_type_id``, ``images`` (all images of the question; video
+    questions have several frames).
 
 Accepted layouts (lmms-eval's columns: POPE ``question_id, question, answer, image, category``; SEED-Bench
 ``question_id, question, choice_a..choice_d, answer, image (list), data_type, question_type_id``):
@@ -27,7 +28,10 @@ Accepted layouts (lmms-eval's columns: POPE ``question_id, question, answer, ima
     with pyarrow (the ``datasets`` package is not needed).
 
 Prompts: POPE ``question\\nAnswer the question using a single word or phrase.``; SeedBench ``question\\nA. ..\\n
-B. ..\\nC. ..\\nD. ..\\nAnswer with the option's letter from the given choices directly.``
+B. ..\\nC. ..\\nD. ..\\nAnswer with the option's letter from the given choices directly.`` (``prompt``: LLaVA-1.5's
+protocol, the model writes a letter) and ``question\\nAnswer the question using a single word or phrase.``
+(``answer_prompt``: SEED-Bench's own answer-ranking protocol, where each choice's text is scored as the answer and
+the most likely one is the prediction, so a model that cannot map contents to letters is still measured).
 """
 
 from __future__ import annotations
@@ -53,6 +57,11 @@ class BenchmarkError(ValueError):
 def pope_prompt(question: str) -> str:
     """LLaVA-1.5 / lmms-eval POPE prompt."""
     return f"{question.strip()}\n{POPE_SUFFIX}"
+
+
+def seed_answer_prompt(question: str) -> str:
+    """The question alone, for answer ranking (each choice's text is scored as the answer; SEED-Bench's protocol)."""
+    return pope_prompt(question)
 
 
 def seed_prompt(question: str, choices: Sequence[str]) -> str:
@@ -265,6 +274,7 @@ def load_seedbench(path: str | Path, *, image_root: str | Path | None = None, sp
         choices = [str(r[f"choice_{x}"]) for x in "abcd"]
         out.append({"question_id": str(r["question_id"]), "question": r["question"],
                     "prompt": seed_prompt(r["question"], choices), "answer": r["answer"],
+                    "answer_prompt": seed_answer_prompt(r["question"]),
                     "choices": dict(zip(LETTERS, choices)), "category": seed_category(r), "data_type": dt,
                     "question_type_id": r.get("question_type_id"), "image": images[0], "images": images})
     return _limit(out, limit_per_category)

@@ -8,6 +8,9 @@ reconstruction weight 0) it runs, when the inputs exist:
     predictor ``llava.predictor = "module:function"`` (default :func:`eval.adapters.llava_predictor`) as
     ``function(run_dir, device, batch_size=, max_new_tokens=) -> predict`` with ``predict(records) -> list[str]``
     on the records of :mod:`eval.benchmarks`;
+  * SeedBench by answer ranking (piece ``seedbench_rank``, SEED-Bench's own protocol): scores
+    ``<llava>/seedbench_rank_predictions.jsonl`` if present, else calls ``llava.ranker`` (default
+    :func:`eval.adapters.llava_ranker`) as ``function(run_dir, device, batch_size=) -> predict``;
   * gFID: ``<rae>/samples/samples.npz`` (``make rae-sample``) or ``<rae>/samples.npz`` if present, else the
     configured sampler (default :func:`eval.adapters.rae_sampler`, called as
     ``function(run_dir, device, seed=, steps=, cfg_scale=) -> (generate(labels), class_names)``);
@@ -82,6 +85,7 @@ class LlavaConfig:
     predictor: str = "eval.adapters:llava_predictor"   # function(run_dir, device, batch_size, max_new_tokens)
     batch_size: int = 8
     max_new_tokens: int = 16
+    ranker: str = "eval.adapters:llava_ranker"   # function(run_dir, device, batch_size): SeedBench answer ranking
 
 
 @dataclass
@@ -119,7 +123,7 @@ class EvalAllConfig:
     device: str = "auto"
     toy: bool = True
     rows: list[RowConfig] = field(default_factory=_default_rows)
-    pieces: list[str] = field(default_factory=lambda: ["seedbench", "pope", "gfid", "rfid"])
+    pieces: list[str] = field(default_factory=lambda: ["seedbench", "seedbench_rank", "pope", "gfid", "rfid"])
     fid: FidConfig = field(default_factory=FidConfig)
     lpips: LpipsConfig = field(default_factory=LpipsConfig)
     pope: PopeConfig = field(default_factory=PopeConfig)
@@ -148,6 +152,7 @@ def _import(spec: str, what: str):
 def _records(bench: str, cfg, cache: dict) -> list[dict]:
     from eval import benchmarks
 
+    bench = "seedbench" if bench == "seedbench_rank" else bench
     bc = getattr(cfg, bench)
     if bench not in cache:
         kw = dict(image_root=bc.image_root or None, split=bc.split, limit_per_category=bc.limit_per_category or None)
@@ -165,20 +170,23 @@ def run_understanding(bench: str, cfg, row: RowConfig, out: Path, device: str, c
     else:
         if not row.llava or not Path(row.llava).is_dir():
             raise Missing(f"no LLaVA run at {row.llava or '(row.llava not set)'}")
+        rank = bench == "seedbench_rank"
+        what, spec = ("llava.ranker", cfg.llava.ranker) if rank else ("llava.predictor", cfg.llava.predictor)
         try:
-            factory = _import(cfg.llava.predictor, "llava.predictor")
+            factory = _import(spec, what)
         except (ImportError, AttributeError) as e:
-            raise Missing(f"llava.predictor {cfg.llava.predictor} is not available ({e})") from e
+            raise Missing(f"{what} {spec} is not available ({e})") from e
         records = _records(bench, cfg, cache)
-        key = ("predict", row.llava)
+        key = ("rank" if rank else "predict", row.llava)
         if key not in cache:  # the model is loaded once per row
+            kw = {} if rank else {"max_new_tokens": cfg.llava.max_new_tokens}
             try:
-                cache[key] = factory(row.llava, device, batch_size=cfg.llava.batch_size,
-                                     max_new_tokens=cfg.llava.max_new_tokens)
+                cache[key] = factory(row.llava, device, batch_size=cfg.llava.batch_size, **kw)
             except ImportError as e:
-                raise Missing(f"llava.predictor {cfg.llava.predictor} is not available ({e})") from e
+                raise Missing(f"{what} {spec} is not available ({e})") from e
         preds = benchmarks.write_predictions(records, cache[key](records), out / f"{bench}_predictions.jsonl")
-    result = score.score_file(bench, preds, cfg.pope.parser) if bench == "pope" else score.score_file(bench, preds)
+    result = (score.score_file(bench, preds, cfg.pope.parser) if bench == "pope"
+              else score.score_file("seedbench", preds))
     from ov3common.checkpoint import atomic_write_json
 
     atomic_write_json(out / f"{bench}_scores.json", result)
@@ -294,14 +302,14 @@ def evaluate(cfg) -> dict:
         for piece in cfg.pieces:
             t = time.perf_counter()
             try:
-                if piece in ("pope", "seedbench"):
+                if piece in ("pope", "seedbench", "seedbench_rank"):
                     res = run_understanding(piece, cfg, row, rout, device, caches)
                 elif piece == "rfid":
                     res = run_rfid_piece(cfg, row, rout, device, lpips_cache)
                 elif piece == "gfid":
                     res = run_gfid_piece(cfg, row, rout, device)
                 else:
-                    raise ValueError(f"pieces: unknown piece {piece!r} (seedbench | pope | gfid | rfid)")
+                    raise ValueError(f"pieces: unknown piece {piece!r} (seedbench | seedbench_rank | pope | gfid | rfid)")
                 entry["results"][piece] = res
                 log.info("%s / %s: done in %.0f s", row.name, piece, time.perf_counter() - t)
             except Missing as e:
@@ -311,7 +319,8 @@ def evaluate(cfg) -> dict:
                 entry["errors"][piece] = f"error: {type(e).__name__}: {e}"
                 log.error("%s / %s failed:\n%s", row.name, piece, traceback.format_exc())
             entry["seconds"][piece] = round(time.perf_counter() - t, 1)
-        caches.pop(("predict", row.llava), None)  # free this row's LLaVA model
+        for kind in ("predict", "rank"):
+            caches.pop((kind, row.llava), None)  # free this row's LLaVA models
         rows.append(entry)
     summary = {"generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "toy": cfg.toy,
                "disclaimer": TOY_DISCLAIMER if cfg.toy else "", "pope_parser": cfg.pope.parser, "rows": rows,

@@ -10,7 +10,7 @@ from eval.recon import RANDOM_LABEL
 
 TOY_DISCLAIMER = ("Toy-world numbers: they check that the pipeline runs end to end on tiny models and tiny sets; "
                   "they are not, and must never be presented as, paper numbers.")
-COLUMNS = ("Encoder", "SeedBench (img)", "POPE F1", "POPE acc", "gFID", "rFID", "PSNR", "SSIM", "LPIPS")
+COLUMNS = ("Encoder", "SeedBench (img)", "SeedBench rank", "POPE F1", "POPE acc", "gFID", "rFID", "PSNR", "SSIM", "LPIPS")
 CURVE_SKIP = {"step", "epoch", "samples", "time", "elapsed", "consumed", "tokens"}
 
 
@@ -23,18 +23,19 @@ def _num(v: object, digits: int, scale: float = 1.0) -> str | None:
 def row_cells(row: dict, first_note: int = 1) -> tuple[list[str], list[tuple[str, str]]]:
     """Table cells of one row and the (piece, reason) notes for its '—' cells, numbered from ``first_note``."""
     res, missing = row.get("results", {}), {**row.get("missing", {}), **row.get("errors", {})}
-    seed, pope, gfid, rfid = (res.get(k) or {} for k in ("seedbench", "pope", "gfid", "rfid"))
+    seed, rank, pope, gfid, rfid = (res.get(k) or {} for k in ("seedbench", "seedbench_rank", "pope", "gfid", "rfid"))
     lp = _num(rfid.get("lpips"), 3)
     if lp is not None and rfid.get("lpips_random_backbone"):
         lp += " †"
     values = {
         "seedbench": [_num(seed.get("image"), 1, 100)],
+        "seedbench_rank": [_num(rank.get("image"), 1, 100)],
         "pope": [_num(pope.get("mean_f1"), 1, 100), _num(pope.get("mean_accuracy"), 1, 100)],
         "gfid": [_num(gfid.get("gfid"), 2)],
         "rfid": [_num(rfid.get("rfid"), 2), _num(rfid.get("psnr"), 2), _num(rfid.get("ssim"), 3), lp],
     }
     cells, notes = [row["name"]], []
-    for piece in ("seedbench", "pope", "gfid", "rfid"):
+    for piece in values:
         vals = values[piece]
         if all(v is None for v in vals):
             reason = missing.get(piece, "not available")
@@ -60,7 +61,9 @@ def render_markdown(summary: dict) -> str:
         cells, notes = row_cells(row, len(all_notes) + 1)
         lines.append("| " + " | ".join(cells) + " |")
         all_notes += [(row["name"], piece, reason) for piece, reason in notes]
-    lines += ["", "SeedBench: accuracy (%) on image questions; POPE: mean over adversarial/popular/random of F1 and "
+    lines += ["", "SeedBench: accuracy (%) on image questions, the model writing the option's letter (LLaVA-1.5's "
+              "protocol); SeedBench rank: the same questions by answer ranking (SEED-Bench's protocol: the most "
+              "likely choice text is the answer); POPE: mean over adversarial/popular/random of F1 and "
               f"accuracy (%), parser `{summary.get('pope_parser', 'llava')}`; gFID / rFID: FID (Inception pool3, "
               "torch-fidelity); PSNR (dB) / SSIM / LPIPS: reconstructions of the rFID set (τ = 0)."]
     if any(r.get("results", {}).get("rfid", {}) and r["results"]["rfid"].get("lpips_random_backbone")
@@ -88,10 +91,12 @@ def _details(summary: dict) -> list[str]:
             cats = res["pope"]["categories"]
             out.append(f"- {row['name']} POPE per category (F1 / acc / yes-ratio): " + "; ".join(
                 f"{c} {m['f1'] * 100:.1f} / {m['accuracy'] * 100:.1f} / {m['yes_ratio']:.2f}" for c, m in cats.items()))
-        if res.get("seedbench"):
-            cats = res["seedbench"]["categories"]
-            out.append(f"- {row['name']} SeedBench per category: " + "; ".join(
-                f"{c} {m['accuracy'] * 100:.1f} (n={m['n']})" for c, m in cats.items() if m["accuracy"] is not None))
+        for key, what in (("seedbench", "SeedBench"), ("seedbench_rank", "SeedBench rank")):
+            if res.get(key):
+                cats = res[key]["categories"]
+                out.append(f"- {row['name']} {what} per category: " + "; ".join(
+                    f"{c} {m['accuracy'] * 100:.1f} (n={m['n']})" for c, m in cats.items()
+                    if m["accuracy"] is not None))
         for key, what in (("gfid", "gFID"), ("rfid", "rFID")):
             d = (res.get(key) or {}).get("fid_details")
             if d:

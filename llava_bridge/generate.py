@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
+from llava_bridge import IGNORE_INDEX
 from llava_bridge.conversation import Rendered, generation_prompt, tokenize_rendered
 from llava_bridge.model import load_llava
 from ov3common.images import decode_image
@@ -74,6 +75,64 @@ def generate_ids(model, tokenizer, images: Sequence[Image.Image | None], questio
         for row in gen.tolist():
             end = row.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in row else len(row)
             out.append(row[:end])
+    return out
+
+
+@torch.no_grad()
+def score_continuations(model, tokenizer, images: Sequence[Image.Image | None], contexts: Sequence[str],
+                        continuations: Sequence[str], batch_size: int = 8,
+                        template: str | None = None) -> list[tuple[float, bool]]:
+    """``(sum of log p(continuation | image, prompt), whether greedy decoding would produce it)`` for each item.
+
+    The prompt is the template's generation prompt for ``contexts[i]``; the continuation follows it after a space,
+    as an answer would. Batched with left padding (the scores do not depend on the batch).
+    """
+    if not len(images) == len(contexts) == len(continuations):
+        raise ValueError(f"{len(images)} images, {len(contexts)} contexts, {len(continuations)} continuations")
+    template = _template(model, template)
+    processor = model.vision_tower.processor
+    device = next(model.parameters()).device
+    out: list[tuple[float, bool]] = []
+    for s in range(0, len(contexts), batch_size):
+        ids_l, lab_l, pixels = [], [], []
+        for im, ctx, cont in zip(images[s:s + batch_size], contexts[s:s + batch_size], continuations[s:s + batch_size]):
+            prompt = generation_prompt(template, ctx, im is not None, tokenizer)
+            text = prompt + " " + cont.strip()
+            ids, labels = tokenize_rendered(tokenizer, Rendered(text, ((len(prompt), len(text)),), (False,)),
+                                            "continuation")
+            ids_l.append(ids)
+            lab_l.append(labels)
+            if im is not None:
+                pixels.append(processor(im))
+        ids_t, mask = left_pad(ids_l, tokenizer.pad_token_id)
+        lab_t, _ = left_pad(lab_l, IGNORE_INDEX)
+        sp = model.prepare_multimodal(ids_t.to(device), mask.to(device), lab_t.to(device),
+                                      torch.stack(pixels).to(device) if pixels else None, None, "left")
+        logits = model(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask,
+                       position_ids=sp.position_ids).logits[:, :-1].float()
+        target = sp.labels[:, 1:]
+        keep = target != IGNORE_INDEX
+        picked = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
+        hit = (logits.argmax(-1) == target) | ~keep
+        for row in range(len(ids_l)):
+            out.append((float(picked[row][keep[row]].sum()), bool(hit[row].all())))
+    return out
+
+
+@torch.no_grad()
+def rank_choices(model, tokenizer, images: Sequence[Image.Image | None], questions: Sequence[str],
+                 choices: Sequence[Sequence[str]], batch_size: int = 8,
+                 template: str | None = None) -> list[tuple[int, list[float]]]:
+    """Multiple choice by answer ranking (SEED-Bench's own protocol): the index of the choice whose text is the
+    most likely answer to ``questions[i]`` (sum of token log-probabilities), and every choice's score."""
+    flat = [(im, q, c) for im, q, cs in zip(images, questions, choices, strict=True) for c in cs]
+    scores = score_continuations(model, tokenizer, [f[0] for f in flat], [f[1] for f in flat],
+                                 [f[2] for f in flat], batch_size, template)
+    out, k = [], 0
+    for cs in choices:
+        mine = [lp for lp, _ in scores[k:k + len(cs)]]
+        out.append((max(range(len(cs)), key=mine.__getitem__), mine))
+        k += len(cs)
     return out
 
 

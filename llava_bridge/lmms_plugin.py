@@ -19,9 +19,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from llava_bridge import IGNORE_INDEX
-from llava_bridge.conversation import Rendered, generation_prompt, tokenize_rendered
-from llava_bridge.generate import generate_ids, left_pad
+from llava_bridge.generate import generate_ids, score_continuations
 from llava_bridge.model import load_llava
 from ov3common.log import get_logger
 
@@ -135,33 +133,17 @@ class OpenVision3Llava(_Base):
     # ------------------------------------------------------------------------------------------ scoring
     @torch.no_grad()
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        out = []
+        """Sum of log p(continuation | image, prompt) and whether greedy decoding would produce it."""
+        images, contexts, targets = [], [], []
         for req in requests:
             context, doc_to_target, doc_to_visual, doc_id, task, split = req.args
             doc = self._doc(task, split, doc_id)
             target = doc_to_target(doc) if callable(doc_to_target) else doc_to_target
-            out.append(self.score(context, str(target), _first_image(doc_to_visual(doc))))
-        return out
-
-    def score(self, context: str, continuation: str, image) -> tuple[float, bool]:
-        """Sum of log p(continuation | image, prompt) and whether greedy decoding would produce it."""
-        prompt = generation_prompt(self.template, context, image is not None, self.tokenizer)
-        text = prompt + " " + continuation.strip()
-        ids, labels = tokenize_rendered(self.tokenizer, Rendered(text, ((len(prompt), len(text)),), (False,)),
-                                        "loglikelihood")
-        ids_t, mask = left_pad([ids], self.tokenizer.pad_token_id)
-        lab_t, _ = left_pad([labels], IGNORE_INDEX)
-        pixels = None if image is None else self.model.vision_tower.processor(image)[None].to(self.device)
-        sp = self.model.prepare_multimodal(ids_t.to(self.device), mask.to(self.device), lab_t.to(self.device),
-                                           pixels, None, "left")
-        logits = self.model(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask,
-                            position_ids=sp.position_ids).logits[:, :-1].float()
-        target = sp.labels[:, 1:]
-        keep = target != IGNORE_INDEX
-        logp = torch.log_softmax(logits, -1)
-        picked = logp.gather(-1, target.clamp(min=0)[..., None])[..., 0][keep]
-        greedy = bool((logits.argmax(-1)[keep] == target[keep]).all())
-        return float(picked.sum()), greedy
+            images.append(_first_image(doc_to_visual(doc)))
+            contexts.append(context)
+            targets.append(str(target))
+        return score_continuations(self.model, self.tokenizer, images, contexts, targets, self.batch_size,
+                                   self.template)
 
 
 __all__ = ["OpenVision3Llava", "manifest"]

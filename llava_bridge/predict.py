@@ -3,6 +3,10 @@
     python -m llava_bridge.predict --model runs/toy/llava/stage2 --benchmark pope \\
         --data data/toy/pope/pope.jsonl --out runs/toy/llava/pope_predictions.jsonl
 
+SeedBench has two protocols: ``--protocol generate`` (LLaVA-1.5 / lmms-eval: lettered choices in the prompt, the
+model writes the letter) and ``--protocol rank`` (SEED-Bench's own: every choice's text is scored as the answer to
+the bare question and the most likely one is the prediction; its letter is written, with the scores).
+
 Records come from ``eval.benchmarks`` (the one home of the benchmark loaders and prompts); each output line has
 ``question_id, answer, prediction, category`` (+ ``choices`` for SeedBench), written by
 ``eval.benchmarks.write_predictions``.
@@ -15,7 +19,7 @@ import sys
 
 import torch
 
-from llava_bridge.generate import generate_ids
+from llava_bridge.generate import generate_ids, rank_choices
 from llava_bridge.model import load_llava
 from ov3common.log import get_logger, progress
 
@@ -33,6 +37,24 @@ def predict(model, tokenizer, records: list[dict], batch_size: int = 32, max_new
         images = [load_image(r["image"]) for r in chunk]
         ids = generate_ids(model, tokenizer, images, [r["prompt"] for r in chunk], max_new_tokens, len(chunk))
         out += [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        bar.update(len(chunk))
+    bar.close()
+    return out
+
+
+def predict_by_ranking(model, tokenizer, records: list[dict], batch_size: int = 32) -> list[str]:
+    """SeedBench by answer ranking: the letter of the most likely choice text for each record."""
+    from eval.benchmarks import load_image
+
+    out: list[str] = []
+    bar = progress(total=len(records), desc="rank choices")
+    per = max(1, batch_size // 4)
+    for s in range(0, len(records), per):
+        chunk = records[s:s + per]
+        ranked = rank_choices(model, tokenizer, [load_image(r["image"]) for r in chunk],
+                              [r["answer_prompt"] for r in chunk], [list(r["choices"].values()) for r in chunk],
+                              batch_size)
+        out += [list(r["choices"])[best] for r, (best, _) in zip(chunk, ranked)]
         bar.update(len(chunk))
     bar.close()
     return out
@@ -58,14 +80,21 @@ def main(argv=None) -> int:
     ap.add_argument("--limit-per-category", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--protocol", choices=("generate", "rank"), default="generate",
+                    help="SeedBench: generate the letter (LLaVA-1.5) or rank the choices' texts (SEED-Bench)")
     ap.add_argument("--vision-tower", default=None, help="override mm_vision_tower from config.json")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args(argv)
+    if a.protocol == "rank" and a.benchmark != "seedbench":
+        ap.error("--protocol rank is for SeedBench (multiple choice)")
     from eval.benchmarks import write_predictions
 
     records = load_records(a.benchmark, a.data, a.image_root, a.limit_per_category)
     model, tok = load_llava(a.model, a.vision_tower, device=a.device)
-    preds = predict(model, tok, records, a.batch_size, a.max_new_tokens)
+    if a.protocol == "rank":
+        preds = predict_by_ranking(model, tok, records, a.batch_size)
+    else:
+        preds = predict(model, tok, records, a.batch_size, a.max_new_tokens)
     path = write_predictions(records, preds, a.out)
     log.info("%d %s predictions -> %s", len(preds), a.benchmark, path)
     return 0

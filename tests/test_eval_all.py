@@ -28,6 +28,12 @@ def fake_predictor(run_dir: str, device: str, **options):
     return lambda records: ["A" for _ in records]
 
 
+def fake_ranker(run_dir: str, device: str, **options):
+    """llava.ranker interface: predict(records) -> letters (always 'B' here)."""
+    assert Path(run_dir).is_dir() and "max_new_tokens" not in options
+    return lambda records: ["B" for _ in records]
+
+
 def _img(path: Path, color, size=32):
     path.parent.mkdir(parents=True, exist_ok=True)
     a = np.full((size, size, 3), color, np.uint8)
@@ -89,14 +95,16 @@ def test_eval_all_on_a_miniature_toy_world(world):
         "fid.kid_subsets=2", "lpips.backbone=random",
         f"pope.path={d / 'pope' / 'pope.jsonl'}", f"seedbench.path={d / 'seedbench' / 'seedbench.jsonl'}",
         f"rfid.images={d / 'images' / 'val'}", f"gfid.real={d / 'classes' / 'val'}", "gfid.per_class=1",
-        "llava.predictor=tests.test_eval_all:fake_predictor", "gfid.sampler=tests.test_eval_all:fake_sampler",
+        "llava.predictor=tests.test_eval_all:fake_predictor", "llava.ranker=tests.test_eval_all:fake_ranker",
+        "gfid.sampler=tests.test_eval_all:fake_sampler",
         f"rows=[{{name: OV3, encoder: {r / 'enc' / 'export'}, encoder_run: {r / 'enc'}, llava: {r / 'llava'},"
         f" rae: {r / 'rae'}}}, {{name: baseline, encoder: {r / 'nope'}, rae: {r / 'rae_b'}}}]",
     ])
     s = eval_all.evaluate(cfg)
     ov3, base = s["rows"]
-    assert set(ov3["results"]) == {"seedbench", "pope", "gfid", "rfid"} and not ov3["errors"]
+    assert set(ov3["results"]) == {"seedbench", "seedbench_rank", "pope", "gfid", "rfid"} and not ov3["errors"]
     assert ov3["results"]["seedbench"]["image"] == 0.5  # the fake predictor always answers 'A'
+    assert ov3["results"]["seedbench_rank"]["image"] == 0.5  # the fake ranker always answers 'B'
     assert ov3["results"]["pope"]["overall"]["n"] == 6 and ov3["results"]["gfid"]["n"] == 4
     assert ov3["results"]["rfid"]["n"] == 4 and ov3["results"]["rfid"]["rfid"] > 0
     assert ov3["results"]["rfid"]["lpips_random_backbone"] and ov3["results"]["rfid"]["lpips"] > 0
@@ -107,14 +115,16 @@ def test_eval_all_on_a_miniature_toy_world(world):
     js = json.loads((out / "summary.json").read_text())
     assert js["toy"] and js["rows"][0]["name"] == "OV3"
     md = (out / "summary.md").read_text()
-    assert "| Encoder | SeedBench (img) | POPE F1 | POPE acc | gFID | rFID | PSNR | SSIM | LPIPS |" in md
-    assert report.TOY_DISCLAIMER in md and "| baseline | —[1] | —[2] | —[2] |" in md
-    assert "- [3] baseline / rfid: no encoder export" in md
+    assert ("| Encoder | SeedBench (img) | SeedBench rank | POPE F1 | POPE acc | gFID | rFID | PSNR | SSIM | LPIPS |"
+            in md)
+    assert report.TOY_DISCLAIMER in md and "| baseline | —[1] | —[2] | —[3] | —[3] |" in md
+    assert "- [4] baseline / rfid: no encoder export" in md
     assert " †" in md and "random backbone: not a real perceptual score" in md
     for f in ("curves_encoder.png", "curves_llava.png", "ov3/rfid/recon_grid.png", "ov3/gfid/samples_grid.png",
               "baseline/gfid/samples_grid.png"):
         assert f in js["figures"] and (out / f).is_file()
     assert (out / "ov3" / "seedbench_predictions.jsonl").is_file()
+    assert (out / "ov3" / "seedbench_rank_predictions.jsonl").is_file()
 
 
 def test_row_cells_and_errors():
@@ -122,8 +132,8 @@ def test_row_cells_and_errors():
                                              "lpips_random_backbone": True}},
            "missing": {"pope": "no LLaVA run"}, "errors": {"gfid": "error: RuntimeError: boom"}}
     cells, notes = report.row_cells(row, first_note=4)
-    assert cells == ["x", "—[4]", "—[5]", "—[5]", "—[6]", "1.23", "20.00", "0.500", "0.250 †"]
-    assert notes == [("seedbench", "not available"), ("pope", "no LLaVA run"),
+    assert cells == ["x", "—[4]", "—[5]", "—[6]", "—[6]", "—[7]", "1.23", "20.00", "0.500", "0.250 †"]
+    assert notes == [("seedbench", "not available"), ("seedbench_rank", "not available"), ("pope", "no LLaVA run"),
                      ("gfid", "error: RuntimeError: boom")]
     md = report.render_markdown({"rows": [row], "toy": False})
     assert "random backbone: not a real perceptual score" in md and report.TOY_DISCLAIMER not in md

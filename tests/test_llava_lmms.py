@@ -72,6 +72,26 @@ def test_loglikelihood_is_the_sum_of_token_logprobs(plugin):
     assert abs(-out.loss.item() * n - lp_x) < 1e-3 * n
 
 
+def test_batched_scores_equal_one_by_one_and_ranking_picks_the_likeliest(plugin):
+    from llava_bridge.generate import rank_choices, score_continuations
+
+    p, img = plugin
+    greedy = answer(p.model, p.tokenizer, [img], ["What shape is it?"], 3, 1)[0]
+    items = [(img, "What color is it?", "red"), (None, "Hello", "square square square"),
+             (img, "What shape is it?", greedy), (img, "What shape is it?", "circle red circle red")]
+    ims, ctx, cont = zip(*items)
+    one = [score_continuations(p.model, p.tokenizer, [i], [c], [t], 1)[0] for i, c, t in items]
+    batched = score_continuations(p.model, p.tokenizer, ims, ctx, cont, batch_size=4)
+    for (a, ga), (b, gb) in zip(one, batched):
+        assert abs(a - b) < 1e-4 * max(1.0, abs(a)) and ga == gb
+    assert batched[2][1] and not batched[3][1]  # the greedy answer is greedy; the made-up one is not
+    choices = ["circle red circle red", greedy, "square square square"]
+    (best, scores), = rank_choices(p.model, p.tokenizer, [img], ["What shape is it?"], [choices], batch_size=2)
+    assert best == 1 and scores[1] == max(scores) and len(scores) == 3
+    with pytest.raises(ValueError, match="2 images, 1 contexts"):
+        score_continuations(p.model, p.tokenizer, [img, img], ["q"], ["a", "b"])
+
+
 def test_generate_until_multi_round(plugin):
     p, img = plugin
 

@@ -189,3 +189,16 @@ def test_predict_writes_what_eval_score_reads(stage2, llava_world, tmp_path):
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["question_id"] for x in lines] == ["0", "1", "2"] and all("prediction" in x for x in lines)
     assert score_file("pope", out)["overall"]["n"] == 3
+    # SeedBench by answer ranking: one letter per question, scored by the same scorer
+    seed = [{"question_id": str(i), "question": "What shape is it?", "choice_a": "circle", "choice_b": "square",
+             "choice_c": "star", "choice_d": "heart", "answer": "ABCD"[i], "image": s["image"],
+             "data_type": "image", "category": "identity"} for i, s in enumerate(llava_world["scenes"][:4])]
+    (tmp_path / "seed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in seed))
+    args = ["--model", str(stage2), "--benchmark", "seedbench", "--data", str(tmp_path / "seed.jsonl"),
+            "--image-root", str(llava_world["images"]), "--out", str(out), "--protocol", "rank", "--batch-size", "5"]
+    assert predict_main(args) == 0
+    preds = [json.loads(x)["prediction"] for x in out.read_text().splitlines()]
+    assert len(preds) == 4 and set(preds) <= set("ABCD")
+    assert score_file("seedbench", out)["n"]["image"] == 4
+    with pytest.raises(SystemExit):
+        predict_main(args[:3] + ["pope"] + args[4:])

@@ -23,7 +23,15 @@ from ov3common.toyworld.questions import (
     ObjectStats,
     negatives,
 )
-from ov3common.toyworld.world import make_object, sample_scene, scene_rng, split_seed
+from ov3common.toyworld.world import (
+    CLASS_EXTENT,
+    CLASS_JITTER,
+    make_object,
+    sample_scene,
+    scene_rng,
+    single_object_scene,
+    split_seed,
+)
 
 CFG = ToyConfig.tiny()
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "data"
@@ -140,6 +148,20 @@ def test_splits_are_disjoint(toy):
     for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
         assert not keys[a] & keys[b] and not images[a] & images[b] and not layouts[a] & layouts[b]
     assert len({split_seed(0, s) for s in ("train", "val", "test", "classes_train", "classes_val")}) == 5
+
+
+def test_class_split_is_object_centric():
+    rng = np.random.default_rng(0)
+    centres, extents = [], []
+    for i in range(200):
+        scene = single_object_scene(rng, OBJECTS[i % len(OBJECTS)])
+        (obj,) = scene["objects"]
+        x0, y0, x1, y1 = obj["bbox"]
+        assert obj["name"] == OBJECTS[i % len(OBJECTS)] and abs((x1 - x0) - (y1 - y0)) < 1e-3
+        centres += [(x0 + x1) / 2 - 0.5, (y0 + y1) / 2 - 0.5]
+        extents.append(x1 - x0)
+    assert max(abs(c) for c in centres) <= CLASS_JITTER + 1e-4 and np.std(centres) > CLASS_JITTER / 4
+    assert CLASS_EXTENT[0] - 1e-4 <= min(extents) and max(extents) <= CLASS_EXTENT[1] + 1e-4
 
 
 def test_class_folder_split(toy):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-GENERATOR_VERSION = "toyworld-1.0"
+GENERATOR_VERSION = "toyworld-1.1"  # 1.1: object-centric class split
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "heart", "diamond", "hexagon", "cross")
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -27,6 +27,8 @@ COLORS: dict[str, tuple[int, int, int]] = {
 COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
 SIZES: dict[str, float] = {"small": 0.55, "large": 0.88}  # object extent as a fraction of a grid cell
 SIZE_NAMES: tuple[str, ...] = tuple(SIZES)
+CLASS_EXTENT: tuple[float, float] = (0.26, 0.34)  # class split: object extent, a fraction of the image
+CLASS_JITTER: float = 0.08  # class split: largest offset of the object's centre from the image centre
 # (top colour, bottom colour); equal colours = a solid background
 BACKGROUNDS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
     "white": ((250, 250, 250), (250, 250, 250)),
@@ -172,9 +174,20 @@ def sample_scene(rng: np.random.Generator) -> dict:
 
 
 def single_object_scene(rng: np.random.Generator, name: str) -> dict:
-    """A one-object scene of a given object (class-conditional split): random cell, size, background."""
+    """A one-object scene of a given object (class-conditional split), object-centric like ImageNet's photos: the
+    object near the centre (offset up to ``CLASS_JITTER`` of the image), extent drawn from ``CLASS_EXTENT``, random
+    background.
+
+    Why not a random cell and size as in the scenes: at 64 px the encoder's tokens are 16 px wide, and a 12–19 px
+    object in one of nine cells lands on one token at a random place; the toy generator then learned the class
+    poorly (toyworld 1.0: 0.34 class accuracy of its tokens, 0.61 for the tokens of real images)."""
     background = BACKGROUND_NAMES[int(rng.integers(len(BACKGROUND_NAMES)))]
-    obj = make_object(rng, name, int(rng.integers(9)), SIZE_NAMES[int(rng.integers(2))])
+    color, shape = name.split(" ")
+    extent = float(rng.uniform(*CLASS_EXTENT))
+    cx, cy = (0.5 + float(rng.uniform(-CLASS_JITTER, CLASS_JITTER)) for _ in range(2))
+    bbox = [round(v, 4) for v in (cx - extent / 2, cy - extent / 2, cx + extent / 2, cy + extent / 2)]
+    obj = {"name": name, "color": color, "shape": shape, "size": "large", "row": 1, "col": 1,
+           "position": POSITION_NAMES[4], "bbox": bbox}
     return {"theme": None, "background": background, "objects": [obj], "relations": []}
 
 

@@ -48,7 +48,7 @@ def predict_by_ranking(model, tokenizer, records: list[dict], batch_size: int = 
 
     out: list[str] = []
     bar = progress(total=len(records), desc="rank choices")
-    per = max(1, batch_size // 4)
+    per = max(1, batch_size // max((len(r["choices"]) for r in records), default=1))  # questions per batch
     for s in range(0, len(records), per):
         chunk = records[s:s + per]
         ranked = rank_choices(model, tokenizer, [load_image(r["image"]) for r in chunk],

@@ -85,7 +85,8 @@ def score_continuations(model, tokenizer, images: Sequence[Image.Image | None], 
     """``(sum of log p(continuation | image, prompt), whether greedy decoding would produce it)`` for each item.
 
     The prompt is the template's generation prompt for ``contexts[i]``; the continuation follows it after a space,
-    as an answer would. Batched with left padding (the scores do not depend on the batch).
+    as an answer would. Batched with left padding (the scores do not depend on the batch); an image object that
+    occurs several times in a batch is encoded once.
     """
     if not len(images) == len(contexts) == len(continuations):
         raise ValueError(f"{len(images)} images, {len(contexts)} contexts, {len(continuations)} continuations")
@@ -94,7 +95,7 @@ def score_continuations(model, tokenizer, images: Sequence[Image.Image | None], 
     device = next(model.parameters()).device
     out: list[tuple[float, bool]] = []
     for s in range(0, len(contexts), batch_size):
-        ids_l, lab_l, pixels = [], [], []
+        ids_l, lab_l, pixels, which, seen = [], [], [], [], {}
         for im, ctx, cont in zip(images[s:s + batch_size], contexts[s:s + batch_size], continuations[s:s + batch_size]):
             prompt = generation_prompt(template, ctx, im is not None, tokenizer)
             text = prompt + " " + cont.strip()
@@ -103,11 +104,14 @@ def score_continuations(model, tokenizer, images: Sequence[Image.Image | None], 
             ids_l.append(ids)
             lab_l.append(labels)
             if im is not None:
-                pixels.append(processor(im))
+                if id(im) not in seen:  # the same image (e.g. one question's choices) goes through the tower once
+                    seen[id(im)] = len(pixels)
+                    pixels.append(processor(im))
+                which.append(seen[id(im)])
         ids_t, mask = left_pad(ids_l, tokenizer.pad_token_id)
         lab_t, _ = left_pad(lab_l, IGNORE_INDEX)
-        sp = model.prepare_multimodal(ids_t.to(device), mask.to(device), lab_t.to(device),
-                                      torch.stack(pixels).to(device) if pixels else None, None, "left")
+        feats = model.vision_tower.to(device)(torch.stack(pixels).to(device))[torch.tensor(which)] if pixels else None
+        sp = model.prepare_multimodal(ids_t.to(device), mask.to(device), lab_t.to(device), None, feats, "left")
         logits = model(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask,
                        position_ids=sp.position_ids).logits[:, :-1].float()
         target = sp.labels[:, 1:]

@@ -5,7 +5,7 @@
 
 SeedBench has two protocols: ``--protocol generate`` (LLaVA-1.5 / lmms-eval: lettered choices in the prompt, the
 model writes the letter) and ``--protocol rank`` (SEED-Bench's own: every choice's text is scored as the answer to
-the bare question and the most likely one is the prediction; its letter is written, with the scores).
+the bare question and the most likely one is the prediction; its letter is written).
 
 Records come from ``eval.benchmarks`` (the one home of the benchmark loaders and prompts); each output line has
 ``question_id, answer, prediction, category`` (+ ``choices`` for SeedBench), written by

@@ -30,8 +30,15 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def fingerprint(encoder: str, source: str, image_size: int) -> str:
-    """Identifies what a cache was built from: the export's files (size + mtime), the source path, the size."""
-    parts = [str(Path(source).resolve()), str(image_size)]
+    """Identifies what a cache was built from: the export's files (size + mtime), the source path, the size, and the
+    source's top two levels (the folder and its entries: class folders or shard files, name + size + mtime), so a
+    regenerated or edited source (a class folder rewritten, a shard replaced) rebuilds the cache; one stat per
+    entry (ImageNet: ~1,000)."""
+    src = Path(source)
+    parts = [str(src.resolve()), str(image_size)]
+    for e in [src] + (sorted(src.iterdir()) if src.is_dir() else []):
+        st = e.stat()
+        parts.append(f"{e.name}:{st.st_size if e.is_file() else 0}:{st.st_mtime_ns}")
     for name in ("config.json", "model.safetensors"):
         st = (Path(encoder) / name).stat()
         parts.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")

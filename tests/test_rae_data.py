@@ -74,6 +74,14 @@ def test_cache_shards_dtype_and_idempotence(tmp_path, export):
     stamp = (out / "meta.json").stat().st_mtime_ns
     cache(root, export, tmp_path / "lat", shard_size=4, dtype="bfloat16")  # complete: not rebuilt
     assert (out / "meta.json").stat().st_mtime_ns == stamp
+    # a regenerated source (here: one class folder rewritten) rebuilds the cache with the new images
+    import shutil
+
+    shutil.rmtree(root / "class_01")
+    make_image_folder(tmp_path / "other", num_classes=3, per_class=2, size=32)
+    shutil.copytree(tmp_path / "other" / "class_01", root / "class_01")
+    cache(root, export, tmp_path / "lat", shard_size=4, dtype="bfloat16")
+    assert json.loads((out / "meta.json").read_text())["num_samples"] == 12
 
 
 def test_normalizer_position_and_channel(tmp_path):

@@ -110,7 +110,7 @@ def score_continuations(model, tokenizer, images: Sequence[Image.Image | None], 
                 which.append(seen[id(im)])
         ids_t, mask = left_pad(ids_l, tokenizer.pad_token_id)
         lab_t, _ = left_pad(lab_l, IGNORE_INDEX)
-        feats = model.vision_tower.to(device)(torch.stack(pixels).to(device))[torch.tensor(which)] if pixels else None
+        feats = model.tower_features(torch.stack(pixels))[torch.tensor(which)] if pixels else None
         sp = model.prepare_multimodal(ids_t.to(device), mask.to(device), lab_t.to(device), None, feats, "left")
         logits = model(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask,
                        position_ids=sp.position_ids).logits[:, :-1].float()

@@ -62,18 +62,22 @@ class LlavaMixin:
         return self._tower[0] if self._tower else None
 
     # -- features
+    def tower_features(self, images: Tensor) -> Tensor:
+        """Pixels through the frozen tower (moved to the projector's device if needed) → features ``[M, N, C]``."""
+        tower = self.vision_tower
+        if tower is None:
+            raise RuntimeError("the model has no vision tower: call set_vision_tower() or pass image_features")
+        proj = self.model.mm_projector
+        ref = proj[0].weight if isinstance(proj, nn.Sequential) else proj.weight
+        if next(tower.parameters()).device != ref.device:
+            tower.to(ref.device)
+        return tower(images.to(ref.device))
+
     def encode_images(self, images: Tensor | None = None, image_features: Tensor | None = None) -> Tensor:
         """Pixels (through the frozen tower) or precomputed tower features → projected ``[M, N, H]``."""
-        proj = self.model.mm_projector
         if image_features is None:
-            tower = self.vision_tower
-            if tower is None:
-                raise RuntimeError("the model has no vision tower: call set_vision_tower() or pass image_features")
-            ref = proj[0].weight if isinstance(proj, nn.Sequential) else proj.weight
-            if next(tower.parameters()).device != ref.device:
-                tower.to(ref.device)
-            image_features = tower(images.to(ref.device))
-        return proj(image_features.to(self.dtype))
+            image_features = self.tower_features(images)
+        return self.model.mm_projector(image_features.to(self.dtype))
 
     def prepare_multimodal(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor | None,
                            images: Tensor | None, image_features: Tensor | None, padding_side: str = "right"):

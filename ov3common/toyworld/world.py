@@ -130,12 +130,18 @@ def _pick(rng: np.random.Generator, probs: tuple[float, ...]) -> int:
 
 def make_object(rng: np.random.Generator, name: str, cell: int, size: str) -> dict:
     """One object dict with a jittered bbox (normalised [0, 1] image coordinates, rounded to 1e-4)."""
-    color, shape = name.split(" ")
     row, col = divmod(cell, 3)
     extent = SIZES[size] / 3.0
     slack = (1.0 / 3.0 - extent) * 0.8
     cx = (col + 0.5) / 3.0 + (rng.random() - 0.5) * slack
     cy = (row + 0.5) / 3.0 + (rng.random() - 0.5) * slack
+    return _object(name, cell, size, cx, cy, extent)
+
+
+def _object(name: str, cell: int, size: str, cx: float, cy: float, extent: float) -> dict:
+    """The object dict for a square bbox of side ``extent`` centred at (cx, cy) (rounded to 1e-4)."""
+    color, shape = name.split(" ")
+    row, col = divmod(cell, 3)
     bbox = [round(v, 4) for v in (cx - extent / 2, cy - extent / 2, cx + extent / 2, cy + extent / 2)]
     return {"name": name, "color": color, "shape": shape, "size": size, "row": row, "col": col,
             "position": POSITION_NAMES[cell], "bbox": bbox}
@@ -182,12 +188,9 @@ def single_object_scene(rng: np.random.Generator, name: str) -> dict:
     object in one of nine cells lands on one token at a random place; the toy generator then learned the class
     poorly (toyworld 1.0: 0.34 class accuracy of its tokens, 0.61 for the tokens of real images)."""
     background = BACKGROUND_NAMES[int(rng.integers(len(BACKGROUND_NAMES)))]
-    color, shape = name.split(" ")
     extent = float(rng.uniform(*CLASS_EXTENT))
     cx, cy = (0.5 + float(rng.uniform(-CLASS_JITTER, CLASS_JITTER)) for _ in range(2))
-    bbox = [round(v, 4) for v in (cx - extent / 2, cy - extent / 2, cx + extent / 2, cy + extent / 2)]
-    obj = {"name": name, "color": color, "shape": shape, "size": "large", "row": 1, "col": 1,
-           "position": POSITION_NAMES[4], "bbox": bbox}
+    obj = _object(name, 4, "large", cx, cy, extent)  # cell 4 = the centre
     return {"theme": None, "background": background, "objects": [obj], "relations": []}
 
 

@@ -119,23 +119,23 @@ toy-llm: data $(LLAVA_LLM)/config.json ## pretrain the toy world's tiny Llama on
 
 $(LLAVA_LLM)/config.json: | $(DATA)/.done
 	$(PY) -m llava_bridge.toy_llm --config configs/llava/toy_llm.yaml tokenizer=$(DATA)/tokenizer \
-		"data=[$(DATA)/llava/instruct.json]" captions=$(DATA)/llava/pretrain.json out=$(LLAVA_LLM) $(call llava_args,toy-llm)
+		"data=[$(DATA)/llava/instruct.json]" captions=$(DATA)/llava/pretrain.json out_dir=$(LLAVA_LLM) $(call llava_args,toy-llm)
 
 llava-stage1: $(if $(findstring /toy_,$(LLAVA_STAGE1)),toy-llm) ## LLaVA stage 1: projector on captions -> runs/toy/llava/ov3_stage1
 	$(TORCHRUN) -m llava_bridge.train --config $(LLAVA_STAGE1) $(call llava_toy,$(LLAVA_STAGE1)) \
-		$(if $(findstring /toy_,$(LLAVA_STAGE1)),"data.train=[$(DATA)/llava/pretrain.json]" train.output_dir=$(LLAVA_RUN)_stage1) \
+		$(if $(findstring /toy_,$(LLAVA_STAGE1)),"data.train=[$(DATA)/llava/pretrain.json]" out_dir=$(LLAVA_RUN)_stage1) \
 		$(call llava_args,llava-stage1)
 
 llava-stage2: ## LLaVA stage 2: LLM + projector on instructions (from stage 1) -> runs/toy/llava/ov3
 	$(TORCHRUN) -m llava_bridge.train --config $(LLAVA_STAGE2) $(call llava_toy,$(LLAVA_STAGE2)) \
 		$(if $(findstring /toy_,$(LLAVA_STAGE2)),"data.train=[$(DATA)/llava/instruct.json]" \
-		model.pretrain_projector=$(LLAVA_RUN)_stage1/mm_projector.safetensors train.output_dir=$(LLAVA_RUN)) \
+		model.pretrain_projector=$(LLAVA_RUN)_stage1/mm_projector.safetensors out_dir=$(LLAVA_RUN)) \
 		$(call llava_args,llava-stage2)
 
 llava-lora: ## LLaVA stage 2 with LoRA (r 128, alpha 256; projector LR apart) -> runs/toy/llava/ov3_lora
 	$(TORCHRUN) -m llava_bridge.train --config $(LLAVA_STAGE2) $(call llava_toy,$(LLAVA_STAGE2)) \
 		"data.train=[$(DATA)/llava/instruct.json]" model.pretrain_projector=$(LLAVA_RUN)_stage1/mm_projector.safetensors \
-		train.tune=lora train.lr=2e-3 train.mm_projector_lr=2e-3 train.output_dir=$(LLAVA_RUN)_lora $(call llava_args,llava-lora)
+		train.tune=lora train.lr=2e-3 train.mm_projector_lr=2e-3 out_dir=$(LLAVA_RUN)_lora $(call llava_args,llava-lora)
 
 llava-predict: ## toy POPE + SeedBench (letter, and answer ranking) predictions of stage 2 + eval.score -> runs/toy/llava/ov3/*_{predictions,scores}
 	$(PY) -m llava_bridge.predict --model $(LLAVA_RUN) --benchmark pope --data $(DATA)/pope/pope.jsonl \
@@ -176,10 +176,10 @@ RAE_DEMO    := cache-rae-latents rae-train rae-sample rae-classacc
 
 cache-rae-latents: setup ## RAE: encode $(DATA)/classes/train with the frozen encoder into safetensors shards (skips bad images)
 	$(TORCHRUN) -m rae_generation.cache_latents --config configs/rae/cache_toy.yaml source=$(DATA)/classes/train \
-		encoder=$(RAE_ENCODER) out=$(RAE_DIR)/latents/train $(call goal_args,cache-rae-latents)
+		encoder=$(RAE_ENCODER) out_dir=$(RAE_DIR)/latents/train $(call goal_args,cache-rae-latents)
 
 rae-train: setup ## RAE: train DiT-DH (flow matching) on the cached tokens; resumes from $(RAE_DIR)/checkpoints
-	$(TORCHRUN) -m rae_generation.train --config configs/rae/toy.yaml out=$(RAE_DIR) \
+	$(TORCHRUN) -m rae_generation.train --config configs/rae/toy.yaml out_dir=$(RAE_DIR) \
 		data.latents=$(RAE_DIR)/latents/train $(call goal_args,rae-train)
 
 rae-sample: setup ## RAE: class-conditional samples -> $(RAE_DIR)/samples/samples.npz (ADM layout) + samples_grid.png
@@ -187,7 +187,7 @@ rae-sample: setup ## RAE: class-conditional samples -> $(RAE_DIR)/samples/sample
 
 rae-classacc: setup ## RAE: class accuracy of the samples by a toy classifier trained on $(DATA)/classes
 	$(PY) -m rae_generation.classify --config configs/rae/classify_toy.yaml train=$(DATA)/classes/train \
-		val=$(DATA)/classes/val encoder=$(RAE_ENCODER) latents=$(RAE_DIR)/latents/train out=$(RAE_DIR)/classifier \
+		val=$(DATA)/classes/val encoder=$(RAE_ENCODER) latents=$(RAE_DIR)/latents/train out_dir=$(RAE_DIR)/classifier \
 		npz=$(RAE_DIR)/samples/samples.npz $(call goal_args,rae-classacc)
 
 bench-rae: setup ## RAE: DiT-DH step time vs diffusers DiT (ratio) and sampling images/s, from the run in $(RAE_DIR)

@@ -28,7 +28,7 @@ from encoder.losses import LPIPSLoss
 from encoder.ov3 import LossConfig, ModelConfig, OV3Model
 from encoder.vae import FrozenVAE, build_random_vae, load_frozen_vae, tiny_vae_config
 from ov3common import checkpoint as C
-from ov3common.config import parse_cli, path_field, save_config, to_dict
+from ov3common.config import choice_field, parse_cli, path_field, save_config, to_dict
 from ov3common.dist import all_reduce_mean, barrier, cleanup, init_distributed, step_seed, wrap_model
 from ov3common.guard import NonFiniteGuard
 from ov3common.images import SkipStats
@@ -37,7 +37,7 @@ from ov3common.optim import build_adamw, warmup_cosine
 
 
 @dataclass
-class VAESource:
+class VAEConfig:
     path: str = path_field("runs/toy/vae", "exists")  # diffusers folder or FLUX ae.safetensors
     config: str = path_field("", "file")  # diffusers config.json for a single file (default: FLUX.1)
     scaling_factor: float = 0.0  # 0: the VAE config's value (FLUX.1: 0.3611)
@@ -46,7 +46,7 @@ class VAESource:
 
 
 @dataclass
-class Stage:
+class StageConfig:
     resolution: int = 32
     steps: int = 100
     batch_size: int = 64  # global (split over ranks)
@@ -54,7 +54,7 @@ class Stage:
 
 @dataclass
 class TrainConfig:
-    stages: list[Stage] = field(default_factory=lambda: [Stage(32, 300, 64), Stage(64, 100, 64)])
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig(32, 300, 64), StageConfig(64, 100, 64)])
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
@@ -62,32 +62,34 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    bf16: bool = False  # bf16 autocast
-    strategy: str = "ddp"  # ddp | fsdp2 | none
+    precision: str = choice_field("fp32", ("fp32", "bf16"))  # bf16: autocast, fp32 master weights
+    strategy: str = choice_field("ddp", ("ddp", "fsdp2", "none"))
     device: str = "auto"
     threads: int = 0  # torch intra-op threads (0: leave as is)
     log_every: int = 10
     ckpt_every: int = 100
     keep_last: int = 2
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
-    nan_at_steps: list[int] = field(default_factory=list)  # debug: poison the loss at these (1-based) steps
+    inject_nan_steps: list[int] = field(default_factory=list)  # tests: poison the loss at these (1-based) steps
     log_indices: bool = False  # debug: write the sample indices of every step (resume tests)
 
 
 @dataclass
 class Config:
+    RENAMED = {"train.bf16": "train.precision", "train.nan_at_steps": "train.inject_nan_steps",
+               "train.dist": "train.strategy", "train.max_grad_norm": "train.grad_clip", "out": "out_dir"}
     out_dir: str = "runs/toy/encoder"
     seed: int = 0
     export_dir: str = ""  # empty: <out_dir>/export; "none": no export
     grid_n: int = 8
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    vae: VAESource = field(default_factory=VAESource)
+    vae: VAEConfig = field(default_factory=VAEConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def build_vae(vc: VAESource, device) -> FrozenVAE:
+def build_vae(vc: VAEConfig, device) -> FrozenVAE:
     if vc.random_tiny:
         return FrozenVAE(build_random_vae(tiny_vae_config()), scaling_factor=vc.scaling_factor or 1.0).to(device)
     if not vc.path:
@@ -131,6 +133,7 @@ def train(cfg: Config) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     tr, world = cfg.train, info.world_size
+    bf16 = tr.precision == "bf16"
     for s in tr.stages:
         if s.batch_size % world:
             raise ValueError(f"train.stages: batch_size {s.batch_size} not divisible by {world} processes")
@@ -177,7 +180,7 @@ def train(cfg: Config) -> dict:
         truncate_log(metrics.path, prog["step"] if loaded is not None else -1)
         truncate_log(out / "indices.jsonl", prog["step"] if loaded is not None else -1)
     if loaded is None:
-        prog["baseline"] = evaluate(model, val, out / "recon_grid_untrained.png", cfg.grid_n, tr.bf16, wrapped)
+        prog["baseline"] = evaluate(model, val, out / "recon_grid_untrained.png", cfg.grid_n, bf16, wrapped)
         metrics.log(0, {f"untrained/{k}": v for k, v in prog["baseline"].items()})
         log.info("untrained model: %s", prog["baseline"])
 
@@ -224,10 +227,10 @@ def train(cfg: Config) -> dict:
                 log.warning("step %d: no valid sample in the batch on any rank; step skipped", step)
                 losses = None
             else:
-                with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=tr.bf16):
+                with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=bf16):
                     losses = wrapped(to_device(batch, info.device), step, counts[0], counts[1], world)
                 loss = losses["loss"]
-                if step + 1 in tr.nan_at_steps:  # 1-based, like the logged steps
+                if step + 1 in tr.inject_nan_steps:  # 1-based, like the logged steps
                     loss = loss * float("nan")
                 loss.backward()
                 gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip)  # DDP/FSDP2-aware
@@ -264,7 +267,7 @@ def train(cfg: Config) -> dict:
             prog["epoch"] += 1
             prog["consumed"] = 0
     end_epoch()
-    final = evaluate(model, val, out / "recon_grid.png", cfg.grid_n, tr.bf16, wrapped)
+    final = evaluate(model, val, out / "recon_grid.png", cfg.grid_n, bf16, wrapped)
     base = prog["baseline"]
     summary = {**final, "untrained/psnr": base.get("val/psnr"), "untrained/r1_i2t": base.get("val/r1_i2t"),
                "psnr_gain_db": final["val/psnr"] - base.get("val/psnr", math.nan), "steps": total,

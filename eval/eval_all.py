@@ -119,7 +119,8 @@ def _default_rows() -> list[RowConfig]:
 class EvalAllConfig:
     """Evaluate every available piece for every encoder row and write reports/summary.{json,md} + figures."""
 
-    out: str = "reports"
+    RENAMED = {"out": "out_dir"}
+    out_dir: str = "reports"
     device: str = "auto"
     toy: bool = True
     rows: list[RowConfig] = field(default_factory=_default_rows)
@@ -290,7 +291,7 @@ def evaluate(cfg) -> dict:
 
     log = get_logger("eval.eval_all")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    out = Path(cfg.out)
+    out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0, caches, lpips_cache = time.perf_counter(), {}, {}
     rows = []

@@ -8,13 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ov3common.config import ConfigError, path_field
+from ov3common.config import ConfigError, choice_field, path_field
 
 TUNES = ("projector", "full", "lora")
 
 
 @dataclass
-class ModelCfg:
+class ModelConfig:
     llm: str = "runs/toy/llm"  # transformers causal-LM folder (tokenizer inside)
     vision_tower: str = "runs/toy/encoder/export"  # OV3 encoder export, or a CLIP/SigLIP vision model folder
     select_layer: int = -2  # mm_vision_select_layer
@@ -25,11 +25,11 @@ class ModelCfg:
     model_max_length: int = 2048
     image_aspect_ratio: str = "pad"  # pad | crop
     attn_implementation: str = "sdpa"
-    dtype: str = "float32"  # weights dtype when loading the LM (bf16 mixed precision is train.bf16)
+    dtype: str = "float32"  # weights dtype when loading the LM (bf16 mixed precision is train.precision)
 
 
 @dataclass
-class DataCfg:
+class DataConfig:
     train: list[str] = field(default_factory=lambda: ["data/toy/llava/pretrain.json"])  # .json/.jsonl/.tar/dirs
     image_root: str = "data/toy/images"
     shard_caption: str = "txt"  # for tar shards: txt | json.<field>
@@ -42,9 +42,8 @@ class DataCfg:
 
 
 @dataclass
-class TrainCfg:
-    tune: str = "projector"  # projector (stage 1) | full (stage 2) | lora
-    output_dir: str = "runs/toy/llava/ov3_stage1"
+class TrainConfig:
+    tune: str = choice_field("projector", TUNES)  # projector (stage 1) | full (stage 2) | lora
     epochs: float = 1.0
     max_steps: int = -1
     batch_size: int = 16  # per device
@@ -54,32 +53,37 @@ class TrainCfg:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     lr_scheduler: str = "cosine"
-    max_grad_norm: float = 1.0
-    bf16: bool = False
+    grad_clip: float = 1.0  # HF max_grad_norm
+    precision: str = choice_field("fp32", ("fp32", "bf16"))  # bf16: HF Trainer bf16 mixed precision
     tf32: bool = False
     gradient_checkpointing: bool = False
     deepspeed: str = ""  # a DeepSpeed JSON (configs/llava/zero{2,3}.json); "" = plain DDP / single process
-    save_steps: int = 0  # 0 = only the final save
-    save_total_limit: int = 2
-    logging_steps: int = 10
-    seed: int = 42
-    resume: str = "auto"  # auto (newest valid checkpoint in output_dir) | none | a checkpoint folder
+    ckpt_every: int = 0  # HF save_steps; 0 = only the final save
+    keep_last: int = 2  # HF save_total_limit
+    log_every: int = 10  # HF logging_steps
+    resume: str = "auto"  # auto (newest valid checkpoint in out_dir) | none | a checkpoint folder
     max_bad_steps: int = 5  # consecutive non-finite losses that stop the run
     use_cpu: bool = False  # forced on when no GPU is visible
     lora_r: int = 128
     lora_alpha: int = 256
     lora_dropout: float = 0.05
     report_to: str = "none"
-    log_samples: bool = False  # append each step's sample ids to output_dir/samples.jsonl (audits data order)
+    log_indices: bool = False  # append each step's sample ids to out_dir/samples.jsonl (audits data order)
 
 
 @dataclass
 class LlavaTrainConfig:
     """LLaVA-1.5 training (stage 1: projector; stage 2: LLM + projector; or LoRA)."""
 
-    model: ModelCfg = field(default_factory=ModelCfg)
-    data: DataCfg = field(default_factory=DataCfg)
-    train: TrainCfg = field(default_factory=TrainCfg)
+    RENAMED = {"train.output_dir": "out_dir", "train.seed": "seed", "train.bf16": "train.precision",
+               "train.max_grad_norm": "train.grad_clip", "train.save_steps": "train.ckpt_every",
+               "train.save_total_limit": "train.keep_last", "train.logging_steps": "train.log_every",
+               "train.log_samples": "train.log_indices", "train.dist": "train.strategy"}
+    out_dir: str = "runs/toy/llava/ov3_stage1"
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 HINTS = {
@@ -107,8 +111,6 @@ def check_inputs(cfg) -> None:
         need("data.train", p) if i == 0 else need(f"data.train.{i}", p)
     if cfg.data.image_root:
         need("data.image_root", cfg.data.image_root, "dir")
-    if cfg.train.tune not in TUNES:
-        raise ConfigError(f"train.tune: must be one of {TUNES}, got {cfg.train.tune!r}")
     if cfg.train.deepspeed:
         need("train.deepspeed", cfg.train.deepspeed)
     if cfg.train.tune == "projector" and cfg.model.pretrain_projector:
@@ -122,14 +124,14 @@ def training_arguments(cfg, use_cpu: bool):
 
     t = cfg.train
     kw = dict(
-        output_dir=t.output_dir, num_train_epochs=t.epochs, max_steps=t.max_steps,
+        output_dir=cfg.out_dir, num_train_epochs=t.epochs, max_steps=t.max_steps,
         per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_ratio,
-        lr_scheduler_type=t.lr_scheduler, max_grad_norm=t.max_grad_norm, bf16=t.bf16,
+        lr_scheduler_type=t.lr_scheduler, max_grad_norm=t.grad_clip, bf16=t.precision == "bf16",
         deepspeed=t.deepspeed or None,
-        save_strategy="steps" if t.save_steps > 0 else "no", save_steps=max(t.save_steps, 1),
-        save_total_limit=t.save_total_limit, logging_steps=t.logging_steps, logging_first_step=True,
-        seed=t.seed, data_seed=t.seed, use_cpu=use_cpu, report_to=t.report_to, remove_unused_columns=False,
+        save_strategy="steps" if t.ckpt_every > 0 else "no", save_steps=max(t.ckpt_every, 1),
+        save_total_limit=t.keep_last, logging_steps=t.log_every, logging_first_step=True,
+        seed=cfg.seed, data_seed=cfg.seed, use_cpu=use_cpu, report_to=t.report_to, remove_unused_columns=False,
         dataloader_num_workers=cfg.data.num_workers,
     )
     if t.tf32:

@@ -44,10 +44,11 @@ SIZES = {  # hidden, layers, heads, intermediate
 class ToyLLMConfig:
     """Pretrain the toy LM."""
 
+    RENAMED = {"out": "out_dir"}
     tokenizer: str = path_field("data/toy/tokenizer", "dir")
     data: list[str] = field(default_factory=lambda: ["data/toy/llava/instruct.json"])
     captions: str = "data/toy/llava/pretrain.json"  # image id -> short caption (the image's stand-in in the text)
-    out: str = "runs/toy/llm"
+    out_dir: str = "runs/toy/llm"
     size: str = "toy"
     max_docs: int = 20000  # documents taken from the corpus (0 = all)
     block: int = 256
@@ -176,7 +177,7 @@ def main(argv=None) -> int:
     log.info("toy LLM corpus: %d documents, %d tokens, %d blocks of %d", len(docs), len(flat), n_blocks, cfg.block)
     model = build_model(cfg.size, len(tok), tok)
     log.info("toy LLM: %s, %.2fM parameters", cfg.size, sum(p.numel() for p in model.parameters()) / 1e6)
-    out = Path(cfg.out)
+    out = Path(cfg.out_dir)
     save_config(cfg, out / "toy_llm_config.yaml")
     metrics = MetricLogger(out)
     g = torch.Generator().manual_seed(cfg.seed)

@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node N -m llava_bridge.train --config configs/llava/toy_stage1.yaml [key=value ...]
 
-Resumes by default from the newest complete checkpoint in ``train.output_dir`` (``train.resume=auto``).
+Resumes by default from the newest complete checkpoint in ``out_dir`` (``train.resume=auto``).
 """
 
 from __future__ import annotations
@@ -111,11 +111,11 @@ def build(cfg):
         processing_class=tokenizer, tune=cfg.train.tune, mm_projector_lr=cfg.train.mm_projector_lr,
         max_bad_steps=cfg.train.max_bad_steps, skip_stats=stats, extra_config=extra,
         modality_lengths=ds.modality_lengths if cfg.data.group_by_modality_length else None,
-        callbacks=[_MetricsCallback(cfg.train.output_dir).callback],
-        sample_log=str(Path(cfg.train.output_dir) / "samples.jsonl") if cfg.train.log_samples else None)
+        callbacks=[_MetricsCallback(cfg.out_dir).callback],
+        sample_log=str(Path(cfg.out_dir) / "samples.jsonl") if cfg.train.log_indices else None)
     resume = None
     if cfg.train.resume == "auto":
-        resume = find_resumable_checkpoint(cfg.train.output_dir, quarantine=args.process_index == 0)
+        resume = find_resumable_checkpoint(cfg.out_dir, quarantine=args.process_index == 0)
     elif cfg.train.resume != "none":
         resume = cfg.train.resume
         if not Path(resume).is_dir():
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
 def _main(argv=None) -> int:
     cfg = parse_cli(LlavaTrainConfig, argv, description=__doc__)
     trainer, resume = build(cfg)
-    out = Path(cfg.train.output_dir)
+    out = Path(cfg.out_dir)
     if trainer.args.process_index == 0:
         save_config(cfg, out / "train_config.yaml")
     if resume:

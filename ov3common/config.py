@@ -7,6 +7,10 @@ Every runnable module does::
 which loads the dataclass defaults, merges the YAML (which may inherit another file with ``_base_: other.yaml``)
 and the overrides (``train.steps=100``), and rejects unknown keys and wrong types *before any compute*, with a
 message naming the key. Fields declared with :func:`path_field` are checked to exist.
+
+Overrides reach into lists by index (``train.stages.1.lr=1e-4``). A schema may declare renamed keys as a
+``RENAMED: ClassVar[dict[str, str]]`` (old dotted key -> new dotted key): a config or override that still uses an
+old name is refused with a message naming the new one.
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, read_write
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 __all__ = [
     "ConfigError",
     "path_field",
+    "choice_field",
     "load_config",
     "parse_cli",
     "check_paths",
@@ -48,6 +53,29 @@ def path_field(default: str = "", kind: str = "exists") -> Any:
     if kind not in _PATH_KINDS:
         raise ValueError(f"path_field kind must be one of {_PATH_KINDS}, got {kind!r}")
     return dataclasses.field(default=default, metadata={"path": kind})
+
+
+def choice_field(default: str, choices: Sequence[str]) -> Any:
+    """A string field that must be one of ``choices`` (checked when the config is loaded, naming the key)."""
+    if default not in choices:
+        raise ValueError(f"choice_field default {default!r} is not one of {tuple(choices)}")
+    return dataclasses.field(default=default, metadata={"choices": tuple(choices)})
+
+
+def _walk_choices(schema: Any, node: Any, prefix: str):
+    if not dataclasses.is_dataclass(schema):
+        return
+    for f in dataclasses.fields(schema):
+        key = f"{prefix}{f.name}"
+        value = node[f.name] if isinstance(node, DictConfig) and f.name in node else None
+        if "choices" in f.metadata:
+            yield key, f.metadata["choices"], value
+        elif isinstance(value, DictConfig):
+            yield from _walk_choices(OmegaConf.get_type(value), value, key + ".")
+        elif isinstance(value, ListConfig):
+            for i, item in enumerate(value):
+                if isinstance(item, DictConfig):
+                    yield from _walk_choices(OmegaConf.get_type(item), item, f"{key}.{i}.")
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
@@ -94,6 +122,57 @@ def _explain(e: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(msg)
 
 
+def _dotted_keys(data: dict, prefix: str = ""):
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        yield key
+        if isinstance(v, dict):
+            yield from _dotted_keys(v, key + ".")
+
+
+def _check_renamed(schema: type, keys, source: str) -> None:
+    renamed: dict[str, str] = getattr(schema, "RENAMED", {})
+    for key in keys:
+        for old, new in renamed.items():
+            if key == old or key.startswith(old + "."):
+                raise ConfigError(f"{source}: key '{key}' was renamed: use '{new}{key[len(old):]}'")
+
+
+def _apply_override(cfg: DictConfig, key: str, text: str) -> None:
+    """``key=text`` into ``cfg`` (in place); list items by index; errors name the key."""
+    node: Any = cfg
+    parts = key.split(".")
+    for depth, part in enumerate(parts[:-1] if len(parts) > 1 else []):
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, ListConfig):
+            if not part.lstrip("-").isdigit():
+                raise ConfigError(f"command line: key '{where}': '{part}' is not a list index")
+            i = int(part)
+            if not -len(node) <= i < len(node):
+                raise ConfigError(f"command line: key '{where}': index {i} out of range (the list has "
+                                  f"{len(node)} items; set the whole list to change its length)")
+            node = node[i]
+        elif isinstance(node, DictConfig):
+            if part not in node:
+                raise ConfigError(f"command line: unknown key '{where}'")
+            node = node[part]
+        else:
+            break
+    if len(parts) > 1 and not isinstance(node, DictConfig | ListConfig):
+        raise ConfigError(f"command line: key '{'.'.join(parts[:-1])}' is a value, it has no sub-key '{parts[-1]}'")
+    if isinstance(node, ListConfig):
+        last = parts[-1]
+        if not last.lstrip("-").isdigit() or not -len(node) <= int(last) < len(node):
+            raise ConfigError(f"command line: key '{key}': bad list index '{last}' (the list has {len(node)} items)")
+    try:
+        value = OmegaConf.from_dotlist([f"v={text}"])["v"]
+        if OmegaConf.is_config(value):
+            value = OmegaConf.to_container(value)
+        OmegaConf.update(cfg, key, value, merge=True)
+    except OmegaConfBaseException as e:
+        raise _explain(e, "command line") from e
+
+
 def load_config(schema: type, path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> DictConfig:
     """Defaults of ``schema`` ← YAML at ``path`` ← dotted ``overrides``; typed and closed (struct mode)."""
     if not dataclasses.is_dataclass(schema):
@@ -102,6 +181,7 @@ def load_config(schema: type, path: str | os.PathLike | None = None, overrides: 
     OmegaConf.set_struct(cfg, True)
     if path:
         data = _read_yaml(Path(path))
+        _check_renamed(schema, _dotted_keys(data), str(path))
         try:
             cfg = OmegaConf.merge(cfg, data)
         except OmegaConfBaseException as e:
@@ -109,15 +189,19 @@ def load_config(schema: type, path: str | os.PathLike | None = None, overrides: 
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"override must look like key=value, got {bad[0]!r}")
-    if overrides:
-        try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-        except OmegaConfBaseException as e:
-            raise _explain(e, "command line") from e
+    _check_renamed(schema, [o.split("=", 1)[0] for o in overrides], "command line")
+    with read_write(cfg):  # a frozen dataclass schema is read-only; overrides still apply (as a merge would)
+        for o in overrides:
+            key, text = o.split("=", 1)
+            _apply_override(cfg, key.strip(), text)
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as e:
         raise _explain(e, str(path or "config")) from e
+    for key, choices, value in _walk_choices(schema, cfg, ""):
+        if value not in choices:
+            raise ConfigError(f"{path or 'config'}: bad value for key '{key}': {value!r} is not one of "
+                              f"{' | '.join(choices)}")
     return cfg
 
 

@@ -53,11 +53,11 @@ def cache_is_complete(out: Path, cfg) -> bool:
 
 
 def build_cache(cfg, info: D.DistInfo | None = None) -> Path:
-    """Encode ``cfg.source`` into ``cfg.out``; returns the cache folder."""
+    """Encode ``cfg.source`` into ``cfg.out_dir``; returns the cache folder."""
     from encoder.export import load_encoder
 
     info = info or D.init_distributed(cfg.device)
-    out = Path(cfg.out)
+    out = Path(cfg.out_dir)
     if cfg.dtype not in _DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(_DTYPES)}, got {cfg.dtype!r}")
     if not cfg.overwrite and cache_is_complete(out, cfg):

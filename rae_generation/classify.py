@@ -38,7 +38,8 @@ class ClassifyConfig:
     encoder: str = path_field("", "dir")  # reconstruction ceiling (pixels) and val tokens (tokens)
     latents: str = path_field("", "dir")  # the train latent cache: enables the token classifier
     npz: str = path_field("", "file")  # samples to score (arr_0 / arr_1); tokens: <stem>_tokens.safetensors
-    out: str = "runs/toy/rae/classifier"
+    RENAMED = {"out": "out_dir"}
+    out_dir: str = "runs/toy/rae/classifier"
     image_size: int = 64
     epochs: int = 4
     token_epochs: int = 15
@@ -211,7 +212,7 @@ def token_classifier(cfg, out: Path) -> tuple[TokenClassifier, Normalizer, dict]
 
 def main(argv=None) -> dict:
     cfg = parse_cli(ClassifyConfig, argv, default_config="configs/rae/classify_toy.yaml")
-    out = Path(cfg.out)
+    out = Path(cfg.out_dir)
     pix, pinfo = pixel_classifier(cfg, out)
     classes = pinfo["classes"]
     result: dict = {"pixels": {k: v for k, v in pinfo.items() if k != "classes"}}

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ov3common.config import path_field
+from ov3common.config import choice_field, path_field
 
 
 @dataclass
 class CacheConfig:
     """``python -m rae_generation.cache_latents``: encode a class-labelled image source into token shards."""
 
+    RENAMED = {"out": "out_dir"}
+
     source: str = path_field("data/toy/classes/train", "exists")  # ImageFolder dir, dir of .tar shards, or a .tar
     encoder: str = path_field("runs/toy/encoder/export", "dir")
-    out: str = "runs/toy/rae/latents/train"
+    out_dir: str = "runs/toy/rae/latents/train"
     image_size: int = 64
     batch_size: int = 64
     num_workers: int = 2
@@ -25,7 +27,7 @@ class CacheConfig:
 
 
 @dataclass
-class ModelCfg:
+class ModelConfig:
     size: str = "toy"  # a key of rae_generation.models.DIT_SIZES
     width: int = 0  # 0 = the size's default (likewise below)
     depth: int = 0
@@ -42,7 +44,7 @@ class ModelCfg:
 
 
 @dataclass
-class DataCfg:
+class DataConfig:
     latents: str = path_field("", "dir")  # a latent cache (make cache-rae-latents); empty = encode on the fly
     images: str = path_field("", "exists")  # on the fly: ImageFolder / shard dir
     encoder: str = path_field("", "dir")  # on the fly, and to decode previews; default = the cache's encoder
@@ -54,7 +56,7 @@ class DataCfg:
 
 
 @dataclass
-class FlowCfg:
+class FlowConfig:
     t_dist: str = "logit_normal"  # logit_normal | uniform (RAE's released configs use uniform)
     t_mean: float = 0.0
     t_std: float = 1.0
@@ -63,7 +65,7 @@ class FlowCfg:
 
 
 @dataclass
-class TrainCfg:
+class TrainConfig:
     steps: int = 1000
     batch_size: int = 256  # global (split over ranks)
     lr: float = 2e-4
@@ -74,21 +76,21 @@ class TrainCfg:
     grad_clip: float = 1.0
     ema_decay: float = 0.9995
     ema_warmup: bool = False  # decay min(ema_decay, (1 + step) / (10 + step)) early on
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    precision: str = choice_field("fp32", ("fp32", "bf16"))  # bf16: autocast, fp32 master weights
     log_every: int = 20
     ckpt_every: int = 500
     keep_last: int = 2
     preview: bool = True  # a PNG grid of EMA samples at the end (needs an encoder)
     max_bad_steps: int = 5  # consecutive NaN/Inf steps that stop the run
-    dist: str = "ddp"  # none | ddp
+    strategy: str = choice_field("ddp", ("ddp", "none"))
     device: str = "auto"
     threads: int = 0  # CPU threads per process (torch.set_num_threads); 0 = torch's default
-    inject_nan_steps: list[int] = field(default_factory=list)  # tests only: force a NaN loss at these steps
-    record_indices: bool = False  # tests only: write each step's sample indices to indices.jsonl
+    inject_nan_steps: list[int] = field(default_factory=list)  # tests only: a NaN loss at these (1-based) steps
+    log_indices: bool = False  # tests only: write each step's sample indices to indices_rank<r>.jsonl
 
 
 @dataclass
-class GuidanceCfg:
+class GuidanceConfig:
     steps: int = 50
     method: str = "euler"  # euler | heun
     cfg_scale: float = 1.0
@@ -99,13 +101,15 @@ class GuidanceCfg:
 class RAETrainConfig:
     """``python -m rae_generation.train``: DiT-DH flow matching on encoder tokens."""
 
-    out: str = "runs/toy/rae"
+    RENAMED = {"out": "out_dir", "train.dist": "train.strategy", "train.record_indices": "train.log_indices",
+               "train.bf16": "train.precision", "train.max_grad_norm": "train.grad_clip"}
+    out_dir: str = "runs/toy/rae"
     seed: int = 0
-    model: ModelCfg = field(default_factory=ModelCfg)
-    data: DataCfg = field(default_factory=DataCfg)
-    flow: FlowCfg = field(default_factory=FlowCfg)
-    train: TrainCfg = field(default_factory=TrainCfg)
-    sample: GuidanceCfg = field(default_factory=GuidanceCfg)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: GuidanceConfig = field(default_factory=GuidanceConfig)
 
 
 @dataclass
@@ -118,7 +122,7 @@ class SampleConfig:
     encoder: str = path_field("", "dir")  # default: the encoder recorded by the run
     per_class: int = 8
     classes: list[int] = field(default_factory=list)  # empty = all
-    guidance: GuidanceCfg = field(default_factory=GuidanceCfg)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     guide_run: str = path_field("", "dir")  # AutoGuidance: the weaker model's run (may equal `run`)
     guide_checkpoint: str = "latest"  # e.g. an early step folder of the same run
     guide_weights: str = "ema"

@@ -2,12 +2,12 @@
 
 Run folder::
 
-    <out>/config.yaml            # the resolved config
-    <out>/generator.json         # what a sampler needs: model config, classes, shift, normalisation, encoder
-    <out>/stats.safetensors      # normalisation statistics (mean, std), computed once
-    <out>/checkpoints/step_N/    # model, ema, optimizer, scheduler, data position, RNG (ov3common.checkpoint)
-    <out>/metrics.jsonl          # loss, grad norm, lr, throughput; skipped NaN/Inf steps
-    <out>/preview.png            # EMA samples at the end (one row per class, when an encoder is known)
+    <out_dir>/config.yaml            # the resolved config
+    <out_dir>/generator.json         # what a sampler needs: model config, classes, shift, normalisation, encoder
+    <out_dir>/stats.safetensors      # normalisation statistics (mean, std), computed once
+    <out_dir>/checkpoints/step_N/    # model, ema, optimizer, scheduler, data position, RNG (ov3common.checkpoint)
+    <out_dir>/metrics.jsonl          # loss, grad norm, lr, throughput; skipped NaN/Inf steps
+    <out_dir>/preview.png            # EMA samples at the end (one row per class, when an encoder is known)
 
 Exact resume: every step reseeds torch from (seed, step, rank), the data order is a pure function of (seed, epoch)
 (:class:`~ov3common.data.ResumableSampler`) and the checkpoint stores the samples consumed in the epoch, so a
@@ -133,7 +133,7 @@ class TrainData:
 
 def prepare_run(cfg, data: TrainData, info: D.DistInfo) -> tuple[Path, Normalizer, DiTDHConfig, float]:
     """Check a resumed run matches; write config.yaml, stats.safetensors (when starting) and generator.json."""
-    out = Path(cfg.out)
+    out = Path(cfg.out_dir)
     stats_path, spec_path = out / "stats.safetensors", out / "generator.json"
     mcfg = model_config(cfg, data.channels, data.grid, len(data.classes))
     shift = cfg.flow.shift or shift_factor(data.num_tokens, data.channels, cfg.flow.shift_base)
@@ -142,7 +142,7 @@ def prepare_run(cfg, data: TrainData, info: D.DistInfo) -> tuple[Path, Normalize
         old = json.loads(spec_path.read_text()) if spec_path.is_file() else {}
         if old.get("data") != data.fingerprint or old.get("model") != mcfg.to_dict():
             raise ValueError(f"{out} holds checkpoints of a run on other data or another model (the latent cache or "
-                             f"the encoder changed, or model.* did): resume is impossible; use a new `out` or delete "
+                             f"the encoder changed, or model.* did): resume is impossible; use a new `out_dir` or delete "
                              f"{out}/checkpoints (make clean-toy removes runs/toy)")
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -154,7 +154,7 @@ def prepare_run(cfg, data: TrainData, info: D.DistInfo) -> tuple[Path, Normalize
     norm = Normalizer.load(stats_path).to(info.device)
     if norm.kind != cfg.data.norm:
         raise ValueError(f"data.norm={cfg.data.norm!r} but {stats_path} holds {norm.kind!r} statistics "
-                         f"(a resumed run keeps its statistics; use a new out folder)")
+                         f"(a resumed run keeps its statistics; use a new out_dir)")
     if info.is_main:
         atomic_write_json(spec_path, {
             "format": GENERATOR_FORMAT, "data": data.fingerprint, "model": mcfg.to_dict(), "classes": data.classes,
@@ -173,7 +173,7 @@ def train(cfg, info: D.DistInfo) -> Path:
     torch.manual_seed(cfg.seed)
     model = DiTDH(mcfg).to(info.device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    net = D.wrap_model(model, tc.dist, info)
+    net = D.wrap_model(model, tc.strategy, info)
     opt = build_adamw(model, tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     sched = warmup_cosine(opt, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
     sampler = ResumableSampler(len(data), seed=cfg.seed, shuffle=True, rank=info.rank, world_size=info.world_size)
@@ -209,8 +209,6 @@ def train(cfg, info: D.DistInfo) -> Path:
     metrics = MetricLogger(out)
     speed = Throughput()
     autocast = torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
-    if tc.precision not in ("fp32", "bf16"):
-        raise ValueError(f"train.precision: expected fp32 | bf16, got {tc.precision!r}")
     inject = set(tc.inject_nan_steps)
     net.train()
     while step < tc.steps:
@@ -225,7 +223,7 @@ def train(cfg, info: D.DistInfo) -> Path:
                          device=info.device)
             with autocast:
                 loss = flow_loss(net, x, y, t, noise)
-            if step in inject:
+            if step + 1 in inject:  # 1-based, like the logged steps
                 loss = loss * float("nan")
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -238,7 +236,7 @@ def train(cfg, info: D.DistInfo) -> Path:
                 decay = min(tc.ema_decay, (1 + step) / (10 + step)) if tc.ema_warmup else tc.ema_decay
                 update_ema(ema, model, decay)
             sched.step()
-            if tc.record_indices:
+            if tc.log_indices:
                 with open(out / f"indices_rank{info.rank}.jsonl", "a") as f:
                     seen = batch.get("seen", batch["index"])  # on the fly: skipped samples count as consumed
                     f.write(json.dumps({"step": step, "epoch": epoch, "index": seen.tolist()}) + "\n")

@@ -2,7 +2,15 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from ov3common.config import ConfigError, check_paths, load_config, parse_cli, path_field, save_config
+from ov3common.config import (
+    ConfigError,
+    check_paths,
+    choice_field,
+    load_config,
+    parse_cli,
+    path_field,
+    save_config,
+)
 
 
 @dataclass
@@ -82,3 +90,57 @@ def test_save_config_roundtrip(tmp_path):
     save_config(cfg, tmp_path / "out" / "config.yaml")
     again = load_config(Cfg, tmp_path / "out" / "config.yaml")
     assert again == cfg
+
+
+@dataclass
+class Stage:
+    resolution: int = 32
+    steps: int = 10
+
+
+@dataclass
+class Staged:
+    RENAMED = {"bf16": "precision", "optim.clip": "optim.grad_clip"}  # a plain class attribute: not a field
+    precision: str = "fp32"
+    stages: list[Stage] = field(default_factory=lambda: [Stage(32, 10), Stage(64, 5)])
+    optim: Optim = field(default_factory=Optim)
+
+
+def test_override_reaches_list_items():
+    cfg = load_config(Staged, None, ["stages.1.steps=7", "stages.0.resolution=16", "optim.betas.1=0.99"])
+    assert [(s.resolution, s.steps) for s in cfg.stages] == [(16, 10), (64, 7)]
+    assert list(cfg.optim.betas) == [0.9, 0.99]
+    cfg = load_config(Staged, None, ["stages=[{resolution: 8, steps: 1}]"])
+    assert [(s.resolution, s.steps) for s in cfg.stages] == [(8, 1)]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("stages.5.steps=1", r"key 'stages\.5': index 5 out of range \(the list has 2 items"),
+    ("stages.x.steps=1", r"key 'stages\.x': 'x' is not a list index"),
+    ("stages.0.stepz=1", r"unknown key 'stages\[0\]\.stepz'"),
+    ("stages.0.steps=many", r"bad value for key 'stages\[0\]\.steps'"),
+    ("precision.x=1", r"key 'precision' is a value"),
+])
+def test_override_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(Staged, None, [override])
+
+
+def test_renamed_keys_are_refused_with_the_new_name(tmp_path):
+    with pytest.raises(ConfigError, match=r"command line: key 'bf16' was renamed: use 'precision'"):
+        load_config(Staged, None, ["bf16=true"])
+    p = write(tmp_path, "old.yaml", "optim:\n  clip: 1.0\n")
+    with pytest.raises(ConfigError, match=r"old\.yaml: key 'optim\.clip' was renamed: use 'optim\.grad_clip'"):
+        load_config(Staged, p)
+
+
+@dataclass
+class WithChoice:
+    precision: str = choice_field("fp32", ("fp32", "bf16"))
+    stages: list[Stage] = field(default_factory=lambda: [Stage(32, 10)])
+
+
+def test_choice_field_checked_at_load():
+    assert load_config(WithChoice, None, ["precision=bf16"]).precision == "bf16"
+    with pytest.raises(ConfigError, match=r"bad value for key 'precision': 'fp16' is not one of fp32 \| bf16"):
+        load_config(WithChoice, None, ["precision=fp16"])

@@ -75,13 +75,13 @@ def test_losses_decrease(toy_root, tmp_path):
 
 def test_nan_steps_skipped_then_run_stops(toy_root, tmp_path):
     out = tmp_path / "run"
-    train(cfg_for(toy_root, out, stages((16, 6, 8)), "train.nan_at_steps=[2]", "export_dir=none"))
+    train(cfg_for(toy_root, out, stages((16, 6, 8)), "train.inject_nan_steps=[2]", "export_dir=none"))
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows if r.get("skipped_step")] == [2]
     assert json.loads((out / "summary.json").read_text())["nonfinite_steps_skipped"] == 1
     out2 = tmp_path / "run2"
     with pytest.raises(TrainingDiverged, match="3 consecutive"):
-        train(cfg_for(toy_root, out2, stages((16, 8, 8)), "train.nan_at_steps=[3,4,5]", "train.max_bad_steps=3",
+        train(cfg_for(toy_root, out2, stages((16, 8, 8)), "train.inject_nan_steps=[3,4,5]", "train.max_bad_steps=3",
                       "train.ckpt_every=2", "export_dir=none"))
     from ov3common.checkpoint import CheckpointManager
 
@@ -123,7 +123,7 @@ def test_cached_latents_match_on_the_fly(toy_root, tmp_path):
 
 def test_bf16_autocast_and_grad_checkpointing_run(toy_root, tmp_path):
     out = tmp_path / "run"
-    train(cfg_for(toy_root, out, stages((16, 2, 8)), "train.bf16=true", "model.grad_checkpointing=true",
+    train(cfg_for(toy_root, out, stages((16, 2, 8)), "train.precision=bf16", "model.grad_checkpointing=true",
                   "export_dir=none"))
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)

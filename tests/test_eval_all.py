@@ -91,7 +91,7 @@ def test_eval_all_on_a_miniature_toy_world(world):
     root, weights = world
     d, r = root / "data", root / "runs"
     cfg = load_config(eval_all.EvalAllConfig, None, [
-        f"out={root / 'reports'}", "device=cpu", f"fid.weights={weights}", f"fid.cache_dir={root / 'cache'}",
+        f"out_dir={root / 'reports'}", "device=cpu", f"fid.weights={weights}", f"fid.cache_dir={root / 'cache'}",
         "fid.kid_subsets=2", "lpips.backbone=random",
         f"pope.path={d / 'pope' / 'pope.jsonl'}", f"seedbench.path={d / 'seedbench' / 'seedbench.jsonl'}",
         f"rfid.images={d / 'images' / 'val'}", f"gfid.real={d / 'classes' / 'val'}", "gfid.per_class=1",
@@ -154,7 +154,7 @@ def test_unavailable_predictor_and_sampler_are_missing_not_errors(tmp_path):
     (tmp_path / "pope.jsonl").write_text(json.dumps(dict(question_id="1", question="q?", answer="yes",
                                                          image="x.jpg", category="random")) + "\n")
     cfg = load_config(eval_all.EvalAllConfig, None, [
-        f"out={tmp_path / 'r'}", "pieces=[pope, gfid]", f"pope.path={tmp_path / 'pope.jsonl'}",
+        f"out_dir={tmp_path / 'r'}", "pieces=[pope, gfid]", f"pope.path={tmp_path / 'pope.jsonl'}",
         f"fid.weights={tmp_path / 'w.pth'}", "llava.predictor=no_such_module:predictor",
         "gfid.sampler=no_such_module:sampler",
         f"rows=[{{name: x, llava: {tmp_path / 'llava'}, rae: {tmp_path / 'rae'}}}]"])

@@ -44,7 +44,7 @@ def test_zero2_two_processes_resume_after_sigkill_is_bitwise(llava_world, tmp_pa
     def cmd(out):
         args = overrides(llava_world, out, **{
             "model.template": "vicuna_v1", "data.train": f"[{llava_world['instruct']}]", "train.tune": "full",
-            "train.max_steps": 5, "train.batch_size": 2, "train.lr": 1e-3, "train.save_steps": 1,
+            "train.max_steps": 5, "train.batch_size": 2, "train.lr": 1e-3, "train.ckpt_every": 1,
             "train.deepspeed": REPO / "configs/llava/zero2.json"})
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "-m", "llava_bridge.train", *args]

@@ -38,7 +38,7 @@ def by_step(path: Path) -> list:
 
 @pytest.mark.slow
 def test_resume_after_sigkill_is_bitwise(llava_world, tmp_path):
-    kw = {"train.max_steps": 9, "train.batch_size": 2, "train.save_steps": 1, "train.log_samples": True,
+    kw = {"train.max_steps": 9, "train.batch_size": 2, "train.ckpt_every": 1, "train.log_indices": True,
           "train.lr": 1e-3}  # 9 steps × 2 > 11 samples: crosses an epoch boundary
     ref, run = tmp_path / "ref", tmp_path / "run"
     threads = torch.get_num_threads()
@@ -59,8 +59,8 @@ def test_resume_after_sigkill_is_bitwise(llava_world, tmp_path):
 
 
 def test_corrupt_and_partial_checkpoints_fall_back(llava_world, tmp_path, caplog):
-    assert main(overrides(llava_world, tmp_path, **{"train.max_steps": 3, "train.save_steps": 1,
-                                                    "train.save_total_limit": 3})) == 0
+    assert main(overrides(llava_world, tmp_path, **{"train.max_steps": 3, "train.ckpt_every": 1,
+                                                    "train.keep_last": 3})) == 0
     assert find_resumable_checkpoint(tmp_path) == str(tmp_path / "checkpoint-3")
     weights = tmp_path / "checkpoint-3" / "mm_projector.safetensors"
     weights.write_bytes(weights.read_bytes()[:50])  # a torn write
@@ -70,7 +70,7 @@ def test_corrupt_and_partial_checkpoints_fall_back(llava_world, tmp_path, caplog
     assert find_resumable_checkpoint(tmp_path, quarantine=True) == str(tmp_path / "checkpoint-2")
     assert (tmp_path / ".bad-checkpoint-3").is_dir() and (tmp_path / ".bad-checkpoint-4").is_dir()
     # resuming uses checkpoint-2 and finishes
-    assert main(overrides(llava_world, tmp_path, **{"train.max_steps": 4, "train.save_steps": 1})) == 0
+    assert main(overrides(llava_world, tmp_path, **{"train.max_steps": 4, "train.ckpt_every": 1})) == 0
     state = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4
     assert not list(tmp_path.glob("checkpoint-*/*.pt")) and not list(tmp_path.glob("checkpoint-*/*.pth"))
@@ -107,7 +107,7 @@ def test_nonfinite_loss_step_is_skipped(llava_world, tmp_path):
 
 def test_consecutive_nonfinite_losses_stop_and_keep_last_good(llava_world, tmp_path):
     cfg = load_config(LlavaTrainConfig, None, overrides(llava_world, tmp_path, **{
-        "train.max_steps": 8, "train.save_steps": 1, "train.max_bad_steps": 3, "train.save_total_limit": 10}))
+        "train.max_steps": 8, "train.ckpt_every": 1, "train.max_bad_steps": 3, "train.keep_last": 10}))
     trainer, _ = build(cfg)
     cb = PoisonLoss(trainer.model, {3, 4, 5})
     trainer.add_callback(cb)

@@ -21,8 +21,8 @@ from tests.llava_fixtures import *  # noqa: F403 (pytest fixtures)
 
 def overrides(w, out, **kw):
     base = {"model.llm": w["llm"], "model.vision_tower": w["enc"], "data.train": f"[{w['pretrain']}]",
-            "data.image_root": w["images"], "train.output_dir": out, "train.max_steps": 4, "train.batch_size": 4,
-            "train.logging_steps": 1, "train.report_to": "none"}
+            "data.image_root": w["images"], "out_dir": out, "train.max_steps": 4, "train.batch_size": 4,
+            "train.log_every": 1, "train.report_to": "none"}
     base.update(kw)
     return [f"{k}={v}" for k, v in base.items()]
 

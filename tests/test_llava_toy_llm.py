@@ -29,7 +29,7 @@ def test_sft_samples_put_the_caption_in_context_and_learn_only_the_answer(llava_
 def test_toy_llm_pretrain_then_sft_writes_a_loadable_model(llava_world, tmp_path):
     w = llava_world
     out = tmp_path / "llm"
-    assert main([f"tokenizer={w['tok']}", f"data=[{w['instruct']}]", f"captions={w['pretrain']}", f"out={out}",
+    assert main([f"tokenizer={w['tok']}", f"data=[{w['instruct']}]", f"captions={w['pretrain']}", f"out_dir={out}",
                  "size=tiny", "steps=2", "block=32", "batch_size=2", "warmup=1", "sft_steps=3",
                  "sft_batch_size=4", "threads=1"]) == 0
     model = AutoModelForCausalLM.from_pretrained(out)

@@ -22,7 +22,7 @@ def export(tmp_path_factory):
 
 
 def cache(source, encoder, out, **kw):
-    over = [f"source={source}", f"encoder={encoder}", f"out={out}", "image_size=32", "batch_size=8",
+    over = [f"source={source}", f"encoder={encoder}", f"out_dir={out}", "image_size=32", "batch_size=8",
             "num_workers=0", "device=cpu"] + [f"{k}={v}" for k, v in kw.items()]
     return build_cache(load_config(CacheConfig, None, over))
 

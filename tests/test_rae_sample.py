@@ -21,10 +21,10 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("rae_sample")
     enc = write_random_export(root / "export", size="tiny", image_size=32)
     imgs = make_image_folder(root / "imgs", num_classes=3, per_class=8, size=32)
-    lat = build_cache(load_config(CacheConfig, None, [f"source={imgs}", f"encoder={enc}", f"out={root / 'lat'}",
+    lat = build_cache(load_config(CacheConfig, None, [f"source={imgs}", f"encoder={enc}", f"out_dir={root / 'lat'}",
                                                       "image_size=32", "num_workers=0", "device=cpu"]))
     cfg = load_config(RAETrainConfig, "configs/rae/toy.yaml", [
-        f"out={root / 'run'}", f"data.latents={lat}", "model.size=tiny", "train.batch_size=8", "train.steps=8",
+        f"out_dir={root / 'run'}", f"data.latents={lat}", "model.size=tiny", "train.batch_size=8", "train.steps=8",
         "train.ckpt_every=4", "train.keep_last=5", "train.device=cpu", "train.preview=true", "sample.steps=3"])
     return train(cfg, init_distributed("cpu"))
 
@@ -88,7 +88,7 @@ def test_class_accuracy_of_samples_pixels_and_tokens(run, tmp_path):
     out = tmp_path / "samples.npz"
     main([f"run={run}", f"out={out}", "per_class=2", "guidance.steps=2", "device=cpu", "save_tokens=true"])
     res = classify([f"train={root / 'imgs'}", f"val={root / 'imgs'}", f"latents={root / 'lat'}",
-                    f"encoder={root / 'export'}", f"npz={out}", f"out={tmp_path / 'clf'}", "image_size=32",
+                    f"encoder={root / 'export'}", f"npz={out}", f"out_dir={tmp_path / 'clf'}", "image_size=32",
                     "epochs=8", "token_epochs=2", "batch_size=8", "lr=3e-3"])
     assert res["pixels"]["val_accuracy_real"] > 0.9  # 3 colours: an easy task for the pixel CNN
     assert 0 <= res["pixels"]["val_accuracy_reconstructed"] <= 1 and 0 <= res["pixels"]["sample_accuracy"] <= 1

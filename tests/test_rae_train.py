@@ -26,13 +26,13 @@ def latents(tmp_path_factory):
     root = tmp_path_factory.mktemp("rae_train")
     enc = write_random_export(root / "export", size="tiny", image_size=32)
     imgs = make_image_folder(root / "imgs", num_classes=4, per_class=16, size=32)
-    over = [f"source={imgs}", f"encoder={enc}", f"out={root / 'lat'}", "image_size=32", "num_workers=0",
+    over = [f"source={imgs}", f"encoder={enc}", f"out_dir={root / 'lat'}", "image_size=32", "num_workers=0",
             "device=cpu", "batch_size=32"]
     return build_cache(load_config(CacheConfig, None, over))
 
 
 def overrides(latents, out, **kw) -> list[str]:
-    base = {"out": out, "data.latents": latents, "model.size": "tiny", "train.batch_size": 8, "train.steps": 16,
+    base = {"out_dir": out, "data.latents": latents, "model.size": "tiny", "train.batch_size": 8, "train.steps": 16,
             "train.lr": 3e-3, "train.log_every": 1, "train.ckpt_every": 4, "train.preview": False,
             "train.device": "cpu", "train.ema_decay": 0.9, "train.warmup_steps": 0}
     base.update(kw)
@@ -67,7 +67,7 @@ def test_tiny_run_loss_decreases_and_writes_run_folder(latents, tmp_path):
 
 
 def test_nan_step_is_skipped_and_logged(latents, tmp_path, caplog):
-    out = run_inprocess(latents, tmp_path / "run", **{"train.steps": 6, "train.inject_nan_steps": "[2]"})
+    out = run_inprocess(latents, tmp_path / "run", **{"train.steps": 6, "train.inject_nan_steps": "[3]"})
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["skipped"] for r in rows] == [False, False, True, False, False, False]
     assert rows[-1]["skipped_total"] == 1
@@ -78,7 +78,7 @@ def test_nan_step_is_skipped_and_logged(latents, tmp_path, caplog):
 
 def test_consecutive_bad_steps_stop_and_keep_good_checkpoint(latents, tmp_path):
     argv = ["--config", "configs/rae/toy.yaml"] + overrides(
-        latents, tmp_path / "run", **{"train.inject_nan_steps": "[4,5,6]", "train.max_bad_steps": 3,
+        latents, tmp_path / "run", **{"train.inject_nan_steps": "[5,6,7]", "train.max_bad_steps": 3,
                                        "train.ckpt_every": 2})
     with pytest.raises(SystemExit) as e:
         main(argv)
@@ -90,7 +90,7 @@ def test_consecutive_bad_steps_stop_and_keep_good_checkpoint(latents, tmp_path):
     for k, v in good4.items():
         assert torch.isfinite(last[k]).all() and torch.equal(last[k], v)  # skipped steps left the weights alone
     with pytest.raises(TrainingDiverged):
-        run_inprocess(latents, tmp_path / "run2", **{"train.inject_nan_steps": "[1,2]", "train.max_bad_steps": 2})
+        run_inprocess(latents, tmp_path / "run2", **{"train.inject_nan_steps": "[2,3]", "train.max_bad_steps": 2})
 
 
 def _indices(out: Path) -> dict[int, tuple[int, list[int]]]:
@@ -102,7 +102,7 @@ def _indices(out: Path) -> dict[int, tuple[int, list[int]]]:
 
 @pytest.mark.slow
 def test_exact_resume_after_sigkill(latents, tmp_path):
-    kw = {"train.steps": 20, "train.ckpt_every": 3, "train.record_indices": True}
+    kw = {"train.steps": 20, "train.ckpt_every": 3, "train.log_indices": True}
     cmd = lambda out: python_module("rae_generation.train", "--config", "configs/rae/toy.yaml",  # noqa: E731
                                     *overrides(latents, out, **kw))
     ref, killed = tmp_path / "ref", tmp_path / "killed"
@@ -132,7 +132,7 @@ def test_ddp_two_ranks_shard_the_data_and_resume(latents, tmp_path):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "rae_generation.train", "--config", "configs/rae/toy.yaml",
                *overrides(latents, out, **{"train.steps": steps, "train.ckpt_every": 3, "train.batch_size": 16,
-                                           "train.record_indices": True})]
+                                           "train.log_indices": True})]
         res = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
@@ -159,7 +159,7 @@ def test_on_the_fly_encoding_of_a_poisoned_folder(latents, tmp_path):
     enc = Path(latents).parent / "export"
     out = run_inprocess("''", tmp_path / "run", **{"data.images": root, "data.encoder": enc, "train.steps": 5,
                                                     "train.batch_size": 4, "data.stats_samples": 64, "data.image_size": 32,
-                                                    "train.record_indices": True})
+                                                    "train.log_indices": True})
     rows = read_jsonl(out / "metrics.jsonl")
     assert len(rows) == 5 and all(isinstance(r["loss"], float) for r in rows)
     files = ImageFolderSource(root, 32).files

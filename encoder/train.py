@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,8 +31,8 @@ from ov3common.config import choice_field, parse_cli, path_field, save_config, t
 from ov3common.dist import all_reduce_mean, barrier, cleanup, init_distributed, step_seed, wrap_model
 from ov3common.guard import NonFiniteGuard
 from ov3common.images import SkipStats
-from ov3common.log import MetricLogger, get_logger, read_jsonl
-from ov3common.optim import build_adamw, warmup_cosine
+from ov3common.log import MetricLogger, TrainProgress, get_logger, read_jsonl
+from ov3common.optim import build_adamw, staged_warmup_cosine, warmup_cosine
 
 
 @dataclass
@@ -50,6 +49,9 @@ class StageConfig:
     resolution: int = 32
     steps: int = 100
     batch_size: int = 64  # global (split over ranks)
+    lr: float = 0.0  # peak LR of this stage (train.schedule=per_stage); 0 = train.lr
+    warmup_steps: int = -1  # this stage's warmup (per_stage); -1 = train.warmup_steps
+    min_lr_ratio: float = -1.0  # this stage's cosine floor, x its peak (per_stage); -1 = train.min_lr_ratio
 
 
 @dataclass
@@ -58,6 +60,10 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
+    # per_stage: each stage its own warmup + cosine from its own peak LR (OpenVision's pretrain + fine-tune runs);
+    # single: one warmup + cosine over all the stages' steps (the toy recipe)
+    schedule: str = choice_field("per_stage", ("per_stage", "single"))
+    fresh_optimizer_per_stage: bool = False  # drop AdamW's moments when a stage starts (a fine-tune from the weights)
     weight_decay: float = 0.2
     beta1: float = 0.9
     beta2: float = 0.95
@@ -67,6 +73,7 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 0  # torch intra-op threads (0: leave as is)
     log_every: int = 10
+    tensorboard: bool = False  # also write the metrics as TensorBoard scalars to <out_dir>/tb
     ckpt_every: int = 100
     keep_last: int = 2
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
@@ -119,6 +126,15 @@ def truncate_log(path: Path, step: int) -> None:
         C.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
+def build_schedule(opt: torch.optim.Optimizer, tr: TrainConfig):
+    """``train.schedule``: one warmup + cosine per stage (each from its own peak LR), or one over all steps."""
+    if tr.schedule == "single":
+        return warmup_cosine(opt, tr.warmup_steps, sum(s.steps for s in tr.stages), tr.min_lr_ratio)
+    return staged_warmup_cosine(opt, [(s.steps, (s.lr or tr.lr) / tr.lr, tr.warmup_steps if s.warmup_steps < 0
+                                       else s.warmup_steps, tr.min_lr_ratio if s.min_lr_ratio < 0 else s.min_lr_ratio)
+                                      for s in tr.stages])
+
+
 def to_device(batch: dict, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
@@ -156,10 +172,10 @@ def train(cfg: Config) -> dict:
     wrapped = wrap_model(model, tr.strategy, info)
     opt = build_adamw(model, tr.lr, (tr.beta1, tr.beta2), tr.weight_decay)
     total = sum(s.steps for s in tr.stages)
-    sched = warmup_cosine(opt, tr.warmup_steps, total, tr.min_lr_ratio)
+    sched = build_schedule(opt, tr)
     guard = NonFiniteGuard(tr.max_bad_steps)
     ckpt = C.CheckpointManager(out / "checkpoints", tr.keep_last)
-    metrics = MetricLogger(out)
+    metrics = MetricLogger(out, tensorboard=tr.tensorboard)
     from ov3common.data import ResumableSampler
 
     sampler = ResumableSampler(len(ds), seed=cfg.seed, rank=info.rank, world_size=world)
@@ -199,7 +215,7 @@ def train(cfg: Config) -> dict:
 
     bounds = [sum(s.steps for s in tr.stages[: i + 1]) for i in range(len(tr.stages))]
     collate = Collate(tokenize.pad)
-    t_last, n_last = time.time(), 0
+    bar = TrainProgress(total, prog["step"], "encoder", tr.log_every, log)
     while prog["step"] < total:
         si = next(i for i, b in enumerate(bounds) if prog["step"] < b)
         stage = tr.stages[si]
@@ -211,6 +227,9 @@ def train(cfg: Config) -> dict:
         exhausted = True
         for batch in loader:
             step = prog["step"]
+            if tr.fresh_optimizer_per_stage and si > 0 and step == bounds[si - 1]:
+                opt.state.clear()  # the stage starts from the weights only (its own schedule warms up again)
+                log.info("stage %d (%d px): AdamW moments reset", si + 1, stage.resolution)
             torch.manual_seed(step_seed(cfg.seed, step, info.rank))
             prog["consumed"] += batch["n_drawn"]
             skips.skipped.update(batch["skipped"])
@@ -242,19 +261,18 @@ def train(cfg: Config) -> dict:
             opt.zero_grad(set_to_none=True)
             sched.step()
             prog["step"] += 1
-            n_last += batch["n"]
+            row = None
             if losses is not None and (prog["step"] % tr.log_every == 0 or prog["step"] == total):
                 keys = sorted(losses)
                 vals = all_reduce_mean(torch.stack([losses[k].detach().float() for k in keys]))
-                dt = time.time() - t_last
                 row = {k: float(v) for k, v in zip(keys, vals)}
+            bar.update(int(counts[0]), row and row["loss"], row and (
+                f"res {stage.resolution} caption {row['caption']:.3f} contrastive {row['contrastive']:.3f} "
+                f"pixel {row.get('pixel_l1', math.nan):.3f} latent {row['latent_l1']:.3f}"))
+            if row is not None:
                 row.update(lr=sched.get_last_lr()[0], grad_norm=float(gnorm), resolution=stage.resolution,
-                           samples_per_s=n_last * world / max(dt, 1e-9))
+                           samples_per_s=bar.samples_per_s, eta_s=bar.eta_s)
                 metrics.log(prog["step"], row)
-                log.info("step %d/%d res %d loss %.4f (caption %.3f contrastive %.3f pixel %.3f latent %.3f)",
-                         prog["step"], total, stage.resolution, row["loss"], row["caption"], row["contrastive"],
-                         row.get("pixel_l1", math.nan), row["latent_l1"])
-                t_last, n_last = time.time(), 0
             elif losses is None:
                 metrics.log(prog["step"], {"skipped_step": 1})
             if (prog["step"] % tr.ckpt_every == 0 or prog["step"] == total) and guard.consecutive == 0:
@@ -266,6 +284,7 @@ def train(cfg: Config) -> dict:
             end_epoch()
             prog["epoch"] += 1
             prog["consumed"] = 0
+    bar.close()
     end_epoch()
     final = evaluate(model, val, out / "recon_grid.png", cfg.grid_n, bf16, wrapped)
     base = prog["baseline"]

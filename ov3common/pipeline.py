@@ -133,6 +133,8 @@ def outputs(stage: Stage, env: dict, config: str | None = None) -> list[str]:
     outs = [get(data, k) for k in stage.output_keys]
     if stage.target == "rae-sample" and not outs[0] and get(data, "run"):
         outs = [str(Path(get(data, "run")) / "samples")]
+    if stage.target == "cache-latents" and not outs[0] and get(data, "out_dir"):
+        outs = [str(Path(get(data, "out_dir")) / "latents")]  # encoder.cache_latents' default
     return [o for o in outs if isinstance(o, str) and o]
 
 

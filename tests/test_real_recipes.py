@@ -135,3 +135,37 @@ def test_progress_bar_on_a_terminal(capsys):
     bar.close()
     err = capsys.readouterr().err
     assert "rae" in err and "4/4" in err and "loss 0.5000" in err
+
+
+def test_micro_batches_accumulate_to_the_whole_batch():
+    """A rank's batch in chunks (train.stages.N.micro_batch): the per-sample losses and their gradients equal the
+    whole batch's (contrastive negatives are per chunk, so it is left out here)."""
+    from encoder.ov3 import OV3Model
+    from encoder.train import Config, StageConfig, forward_backward, micro_parts, split_batch
+    from encoder.vae import FrozenVAE, build_random_vae, tiny_vae_config
+    from tools.profile import encoder_batch
+
+    cfg = load_config(Config, None, ["model.size=tiny", "model.text_width=32", "model.text_depth=1",
+                                     "model.text_heads=2", "model.text_decoder_width=32", "model.text_decoder_depth=1",
+                                     "model.text_decoder_heads=2", "loss.w_contrastive=0.0", "loss.w_lpips=0.0",
+                                     "data.max_text_len=12"])
+    vae = FrozenVAE(build_random_vae(tiny_vae_config()), scaling_factor=1.0)
+    torch.manual_seed(0)
+    model = OV3Model(cfg.model, cfg.loss, 50, 0, 12, vae)
+    batch = encoder_batch(cfg, 6, 32, torch.device("cpu"), alt_len=8)
+    batch.update(image=torch.rand(6, 3, 32, 32) * 2 - 1, recap=torch.randint(1, 50, (6, 12)),
+                 alt=torch.randint(1, 50, (6, 8)), sent=torch.randint(1, 50, (6, 8)), n=6)
+    counts = torch.tensor([6.0, 6.0 * 11])
+    grads, losses = [], []
+    for parts in (1, 3):
+        model.zero_grad()
+        losses.append(forward_backward(model, batch, parts, 1, counts, 1, False, torch.device("cpu")))
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    for k in ("caption", "latent_l1", "pixel_l1", "loss"):
+        assert losses[1][k] == pytest.approx(float(losses[0][k]), rel=1e-5), k
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(*grads))
+    sizes = [(c["n"], len(c["image"]), len(c["index"])) for c in split_batch(batch, 4)]
+    assert len(sizes) == 4 and sum(s[0] for s in sizes) == 6 and all(a == b == c >= 1 for a, b, c in sizes)
+    stage = StageConfig(resolution=32, steps=1, batch_size=64, micro_batch=16)
+    assert micro_parts({"n": 64}, stage, 1, "cpu") == 4 and micro_parts({"n": 3}, stage, 1, "cpu") == 1
+    assert micro_parts({"n": 64}, StageConfig(batch_size=64, micro_batch=0), 1, "cpu") == 1

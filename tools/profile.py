@@ -247,4 +247,4 @@ def profile_tower(encoder_cfg, resolution: int = 256) -> Profile:
     img = torch.zeros(1, 3, resolution, resolution, device=META)
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         model.vit(vae.encode(img))
-    return Profile(trainable=0, frozen=count(model.vit)[0] + count(vae)[0], flops=fc.get_total_flops())
+    return Profile(trainable=0, frozen=sum(sum(count(m)) for m in (model.vit, vae)), flops=fc.get_total_flops())

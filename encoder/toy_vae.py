@@ -22,7 +22,7 @@ from ov3common.checkpoint import atomic_write_json
 from ov3common.config import parse_cli, path_field, save_config
 from ov3common.dist import seed_all
 from ov3common.images import BadSample, decode_image, save_image_grid
-from ov3common.log import MetricLogger, get_logger, progress
+from ov3common.log import MetricLogger, TrainProgress, get_logger
 from ov3common.optim import build_adamw, warmup_cosine
 
 
@@ -49,6 +49,7 @@ class ToyVAEConfig:
     sample_posterior: bool = True  # False: decode the posterior mean (an AE with a KL-regularised mean)
     threads: int = 0
     log_every: int = 25
+    tensorboard: bool = False  # also write the metrics as TensorBoard scalars to <out_dir>/tb
     min_psnr: float = 24.0  # a warning (not an error) when val PSNR ends below this
 
 
@@ -120,10 +121,11 @@ def main(argv: list[str] | None = None) -> dict:
         vae.encoder.conv_out.bias[cfg.latent_channels:] = cfg.init_logvar
     opt = build_adamw(vae, cfg.lr, weight_decay=0.0)
     sched = warmup_cosine(opt, cfg.warmup_steps, cfg.steps, 0.05)
-    metrics = MetricLogger(out)
+    metrics = MetricLogger(out, tensorboard=cfg.tensorboard)
     g = torch.Generator().manual_seed(cfg.seed)
     t0 = time.time()
-    for step in progress(range(cfg.steps), desc="toy VAE"):
+    bar = TrainProgress(cfg.steps, 0, "toy VAE", cfg.log_every, log)
+    for step in range(cfg.steps):
         x = random_crops(train_imgs, cfg.batch_size, cfg.crop, g)
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=g) if cfg.sample_posterior else post.mean
@@ -135,8 +137,12 @@ def main(argv: list[str] | None = None) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
-        if (step + 1) % cfg.log_every == 0:
-            metrics.log(step + 1, {"l1": l1, "mse": mse, "kl": kl, "lr": sched.get_last_lr()[0]})
+        due = (step + 1) % cfg.log_every == 0
+        bar.update(len(x), loss.item() if due else None)
+        if due:
+            metrics.log(step + 1, {"l1": l1, "mse": mse, "kl": kl, "lr": sched.get_last_lr()[0],
+                                   "samples_per_s": bar.samples_per_s})
+    bar.close()
     vae.eval().requires_grad_(False)
     score, recs = val_psnr(vae, val_imgs)
     std = latent_std(vae, train_imgs[:1024])

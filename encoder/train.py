@@ -4,9 +4,9 @@ joint understanding + reconstruction losses, exact resume, NaN guard, bad-sample
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,8 +32,8 @@ from ov3common.config import choice_field, parse_cli, path_field, save_config, t
 from ov3common.dist import all_reduce_mean, barrier, cleanup, init_distributed, step_seed, wrap_model
 from ov3common.guard import NonFiniteGuard
 from ov3common.images import SkipStats
-from ov3common.log import MetricLogger, get_logger, read_jsonl
-from ov3common.optim import build_adamw, warmup_cosine
+from ov3common.log import MetricLogger, TrainProgress, get_logger, read_jsonl
+from ov3common.optim import build_adamw, staged_warmup_cosine, warmup_cosine
 
 
 @dataclass
@@ -50,6 +50,11 @@ class StageConfig:
     resolution: int = 32
     steps: int = 100
     batch_size: int = 64  # global (split over ranks)
+    micro_batch: int = 0  # samples per forward on a rank (memory): the rank's batch runs in chunks of at most this
+    #                       many, gradients accumulated; contrastive negatives are those of a chunk. 0 = all at once
+    lr: float = 0.0  # peak LR of this stage (train.schedule=per_stage); 0 = train.lr
+    warmup_steps: int = -1  # this stage's warmup (per_stage); -1 = train.warmup_steps
+    min_lr_ratio: float = -1.0  # this stage's cosine floor, x its peak (per_stage); -1 = train.min_lr_ratio
 
 
 @dataclass
@@ -58,6 +63,10 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
+    # per_stage: each stage its own warmup + cosine from its own peak LR (OpenVision's pretrain + fine-tune runs);
+    # single: one warmup + cosine over all the stages' steps (the toy recipe)
+    schedule: str = choice_field("per_stage", ("per_stage", "single"))
+    fresh_optimizer_per_stage: bool = False  # drop AdamW's moments when a stage starts (a fine-tune from the weights)
     weight_decay: float = 0.2
     beta1: float = 0.9
     beta2: float = 0.95
@@ -67,6 +76,7 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 0  # torch intra-op threads (0: leave as is)
     log_every: int = 10
+    tensorboard: bool = False  # also write the metrics as TensorBoard scalars to <out_dir>/tb
     ckpt_every: int = 100
     keep_last: int = 2
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
@@ -119,6 +129,60 @@ def truncate_log(path: Path, step: int) -> None:
         C.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
+def build_schedule(opt: torch.optim.Optimizer, tr: TrainConfig):
+    """``train.schedule``: one warmup + cosine per stage (each from its own peak LR), or one over all steps."""
+    if tr.schedule == "single":
+        return warmup_cosine(opt, tr.warmup_steps, sum(s.steps for s in tr.stages), tr.min_lr_ratio)
+    return staged_warmup_cosine(opt, [(s.steps, (s.lr or tr.lr) / tr.lr, tr.warmup_steps if s.warmup_steps < 0
+                                       else s.warmup_steps, tr.min_lr_ratio if s.min_lr_ratio < 0 else s.min_lr_ratio)
+                                      for s in tr.stages])
+
+
+def micro_parts(batch: dict, stage: StageConfig, world: int, device) -> int:
+    """How many chunks this step's batch runs in: ceil(rank batch / micro_batch), the same on every rank (their
+    backward passes are collectives); one when some rank has fewer valid samples than chunks."""
+    per_rank = stage.batch_size // world
+    parts = -(-per_rank // stage.micro_batch) if 0 < stage.micro_batch < per_rank else 1
+    if parts > 1 and world > 1:
+        n = torch.tensor([float(batch["n"])], device=device)
+        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
+        return parts if n.item() >= parts else 1
+    return parts if batch["n"] >= parts else 1
+
+
+def split_batch(batch: dict, parts: int) -> list[dict]:
+    """The batch's samples in ``parts`` near-equal chunks (per-sample tensors and lists cut along the first axis)."""
+    n = batch["n"]
+    if parts <= 1:
+        return [batch]
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    per_sample = [k for k, v in batch.items() if isinstance(v, torch.Tensor | list) and len(v) == n]
+    return [{**batch, **{k: batch[k][a:b] for k in per_sample}, "n": b - a} for a, b in zip(bounds, bounds[1:])]
+
+
+def forward_backward(wrapped, batch: dict, parts: int, step: int, counts: torch.Tensor, world: int, bf16: bool,
+                     device, poison: bool = False) -> dict:
+    """Forward + backward of the step's batch, in ``parts`` chunks with accumulated gradients; each chunk's losses
+    are its share of the step's global means (``counts``), so they sum to the whole batch's. Gradients are
+    synchronised on the last chunk only (DDP ``no_sync``; FSDP2 ``set_requires_gradient_sync``)."""
+    chunks = split_batch(batch, parts)
+    total: dict = {}
+    for j, chunk in enumerate(chunks):
+        last = j == len(chunks) - 1
+        if hasattr(wrapped, "set_requires_gradient_sync"):
+            wrapped.set_requires_gradient_sync(last)
+        sync = contextlib.nullcontext() if last or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
+        with sync:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = wrapped(to_device(chunk, device), step, counts[0], counts[1], world)
+            loss = out["loss"] * float("nan") if poison else out["loss"]  # tests: a non-finite loss
+            loss.backward()
+        for k, v in out.items():
+            v = (loss if k == "loss" else v).detach()
+            total[k] = v if k == "logit_scale" or k not in total else total[k] + v
+    return total
+
+
 def to_device(batch: dict, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
@@ -156,10 +220,10 @@ def train(cfg: Config) -> dict:
     wrapped = wrap_model(model, tr.strategy, info)
     opt = build_adamw(model, tr.lr, (tr.beta1, tr.beta2), tr.weight_decay)
     total = sum(s.steps for s in tr.stages)
-    sched = warmup_cosine(opt, tr.warmup_steps, total, tr.min_lr_ratio)
+    sched = build_schedule(opt, tr)
     guard = NonFiniteGuard(tr.max_bad_steps)
     ckpt = C.CheckpointManager(out / "checkpoints", tr.keep_last)
-    metrics = MetricLogger(out)
+    metrics = MetricLogger(out, tensorboard=tr.tensorboard)
     from ov3common.data import ResumableSampler
 
     sampler = ResumableSampler(len(ds), seed=cfg.seed, rank=info.rank, world_size=world)
@@ -199,7 +263,7 @@ def train(cfg: Config) -> dict:
 
     bounds = [sum(s.steps for s in tr.stages[: i + 1]) for i in range(len(tr.stages))]
     collate = Collate(tokenize.pad)
-    t_last, n_last = time.time(), 0
+    bar = TrainProgress(total, prog["step"], "encoder", tr.log_every, log)
     while prog["step"] < total:
         si = next(i for i, b in enumerate(bounds) if prog["step"] < b)
         stage = tr.stages[si]
@@ -211,6 +275,9 @@ def train(cfg: Config) -> dict:
         exhausted = True
         for batch in loader:
             step = prog["step"]
+            if tr.fresh_optimizer_per_stage and si > 0 and step == bounds[si - 1]:
+                opt.state.clear()  # the stage starts from the weights only (its own schedule warms up again)
+                log.info("stage %d (%d px): AdamW moments reset", si + 1, stage.resolution)
             torch.manual_seed(step_seed(cfg.seed, step, info.rank))
             prog["consumed"] += batch["n_drawn"]
             skips.skipped.update(batch["skipped"])
@@ -227,12 +294,9 @@ def train(cfg: Config) -> dict:
                 log.warning("step %d: no valid sample in the batch on any rank; step skipped", step)
                 losses = None
             else:
-                with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=bf16):
-                    losses = wrapped(to_device(batch, info.device), step, counts[0], counts[1], world)
+                losses = forward_backward(wrapped, batch, micro_parts(batch, stage, world, info.device), step,
+                                          counts, world, bf16, info.device, step + 1 in tr.inject_nan_steps)
                 loss = losses["loss"]
-                if step + 1 in tr.inject_nan_steps:  # 1-based, like the logged steps
-                    loss = loss * float("nan")
-                loss.backward()
                 gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip)  # DDP/FSDP2-aware
                 gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
                 if guard.bad(torch.stack([loss.detach().float(), gnorm.detach().float()]), step):
@@ -242,19 +306,18 @@ def train(cfg: Config) -> dict:
             opt.zero_grad(set_to_none=True)
             sched.step()
             prog["step"] += 1
-            n_last += batch["n"]
+            row = None
             if losses is not None and (prog["step"] % tr.log_every == 0 or prog["step"] == total):
                 keys = sorted(losses)
                 vals = all_reduce_mean(torch.stack([losses[k].detach().float() for k in keys]))
-                dt = time.time() - t_last
                 row = {k: float(v) for k, v in zip(keys, vals)}
+            bar.update(int(counts[0]), row and row["loss"], row and (
+                f"res {stage.resolution} caption {row['caption']:.3f} contrastive {row['contrastive']:.3f} "
+                f"pixel {row.get('pixel_l1', math.nan):.3f} latent {row['latent_l1']:.3f}"))
+            if row is not None:
                 row.update(lr=sched.get_last_lr()[0], grad_norm=float(gnorm), resolution=stage.resolution,
-                           samples_per_s=n_last * world / max(dt, 1e-9))
+                           samples_per_s=bar.samples_per_s, eta_s=bar.eta_s)
                 metrics.log(prog["step"], row)
-                log.info("step %d/%d res %d loss %.4f (caption %.3f contrastive %.3f pixel %.3f latent %.3f)",
-                         prog["step"], total, stage.resolution, row["loss"], row["caption"], row["contrastive"],
-                         row.get("pixel_l1", math.nan), row["latent_l1"])
-                t_last, n_last = time.time(), 0
             elif losses is None:
                 metrics.log(prog["step"], {"skipped_step": 1})
             if (prog["step"] % tr.ckpt_every == 0 or prog["step"] == total) and guard.consecutive == 0:
@@ -266,6 +329,7 @@ def train(cfg: Config) -> dict:
             end_epoch()
             prog["epoch"] += 1
             prog["consumed"] = 0
+    bar.close()
     end_epoch()
     final = evaluate(model, val, out / "recon_grid.png", cfg.grid_n, bf16, wrapped)
     base = prog["baseline"]

@@ -67,7 +67,8 @@ class TrainConfig:
     lora_r: int = 128
     lora_alpha: int = 256
     lora_dropout: float = 0.05
-    report_to: str = "none"
+    report_to: str = "none"  # HF integrations (wandb, ...); TensorBoard: train.tensorboard
+    tensorboard: bool = False  # also report to TensorBoard (HF's TensorBoard callback, <out_dir>/runs)
     log_indices: bool = False  # append each step's sample ids to out_dir/samples.jsonl (audits data order)
 
 
@@ -131,7 +132,9 @@ def training_arguments(cfg, use_cpu: bool):
         deepspeed=t.deepspeed or None,
         save_strategy="steps" if t.ckpt_every > 0 else "no", save_steps=max(t.ckpt_every, 1),
         save_total_limit=t.keep_last, logging_steps=t.log_every, logging_first_step=True,
-        seed=cfg.seed, data_seed=cfg.seed, use_cpu=use_cpu, report_to=t.report_to, remove_unused_columns=False,
+        seed=cfg.seed, data_seed=cfg.seed, use_cpu=use_cpu, remove_unused_columns=False,
+        report_to=([] if t.report_to == "none" else [t.report_to]) + (["tensorboard"] if t.tensorboard else [])
+        or "none",
         dataloader_num_workers=cfg.data.num_workers,
     )
     if t.tf32:

@@ -28,7 +28,7 @@ from llava_bridge import IMAGE_PLACEHOLDER
 from llava_bridge.conversation import BadRecord, normalize_turns, render
 from ov3common.config import parse_cli, path_field, save_config
 from ov3common.dist import seed_all
-from ov3common.log import MetricLogger, get_logger, progress
+from ov3common.log import MetricLogger, TrainProgress, get_logger
 from ov3common.optim import build_adamw, warmup_cosine
 
 log = get_logger("llava_bridge.toy_llm")
@@ -59,6 +59,7 @@ class ToyLLMConfig:
     weight_decay: float = 0.1
     seed: int = 0
     threads: int = 0  # torch threads (0 = torch default)
+    tensorboard: bool = False  # also write the metrics as TensorBoard scalars to <out_dir>/tb
     sft_steps: int = 0  # supervised finetuning on short answers after pretraining (0 = none)
     sft_batch_size: int = 64
     sft_lr: float = 3e-3
@@ -145,16 +146,21 @@ def fit(model, batch_fn, steps: int, lr: float, weight_decay: float, warmup: int
     sched = warmup_cosine(opt, warmup, steps, 0.1)
     model.train()
     t0 = time.time()
-    for step in progress(range(1, steps + 1), desc=desc):
-        loss = model(**batch_fn()).loss
+    bar = TrainProgress(steps, 0, desc, 10, log)
+    for step in range(1, steps + 1):
+        batch = batch_fn()
+        loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        if step % 10 == 0 or step == steps:
+        due = step % 10 == 0 or step == steps
+        bar.update(len(batch["input_ids"]), loss.item() if due else None)
+        if due:
             metrics.log(step_offset + step, {key: loss.item(), "lr": sched.get_last_lr()[0],
-                                             "seconds": time.time() - t0})
+                                             "seconds": time.time() - t0, "samples_per_s": bar.samples_per_s})
+    bar.close()
     log.info("%s: final loss %.3f after %d steps (%.0f s)", desc, loss.item(), steps, time.time() - t0)
 
 
@@ -179,7 +185,7 @@ def main(argv=None) -> int:
     log.info("toy LLM: %s, %.2fM parameters", cfg.size, sum(p.numel() for p in model.parameters()) / 1e6)
     out = Path(cfg.out_dir)
     save_config(cfg, out / "toy_llm_config.yaml")
-    metrics = MetricLogger(out)
+    metrics = MetricLogger(out, tensorboard=cfg.tensorboard)
     g = torch.Generator().manual_seed(cfg.seed)
 
     def lm_batch() -> dict:

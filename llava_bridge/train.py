@@ -23,7 +23,7 @@ from ov3common.config import ConfigError, parse_cli, save_config
 from ov3common.dist import barrier, cleanup
 from ov3common.guard import TrainingDiverged
 from ov3common.images import SkipStats
-from ov3common.log import MetricLogger, get_logger
+from ov3common.log import MetricLogger, TrainProgress, get_logger
 
 log = get_logger("llava_bridge.train")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -57,17 +57,34 @@ def set_trainable(model, cfg):
 
 
 class _MetricsCallback:
-    """Mirror the Trainer's logs into ``output_dir/metrics.jsonl`` (ov3common.log.MetricLogger)."""
+    """Mirror the Trainer's logs into ``output_dir/metrics.jsonl`` (ov3common.log.MetricLogger) and show the run's
+    progress (ov3common.log.TrainProgress: step / total, loss, samples/s, ETA) in place of the Trainer's bar."""
 
-    def __init__(self, out_dir: str):
+    def __init__(self, out_dir: str, log_every: int):
         from transformers import TrainerCallback
 
         logger = MetricLogger(out_dir)
 
         class CB(TrainerCallback):
+            bar = None
+
+            def on_train_begin(self, args, state, control, **kw):
+                self.bar = TrainProgress(state.max_steps, state.global_step, "llava", log_every, log)
+                self.per_step = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+
+            def on_step_end(self, args, state, control, **kw):
+                if self.bar is not None:
+                    self.bar.update(self.per_step)
+
             def on_log(self, args, state, control, logs=None, **kw):
                 if logs:
+                    if self.bar is not None and isinstance(logs.get("loss"), int | float):
+                        self.bar.loss = float(logs["loss"])
                     logger.log(state.global_step, {k: v for k, v in logs.items() if isinstance(v, int | float)})
+
+            def on_train_end(self, args, state, control, **kw):
+                if self.bar is not None:
+                    self.bar.close()
 
         self.callback = CB()
 
@@ -111,8 +128,12 @@ def build(cfg):
         processing_class=tokenizer, tune=cfg.train.tune, mm_projector_lr=cfg.train.mm_projector_lr,
         max_bad_steps=cfg.train.max_bad_steps, skip_stats=stats, extra_config=extra,
         modality_lengths=ds.modality_lengths if cfg.data.group_by_modality_length else None,
-        callbacks=[_MetricsCallback(cfg.out_dir).callback],
+        callbacks=[_MetricsCallback(cfg.out_dir, cfg.train.log_every).callback],
         sample_log=str(Path(cfg.out_dir) / "samples.jsonl") if cfg.train.log_indices else None)
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(ProgressCallback)  # TrainProgress shows step / total, loss, samples/s and ETA instead
+    trainer.remove_callback(PrinterCallback)  # the logs go to metrics.jsonl (and the progress line)
     resume = None
     if cfg.train.resume == "auto":
         resume = find_resumable_checkpoint(cfg.out_dir, quarantine=args.process_index == 0)

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["get_logger", "MetricLogger", "progress", "Throughput", "measure_matmul_peak", "count_flops", "read_jsonl"]
+__all__ = ["get_logger", "MetricLogger", "progress", "TrainProgress", "Throughput", "measure_matmul_peak", "count_flops",
+           "read_jsonl"]
 
 
 def _rank() -> int:
@@ -42,6 +43,77 @@ def progress(iterable: Iterable | None = None, total: int | None = None, desc: s
     if not sys.stderr.isatty():
         kw.setdefault("mininterval", 30.0)  # a log file gets a line every 30 s, not one per update
     return tqdm(iterable, total=total, desc=desc, initial=initial, disable=disable, dynamic_ncols=True, **kw)
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    return (f"{d}d " if d else "") + f"{h}:{m:02d}:{s:02d}"
+
+
+class TrainProgress:
+    """The progress of a training loop, on rank 0 (the one home for every trainer): step / total, loss, samples/s
+    and ETA. On a terminal a tqdm bar (updated every step); otherwise (a log file) one line every ``log_every``
+    steps through ``logger``. Samples/s and the ETA come from the steps since the previous line (or the last
+    ``window`` steps on a terminal), so a resumed run's ETA is right from its first line.
+
+    ``update(n_samples)`` after every step; ``update(n, loss=..., info="...")`` on the steps that have a loss
+    (the trainer decides when a loss is worth a device sync)."""
+
+    def __init__(self, total: int, initial: int = 0, desc: str = "train", log_every: int = 10,
+                 logger: logging.Logger | None = None, enabled: bool | None = None, tty: bool | None = None):
+        self.total, self.step, self.desc, self.log_every = int(total), int(initial), desc, max(1, int(log_every))
+        self.enabled = (_rank() == 0 and os.environ.get("OV3_NO_PROGRESS") != "1") if enabled is None else enabled
+        self.tty = sys.stderr.isatty() if tty is None else tty
+        self.log = logger or get_logger("progress")
+        self._t, self._n, self._steps = time.perf_counter(), 0, 0
+        self.samples_per_s = self.steps_per_s = float("nan")
+        self.loss: float | None = None
+        self._bar = (tqdm(total=self.total, initial=self.step, desc=desc, dynamic_ncols=True)
+                     if self.enabled and self.tty else None)
+
+    @property
+    def eta_s(self) -> float:
+        left = self.total - self.step
+        return left / self.steps_per_s if self.steps_per_s > 0 else float("nan")
+
+    def line(self) -> str:
+        loss = f" | loss {self.loss:.4f}" if self.loss is not None else ""
+        return (f"{self.desc} {self.step}/{self.total} ({100 * self.step / max(self.total, 1):.1f}%){loss} | "
+                f"{self.samples_per_s:.1f} samples/s | ETA {_hms(self.eta_s)}")
+
+    def update(self, n_samples: int = 0, loss: float | None = None, info: str = "") -> None:
+        self.step += 1
+        self._n += n_samples
+        self._steps += 1
+        if loss is not None:
+            self.loss = float(loss)
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        due = self.step % self.log_every == 0 or self.step == self.total
+        if self._bar is not None or due:
+            dt = max(now - self._t, 1e-9)
+            if self._steps:
+                self.samples_per_s, self.steps_per_s = self._n / dt, self._steps / dt
+        if self._bar is not None:
+            self._bar.update(1)
+            if due:
+                self._bar.set_postfix_str((f"loss {self.loss:.4f} " if self.loss is not None else "")
+                                          + f"{self.samples_per_s:.1f} samples/s")
+        elif due:
+            self.log.info("%s%s", self.line(), f" | {info}" if info else "")
+        if due:
+            self._t, self._n, self._steps = now, 0, 0
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 def _jsonable(v: Any) -> Any:

@@ -1,4 +1,5 @@
-"""Optimiser and schedule shared by every trainer: AdamW with decay on weight matrices only, warmup + cosine."""
+"""Optimiser and schedules shared by every trainer: AdamW with decay on weight matrices only; warmup + cosine (one,
+or one per training stage), and constant-then-linear decay (RAE)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import math
 
 import torch
 
-__all__ = ["param_groups", "build_adamw", "warmup_cosine"]
+__all__ = ["param_groups", "build_adamw", "warmup_cosine", "staged_warmup_cosine", "constant_then_linear"]
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -42,5 +43,44 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
             return (step + 1) / warmup_steps
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def staged_warmup_cosine(optimizer: torch.optim.Optimizer, stages: list[tuple[int, float, int, float]]
+                         ) -> torch.optim.lr_scheduler.LambdaLR:
+    """One warmup + cosine per stage, back to back: ``stages`` = ``[(steps, lr_scale, warmup_steps, min_lr_ratio)]``;
+    stage i's LR rises from 0 to ``lr_scale`` × the base LR over its own warmup and decays by cosine to
+    ``min_lr_ratio`` × that peak at its last step (OpenVision runs the high-resolution stage as a fine-tune with its
+    own warmup and a lower peak LR). After the last stage the last stage's floor is kept."""
+    bounds, start = [], 0
+    for steps, scale, warmup, floor in stages:
+        bounds.append((start, int(steps), float(scale), max(0, int(warmup)), float(floor)))
+        start += int(steps)
+
+    def factor(step: int) -> float:
+        begin, steps, scale, warmup, floor = next((b for b in bounds if step < b[0] + b[1]), bounds[-1])
+        local = min(step - begin, steps - 1)
+        if warmup and local < warmup:
+            return scale * (local + 1) / warmup
+        progress = min(1.0, (local - warmup) / max(1, steps - 1 - warmup))
+        return scale * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def constant_then_linear(optimizer: torch.optim.Optimizer, constant_steps: int, decay_end_step: int,
+                         final_ratio: float, warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """RAE's ``linear`` schedule: optional linear warmup from 0 over ``warmup_steps`` (RAE: ``warmup_from_zero``,
+    off in its configs), the base LR until ``constant_steps``, then linear decay to ``final_ratio`` × base at
+    ``decay_end_step``, constant after."""
+    constant_steps, decay_end_step = max(0, int(constant_steps)), max(int(decay_end_step), int(constant_steps))
+
+    def factor(step: int) -> float:
+        if step < constant_steps:
+            return (step + 1) / warmup_steps if warmup_steps and step < warmup_steps else 1.0
+        if step >= decay_end_step:
+            return final_ratio
+        return 1.0 - (1.0 - final_ratio) * (step - constant_steps) / max(1, decay_end_step - constant_steps)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -29,13 +29,13 @@ log = get_logger("rae.cache")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def fingerprint(encoder: str, source: str, image_size: int) -> str:
+def fingerprint(encoder: str, source: str, image_size: int, flip: bool = False) -> str:
     """Identifies what a cache was built from: the export's files (size + mtime), the source path, the size, and the
     source's top two levels (the folder and its entries: class folders or shard files, name + size + mtime), so a
     regenerated or edited source (a class folder rewritten, a shard replaced) rebuilds the cache; one stat per
     entry (ImageNet: ~1,000)."""
     src = Path(source)
-    parts = [str(src.resolve()), str(image_size)]
+    parts = [str(src.resolve()), str(image_size)] + (["flip"] if flip else [])
     for e in [src] + (sorted(src.iterdir()) if src.is_dir() else []):
         st = e.stat()
         parts.append(f"{e.name}:{st.st_size if e.is_file() else 0}:{st.st_mtime_ns}")
@@ -49,7 +49,8 @@ def cache_is_complete(out: Path, cfg) -> bool:
     meta = out / "meta.json"
     if not meta.is_file():
         return False
-    return json.loads(meta.read_text()).get("fingerprint") == fingerprint(cfg.encoder, cfg.source, cfg.image_size)
+    return json.loads(meta.read_text()).get("fingerprint") == fingerprint(cfg.encoder, cfg.source, cfg.image_size,
+                                                                          cfg.flip)
 
 
 def build_cache(cfg, info: D.DistInfo | None = None) -> Path:
@@ -80,7 +81,7 @@ def build_cache(cfg, info: D.DistInfo | None = None) -> Path:
     stats = SkipStats()
     stats.update(getattr(source, "scan_stats", SkipStats()) if info.is_main else SkipStats())
     sums: dict[str, torch.Tensor] | None = None
-    buf: dict[str, list] = {"tokens": [], "labels": [], "index": []}
+    buf: dict[str, list] = {"tokens": [], "labels": [], "index": [], **({"tokens_flip": []} if cfg.flip else {})}
     shards: list[dict] = []
     t0 = time.time()
 
@@ -104,10 +105,15 @@ def build_cache(cfg, info: D.DistInfo | None = None) -> Path:
         stats.update(batch["stats"])
         if batch["labels"].numel() == 0:
             continue
-        tokens, _ = enc.encode(batch["images"].to(info.device))
-        tokens = tokens.float().cpu()
-        s = token_sums(tokens)
-        sums = s if sums is None else {k: sums[k] + s[k] for k in s}
+        images = batch["images"].to(info.device)
+        tokens = enc.encode(images)[0].float().cpu()
+        views = [tokens]
+        if cfg.flip:  # the mirrored image's tokens (not a flip of the tokens: the ViT is not mirror-symmetric)
+            views.append(enc.encode(images.flip(-1))[0].float().cpu())
+            buf["tokens_flip"].append(views[1].to(_DTYPES[cfg.dtype]))
+        for v in views:  # the statistics cover every view training reads
+            s = token_sums(v)
+            sums = s if sums is None else {k: sums[k] + s[k] for k in s}
         buf["tokens"].append(tokens.to(_DTYPES[cfg.dtype]))
         buf["labels"].append(batch["labels"])
         buf["index"].append(batch["index"])
@@ -133,7 +139,7 @@ def build_cache(cfg, info: D.DistInfo | None = None) -> Path:
                         cfg.source, int(sums["count"]), stats.as_dict()["skipped"])
         save_safetensors(out / "stats.safetensors", sums)
         meta = {"format": CACHE_FORMAT, "version": 1, "encoder": str(Path(cfg.encoder).resolve()),
-                "fingerprint": fingerprint(cfg.encoder, cfg.source, cfg.image_size),
+                "fingerprint": fingerprint(cfg.encoder, cfg.source, cfg.image_size, cfg.flip), "flip": cfg.flip,
                 "source": str(Path(cfg.source).resolve()), "image_size": cfg.image_size,
                 "num_tokens": enc.num_tokens, "grid_size": enc.grid_size, "width": enc.width,
                 "classes": list(source.classes), "num_samples": int(sums["count"]), "dtype": cfg.dtype,

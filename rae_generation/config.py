@@ -24,6 +24,7 @@ class CacheConfig:
     device: str = "auto"
     overwrite: bool = False
     limit: int = 0  # > 0: only the first `limit` samples (smoke runs)
+    flip: bool = False  # also cache the tokens of each image mirrored left-right (RAE trains with random flips)
 
 
 @dataclass
@@ -53,6 +54,7 @@ class DataConfig:
     norm_eps: float = 1e-5
     stats_samples: int = 4096  # on the fly: images used once for the normalisation statistics
     num_workers: int = 0
+    flip: bool = False  # random horizontal flip, p = 0.5 per sample and epoch (RAE); a cache needs `flip: true`
 
 
 @dataclass
@@ -71,13 +73,19 @@ class TrainConfig:
     lr: float = 2e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
-    warmup_steps: int = 0
-    min_lr_ratio: float = 1.0  # cosine decay to lr * min_lr_ratio after warmup; 1.0 = constant
+    warmup_steps: int = 0  # linear warmup from 0 (RAE's configs: none, `warmup_from_zero: false`)
+    min_lr_ratio: float = 1.0  # the LR's floor, x lr (cosine: reached at the end; linear: at decay_end_step)
+    # cosine: warmup, then cosine to lr * min_lr_ratio; linear (RAE): lr until constant_steps, then linear decay
+    # to lr * min_lr_ratio at decay_end_step, constant after
+    schedule: str = choice_field("cosine", ("cosine", "linear"))
+    constant_steps: int = 0  # linear: the LR stays at lr until here (RAE: 40 epochs)
+    decay_end_step: int = 0  # linear: lr * min_lr_ratio from here on (RAE: 800 epochs)
     grad_clip: float = 1.0
     ema_decay: float = 0.9995
     ema_warmup: bool = False  # decay min(ema_decay, (1 + step) / (10 + step)) early on
     precision: str = choice_field("fp32", ("fp32", "bf16"))  # bf16: autocast, fp32 master weights
     log_every: int = 20
+    tensorboard: bool = False  # also write the metrics as TensorBoard scalars to <out_dir>/tb
     ckpt_every: int = 500
     keep_last: int = 2
     preview: bool = True  # a PNG grid of EMA samples at the end (needs an encoder)

@@ -217,18 +217,25 @@ class LatentDataset(Dataset):
     """A latent cache, memory-mapped (ImageNet-sized caches need not fit in RAM); items are
     ``{"tokens", "label", "index"}``; batched fetches go through ``__getitems__`` (one gather per shard)."""
 
-    def __init__(self, cache: str | Path):
+    def __init__(self, cache: str | Path, flip: bool = False):
         from safetensors import safe_open
 
         self.root = Path(cache)
         self.meta = read_cache_meta(self.root)
+        if flip and not self.meta.get("flip"):
+            raise ValueError(f"data.flip: the latent cache {self.root} holds no mirrored tokens; rebuild it with "
+                             f"`flip: true` in the cache config (make cache-rae-latents)")
         self._maps: list[tuple[np.memmap, torch.dtype | None]] = []
+        self._flip_maps: list[tuple[np.memmap, torch.dtype | None]] = []
+        self._mirror: Tensor | None = None  # per sample: read the mirrored tokens this epoch
         labels = []
         for shard in self.meta["shards"]:
             path = self.root / shard["file"]
             if not path.is_file():
                 raise FileNotFoundError(f"latent cache {self.root}: shard {path.name} listed in meta.json is missing")
             self._maps.append(_memmap_tensor(path, "tokens"))
+            if flip:
+                self._flip_maps.append(_memmap_tensor(path, "tokens_flip"))
             with safe_open(str(path), "pt") as f:
                 labels.append(f.get_tensor("labels").long())
         if not labels:
@@ -243,14 +250,24 @@ class LatentDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def set_epoch(self, seed: int, epoch: int) -> None:
+        """With mirrored tokens: each sample is read mirrored with p = 0.5, a function of (seed, epoch, index)."""
+        if self._flip_maps:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            self._mirror = torch.rand(len(self), generator=g) < 0.5
+
     def _gather(self, ix: Tensor) -> Tensor:
         shard = torch.searchsorted(self._starts, ix, right=True) - 1
         out = torch.empty(len(ix), self.num_tokens, self.channels)
+        mirror = self._mirror[ix] if self._mirror is not None else torch.zeros(len(ix), dtype=torch.bool)
         for s in shard.unique().tolist():
-            sel = (shard == s).nonzero().squeeze(1)
-            mm, view = self._maps[s]
-            rows = torch.from_numpy(np.ascontiguousarray(mm[(ix[sel] - self._starts[s]).numpy()]))
-            out[sel] = (rows.view(view) if view is not None else rows).float()
+            for flipped in (False, True):
+                sel = ((shard == s) & (mirror == flipped)).nonzero().squeeze(1)
+                if not len(sel):
+                    continue
+                mm, view = (self._flip_maps if flipped else self._maps)[s]
+                rows = torch.from_numpy(np.ascontiguousarray(mm[(ix[sel] - self._starts[s]).numpy()]))
+                out[sel] = (rows.view(view) if view is not None else rows).float()
         return out
 
     def __getitem__(self, i: int) -> dict:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -40,8 +39,8 @@ from ov3common.config import parse_cli, save_config, to_dict
 from ov3common.data import ResumableSampler
 from ov3common.guard import NonFiniteGuard, TrainingDiverged
 from ov3common.images import SkipStats
-from ov3common.log import MetricLogger, Throughput, get_logger
-from ov3common.optim import build_adamw, warmup_cosine
+from ov3common.log import MetricLogger, TrainProgress, get_logger
+from ov3common.optim import build_adamw, constant_then_linear, warmup_cosine
 from rae_generation.config import RAETrainConfig
 from rae_generation.data import LatentDataset, Normalizer, collate_images, open_source, token_sums
 from rae_generation.flow import flow_loss, sample_t, shift_factor
@@ -79,7 +78,7 @@ class TrainData:
         d = cfg.data
         self.encoder_path, self.encoder = d.encoder, None
         if d.latents:
-            self.dataset = LatentDataset(d.latents)
+            self.dataset = LatentDataset(d.latents, flip=d.flip)
             meta = self.dataset.meta
             self.classes, self.image_size = self.dataset.classes, int(meta["image_size"])
             self.num_tokens, self.channels = self.dataset.num_tokens, self.dataset.channels
@@ -101,6 +100,7 @@ class TrainData:
                              "data.encoder (encode on the fly)")
         self.grid = int(round(self.num_tokens**0.5))
         self.skips = SkipStats()
+        self.flip = d.flip
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -126,7 +126,11 @@ class TrainData:
         if "tokens" in batch:
             return batch["tokens"].to(device), batch["labels"].to(device)
         self.skips.update(batch["stats"])
-        z = self.encoder.encode(batch["images"].to(device))[0].float() if len(batch["labels"]) else \
+        images = batch["images"].to(device)
+        if self.flip and len(images):  # p = 0.5 per sample, from the step's seed (exact resume)
+            mirror = torch.rand(len(images)) < 0.5
+            images[mirror] = images[mirror].flip(-1)
+        z = self.encoder.encode(images)[0].float() if len(batch["labels"]) else \
             torch.zeros(0, self.num_tokens, self.channels, device=device)
         return z, batch["labels"].to(device)
 
@@ -175,7 +179,8 @@ def train(cfg, info: D.DistInfo) -> Path:
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     net = D.wrap_model(model, tc.strategy, info)
     opt = build_adamw(model, tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
-    sched = warmup_cosine(opt, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
+    sched = (constant_then_linear(opt, tc.constant_steps, tc.decay_end_step, tc.min_lr_ratio, tc.warmup_steps)
+             if tc.schedule == "linear" else warmup_cosine(opt, tc.warmup_steps, tc.steps, tc.min_lr_ratio))
     sampler = ResumableSampler(len(data), seed=cfg.seed, shuffle=True, rank=info.rank, world_size=info.world_size)
     per_rank = tc.batch_size // info.world_size
     if sampler.per_rank < per_rank:
@@ -206,15 +211,16 @@ def train(cfg, info: D.DistInfo) -> Path:
                            "skips": data.skips.state_dict()}}
         ckpt.save(step, state, {"rng": capture_rng()})
 
-    metrics = MetricLogger(out)
-    speed = Throughput()
+    metrics = MetricLogger(out, tensorboard=tc.tensorboard)
+    bar = TrainProgress(tc.steps, step, "rae", tc.log_every, log)
     autocast = torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
     inject = set(tc.inject_nan_steps)
     net.train()
     while step < tc.steps:
         sampler.set_epoch(epoch, consumed)
+        if isinstance(data.dataset, LatentDataset):
+            data.dataset.set_epoch(cfg.seed, epoch)  # which samples are read mirrored (data.flip)
         for batch in data.loader(sampler, per_rank, cfg.data.num_workers):
-            t0 = time.perf_counter()
             torch.manual_seed(D.step_seed(cfg.seed, step, info.rank))
             z, y = data.tokens(batch, info.device)
             x = norm.normalize(z)
@@ -242,11 +248,13 @@ def train(cfg, info: D.DistInfo) -> Path:
                     f.write(json.dumps({"step": step, "epoch": epoch, "index": seen.tolist()}) + "\n")
             step += 1
             consumed += per_rank
-            rate = speed.update(x.shape[0] * info.world_size, time.perf_counter() - t0)
-            if skipped or step % tc.log_every == 0 or step == tc.steps:
-                metrics.log(step, {"loss": D.all_reduce_mean(loss.detach()).item(), "grad_norm": float(gnorm),
-                                   "lr": sched.get_last_lr()[0], "epoch": epoch, "skipped": skipped,
-                                   "skipped_total": guard.skipped_total, **rate})
+            due = skipped or step % tc.log_every == 0 or step == tc.steps
+            mean_loss = D.all_reduce_mean(loss.detach()).item() if due else None
+            bar.update(x.shape[0] * info.world_size, mean_loss, f"lr {sched.get_last_lr()[0]:.3g}")
+            if due:
+                metrics.log(step, {"loss": mean_loss, "grad_norm": float(gnorm), "lr": sched.get_last_lr()[0],
+                                   "epoch": epoch, "skipped": skipped, "skipped_total": guard.skipped_total,
+                                   "samples_per_s": bar.samples_per_s, "eta_s": bar.eta_s})
             if step % tc.ckpt_every == 0 or step == tc.steps:
                 save()
             if step >= tc.steps:
@@ -255,6 +263,7 @@ def train(cfg, info: D.DistInfo) -> Path:
             if data.encoder is not None:
                 data.skips.reduce().log(log, epoch)
             epoch, consumed = epoch + 1, 0
+    bar.close()
     metrics.close()
     if tc.preview and info.is_main and data.encoder_path:
         from rae_generation.sample import write_preview

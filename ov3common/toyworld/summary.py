@@ -31,7 +31,7 @@ def _read_shards(root: str, split: str) -> tuple[int, list[dict], list[tuple[byt
     metas, firsts = [], []
     if not urls:
         return 0, metas, firsts
-    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+    for sample in wds.WebDataset(urls, shardshuffle=False):
         meta = json.loads(sample["json"])
         metas.append(meta)
         if len(firsts) < 24:

@@ -294,16 +294,18 @@ def recap_report(first: dict, steps: int, cfg: DataConfig, log, device="cpu") ->
     kept, n_alt = (int(v) for v in t.tolist())
     rate = n_alt / max(kept, 1)
     alt, recap = fields(cfg)
+    warn = bool(recap) and rate > cfg.recap_warn
     if not recap:
         log.info("data: preset %s has no recaptions; the recaption branch trains on the alt-text", cfg.preset)
-    elif rate > cfg.recap_warn:
+    elif warn:
         log.warning("data: %.1f%% of the samples of the first %d steps (%d of %d) have no recaption under "
                     "field %r and train on their alt-text (recap_from_alt); check data.preset / data.recap_field "
                     "against the shards' KEY.json", 100 * rate, steps, n_alt, kept, recap)
     else:
         log.info("data: recap_from_alt %.1f%% over the first %d steps (%d of %d samples)", 100 * rate, steps,
                  n_alt, kept)
-    return {"data/recap_from_alt_rate": rate, "data/recap_from_alt": n_alt, "data/kept_first_steps": kept}
+    return {"data/recap_from_alt_rate": rate, "data/recap_from_alt": n_alt, "data/kept_first_steps": kept,
+            "data/recap_from_alt_warning": int(warn)}
 
 
 # ------------------------------------------------------------------------------------------------ shards

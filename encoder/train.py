@@ -196,6 +196,8 @@ def train(cfg: Config) -> dict:
     if info.is_main:  # drop rows a killed attempt wrote after the checkpoint we continue from (or all of them)
         truncate_log(metrics.path, prog["step"] if loaded is not None else -1)
         truncate_log(out / "indices.jsonl", prog["step"] if loaded is not None else -1)
+    if world > 1:
+        truncate_log(out / f"indices_rank{info.rank}.jsonl", prog["step"] if loaded is not None else -1)
     if loaded is None:
         prog["baseline"] = evaluate(model, val, out / "recon_grid_untrained.png", cfg.grid_n, bf16, wrapped)
         metrics.log(0, {f"untrained/{k}": v for k, v in prog["baseline"].items()})

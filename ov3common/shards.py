@@ -116,6 +116,12 @@ def _close(f, quiet: bool) -> str | None:
     return None
 
 
+def _ends_cleanly(f, tf) -> bool:
+    """A local archive whose member list ended at an end-of-archive block (not at a cut-off header)."""
+    f.seek(tf.offset)
+    return f.read(512) == b"\0" * 512
+
+
 def iter_tar(url: str, select: Callable[[int], bool] | None = None, stop: int | None = None,
              on_error: ErrorFn | None = None) -> Iterator[TarSample]:
     """The samples of one shard in file order (see the module doc). ``stop``: stop before sample ``stop``."""
@@ -157,6 +163,10 @@ def iter_tar(url: str, select: Callable[[int], bool] | None = None, stop: int | 
                 on_error("truncated_shard" if index >= 0 else "unreadable_shard", url, str(e))
             finished = True
             return
+        if is_local(url) and not _ends_cleanly(f, tf):
+            wanted = False
+            if on_error is not None:
+                on_error("truncated_shard", url, "the archive ends inside a member header or data")
         if wanted:
             yield TarSample(url, index, key, members)
         finished = True
@@ -188,6 +198,8 @@ def index_tar(path: str, on_error: ErrorFn | None = None) -> list[tuple[str, dic
             if not out or out[-1][0] != k:
                 out.append((k, {}))
             out[-1][1][ext] = (m.offset_data, m.size)
+        if not _ends_cleanly(f, tf):
+            raise tarfile.ReadError("the archive ends inside a member header")
     except _TAR_ERRORS as e:
         if on_error is not None:
             on_error("truncated_shard", path, str(e))

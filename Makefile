@@ -53,7 +53,8 @@ clean-toy: ## remove the toy world and toy runs
 TOY_VAE ?= runs/toy/vae
 ENC_RUN ?= runs/toy/encoder
 ENC_CFG ?= configs/encoder/toy.yaml
-.PHONY: toy-vae pretrain-encoder pretrain-encoder-baseline cache-latents export-encoder ablate-encoder bench-encoder
+.PHONY: toy-vae pretrain-encoder pretrain-encoder-baseline cache-latents export-encoder ablate-encoder bench-encoder \
+	bench-data
 
 toy-vae: data $(TOY_VAE)/config.json ## train the toy world's frozen VAE once (AutoencoderKL, 8x, 16 ch; a few CPU min)
 
@@ -77,6 +78,9 @@ ablate-encoder: toy-vae ## toy ablations: tau, und/rec ratio, branch isolation -
 
 bench-encoder: setup ## ViT step vs timm (ratio), MFU, cached-latent speed-up at 256 px -> runs/toy/bench_encoder.json
 	$(PY) -m encoder.bench $(call goal_args,bench-encoder)
+
+bench-data: setup ## streaming shards: samples/s vs open_clip's webdataset pipeline, start-up/RSS 10-1,000 shards, resume -> runs/bench_data/bench_data.md
+	$(PY) -m encoder.bench_data $(call goal_args,bench-data)
 
 
 

@@ -79,7 +79,7 @@ def build_shards(root: Path, shards: int, per_shard: int, size: int, procs: int,
     for si in range(unique, shards):
         p = root / f"{si:05d}.tar"
         if not p.exists():
-            p.symlink_to(root / f"{si % unique:05d}.tar")
+            p.symlink_to(f"{si % unique:05d}.tar")  # relative to the folder
     return [str(root / f"{si:05d}.tar") for si in range(shards)]
 
 
@@ -90,7 +90,7 @@ def shard_links(root: Path, base: list[str], n: int) -> str:
     for i in range(n):
         p = d / f"{i:05d}.tar"
         if not p.exists():
-            p.symlink_to(base[i % len(base)])
+            p.symlink_to(Path(base[i % len(base)]).resolve())
     return f"{d}/{{00000..{n - 1:05d}}}.tar"
 
 

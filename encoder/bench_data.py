@@ -35,6 +35,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _rss_mb() -> float:
+    """Peak RSS of this process image (VmHWM: unlike ru_maxrss it does not carry the parent's peak over exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -134,6 +134,8 @@ class Tokenize:
     def __init__(self, tokenizer_dir: str, max_len: int):
         from transformers import AutoTokenizer
 
+        # one thread per data worker: the Rust tokenizer's own thread pool only adds contention there
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.tok = AutoTokenizer.from_pretrained(tokenizer_dir)
         self.max_len = max_len
         self.bos = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.cls_token_id
@@ -147,8 +149,12 @@ class Tokenize:
         return len(self.tok)
 
     def __call__(self, text: str) -> Tensor:
-        ids = self.tok.encode(text, add_special_tokens=False)[: self.max_len - 2]
-        return torch.tensor([self.bos, *ids, self.eos], dtype=torch.long)
+        return self.many([text])[0]
+
+    def many(self, texts: list[str]) -> list[Tensor]:
+        """Several texts in one tokenizer call (the per-call overhead dominates short captions)."""
+        ids = self.tok(texts, add_special_tokens=False)["input_ids"]
+        return [torch.tensor([self.bos, *x[: self.max_len - 2], self.eos], dtype=torch.long) for x in ids]
 
     def decode(self, ids) -> str:
         return self.tok.decode([i for i in ids if i not in (self.pad, self.bos, self.eos)], skip_special_tokens=True)
@@ -160,9 +166,13 @@ def random_resized_crop(img, size: int, scale, ratio, seed: str):
     from torchvision.transforms import InterpolationMode, RandomResizedCrop
     from torchvision.transforms import functional as TF
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int.from_bytes(hashlib.blake2b(seed.encode(), digest_size=8).digest(), "little") >> 1)
+    gen = torch.random.default_generator  # CPU only: torch.manual_seed would also queue lazy CUDA/XPU seeding
+    state = gen.get_state()
+    try:
+        gen.manual_seed(int.from_bytes(hashlib.blake2b(seed.encode(), digest_size=8).digest(), "little") >> 1)
         i, j, h, w = RandomResizedCrop.get_params(img, list(scale), list(ratio))
+    finally:
+        gen.set_state(state)
     return TF.resized_crop(img, i, j, h, w, [size, size], InterpolationMode.BILINEAR, antialias=True)
 
 
@@ -216,7 +226,7 @@ class ImageTextDecoder:
         out["image"] = to_tensor_pm1(img)
         # one random sentence of the recaption for the second contrastive pair (CLIPS)
         rng = random.Random(sid)
-        out.update(alt=self.tokenize(alt), recap=self.tokenize(recap), sent=self.tokenize(rng.choice(sentences(recap))))
+        out["alt"], out["recap"], out["sent"] = self.tokenize.many([alt, recap, rng.choice(sentences(recap))])
         out["alt_text"] = alt
         return out
 

@@ -123,6 +123,11 @@ def test_cached_latents_match_on_the_fly(toy_root, tmp_path):
     ra = [r["loss"] for r in read_jsonl(tmp_path / "a" / "metrics.jsonl") if "loss" in r]
     rb = [r["loss"] for r in read_jsonl(tmp_path / "b" / "metrics.jsonl") if "loss" in r]
     assert ra == pytest.approx(rb, rel=1e-4) and s1["val/psnr"] == pytest.approx(s2["val/psnr"], rel=1e-4)
+    # a run with another VAE (here: another latent scaling) refuses the cache before any step
+    with pytest.raises(ValueError, match="built with another VAE"):
+        train(load_config(Config, "configs/encoder/toy.yaml", [*base, f"out_dir={tmp_path / 'c'}",
+                                                                f"data.latent_cache={tmp_path / 'lat'}",
+                                                                "vae.scaling_factor=0.5"]))
 
 
 def test_bf16_autocast_and_grad_checkpointing_run(toy_root, tmp_path):

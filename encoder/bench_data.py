@@ -202,10 +202,9 @@ def probe_resume(pattern: str, tok: str, batch: int, res: int, buffer: int, step
             "state": {"cursor": st["cursor"], "offset": st["offset"], "buffered": len(st["buffer"])}}
 
 
-def probe_llava(root: Path, n: int) -> dict:
-    """LlavaDataset over ``n`` LLaVA-665K-like records (image paths cycle over 1,000 files)."""
-    from llava_bridge.data import LlavaDataset
-
+def probe_llava(root: Path, n: int, prepare: bool = False) -> dict:
+    """LlavaDataset over ``n`` LLaVA-665K-like records (image paths cycle over 1,000 files); ``prepare`` writes
+    them (in its own process, so that the measuring one starts clean)."""
     imgs = root / "llava_images"
     imgs.mkdir(parents=True, exist_ok=True)
     for i in range(1000):
@@ -218,6 +217,10 @@ def probe_llava(root: Path, n: int) -> dict:
             {"from": "human", "value": "What is the weather like?"},
             {"from": "gpt", "value": "It looks rainy and overcast, the road is wet."}]} for i in range(n)]
         js.write_text(json.dumps(recs))
+    if prepare:
+        return {}
+    from llava_bridge.data import LlavaDataset
+
     rss0, t0 = _rss_mb(), time.perf_counter()
     ds = LlavaDataset([str(js)], str(imgs), None, "plain", lambda x: x, 2048, 576)
     return {"records": len(ds), "start_s": time.perf_counter() - t0, "peak_rss_mb": _rss_mb(), "rss_before_mb": rss0}
@@ -311,8 +314,8 @@ def main(argv: list[str] | None = None) -> None:
             out = probe_startup(rest[0], tok, a.batch, a.res, a.buffer)
         elif kind == "resume":
             out = probe_resume(rest[0], tok, a.batch, a.res, a.buffer, int(rest[1]))
-        elif kind == "llava":
-            out = probe_llava(root, int(rest[0]))
+        elif kind in ("llava", "llava-prep"):
+            out = probe_llava(root, int(rest[0]), prepare=kind == "llava-prep")
         else:
             out = probe_rae(root, int(rest[0]))
         print(json.dumps(out))
@@ -334,6 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     r["resume"] = run_probe("resume", pattern, str(steps), f"--root={root}", f"--batch={a.batch}", f"--res={a.res}",
                             f"--buffer={a.buffer}")
     if not a.no_mapstyle:
+        run_probe("llava-prep", "665000", f"--root={root}")
         r["llava"] = run_probe("llava", "665000", f"--root={root}")
         r["rae"] = run_probe("rae", "1281167", f"--root={root}")
     (root / "bench_data.json").write_text(json.dumps(r, indent=1))

@@ -224,6 +224,7 @@ def train(cfg: Config) -> dict:
         si = next(i for i, b in enumerate(bounds) if prog["step"] < b)
         stage = tr.stages[si]
         decoder.resolution = stage.resolution
+        fresh = not streams  # the loader starts the epoch (not a resumed or stage-switched position in it)
         loader = train_loader(cfg.data, urls, decoder, collate, cfg.seed, info.rank, world, stage.batch_size,
                               prog["epoch"], streams, pin_memory=info.device.type == "cuda")
         exhausted, n_steps = True, 0
@@ -287,7 +288,7 @@ def train(cfg: Config) -> dict:
                 exhausted = False
                 break
         if exhausted:  # the epoch's data ran out (on some rank: they stop together)
-            if n_steps == 0:
+            if n_steps == 0 and fresh:
                 raise ValueError(f"epoch {prog['epoch']}: the training shards hold less than one batch per data "
                                  f"stream (batch_size {stage.batch_size}); use fewer streams or more data")
             end_epoch()

@@ -354,3 +354,31 @@ def test_sigkill_two_ranks_two_workers_resume_same_keys(tmp_path):
     keys0 = [k for rank in (0, 1) for r in read_jsonl(ref / f"indices_rank{rank}.jsonl") if r["epoch"] == 0
              for k in r["key"]]
     assert len(keys0) == len(set(keys0))  # no sample twice within the epoch
+
+
+def test_resume_from_a_checkpoint_at_the_end_of_an_epoch(tmp_path):
+    """96 samples, batch 8: step 12 ends epoch 0. A run checkpointed there resumes into epoch 1 with the keys of
+    an uninterrupted run (the resumed loader is empty at first: that is the epoch's end, not an error)."""
+    from encoder.train import Config, train
+    from ov3common.config import load_config
+    from ov3common.log import read_jsonl
+    from ov3common.toyworld import ToyConfig, generate
+    from tests.test_encoder_train import TINY, stages
+    from tests.test_encoder_train import toy_root as _toy_fixture  # noqa: F401
+
+    root = tmp_path / "toy"
+    generate(str(root), ToyConfig(resolution=32, n_train=96, n_val=32, n_test=4, shard_size=32, class_train=1,
+                                  class_val=1, pope_images=4, seedbench_per_category=1), workers=1, progress=False)
+    base = [f"data.root={root}", *TINY, "export_dir=none", "train.log_indices=true", "data.val_size=8"]
+    full = stages((16, 12, 8), (16, 4, 8))
+
+    def run(out, st, every):
+        return train(load_config(Config, "configs/encoder/toy.yaml", [*base, f"out_dir={out}", st,
+                                                                      f"train.ckpt_every={every}"]))
+
+    run(tmp_path / "ref", full, 100)
+    run(tmp_path / "cut", stages((16, 12, 8)), 12)  # stops (and checkpoints) at the end of epoch 0
+    run(tmp_path / "cut", full, 100)  # resumes from step 12
+    ref = [(r["epoch"], r["key"]) for r in read_jsonl(tmp_path / "ref" / "indices.jsonl")]
+    got = [(r["epoch"], r["key"]) for r in read_jsonl(tmp_path / "cut" / "indices.jsonl")]
+    assert len(ref) == 16 and got == ref and {e for e, _ in ref[12:]} == {1}

@@ -368,6 +368,26 @@ def train_loader(cfg: DataConfig, urls: list[str], decoder: ImageTextDecoder, co
     return StreamLoader(ds, cfg.num_workers, collate.merge, pin_memory)
 
 
+def stream_state(streams: dict, dc: DataConfig, world: int, epoch: int) -> dict:
+    """The data position of this rank for its checkpoint (buffer references as tensors)."""
+    out = {str(s): {**st, "buffer": torch.as_tensor(st["buffer"])} for s, st in streams.items()}
+    return {"layout": {"world": world, "workers": dc.num_workers, "streams": dc.streams}, "epoch": epoch,
+            "streams": out}
+
+
+def load_stream_state(d: dict, dc: DataConfig, world: int, epoch: int) -> dict:
+    if not d:
+        return {}
+    lay = d["layout"]
+    if (lay["world"], lay["workers"], lay["streams"]) != (world, dc.num_workers, dc.streams):
+        raise ValueError(f"resume: the checkpoint's data streams were laid out for world size {lay['world']}, "
+                         f"data.num_workers {lay['workers']}, data.streams {lay['streams']}; this run has "
+                         f"{world}, {dc.num_workers}, {dc.streams} (resume with the same layout)")
+    if int(d["epoch"]) != epoch:
+        return {}
+    return {int(s): {**st, "buffer": st["buffer"].numpy()} for s, st in d["streams"].items()}
+
+
 def val_items(cfg: DataConfig, decoder: ImageTextDecoder) -> list[dict]:
     """The first ``val_size`` samples of the validation shards, in shard order (centre crop)."""
     items: list[dict] = []

@@ -18,8 +18,10 @@ from encoder.data import (
     ImageTextDecoder,
     LatentCache,
     Tokenize,
+    load_stream_state,
     recap_report,
     shard_list,
+    stream_state,
     tokenizer_dir,
     train_loader,
     vae_identity,
@@ -104,26 +106,6 @@ def val_batches(cfg: Config, tokenize: Tokenize, resolution: int) -> list[dict]:
     items = val_items(cfg.data, ImageTextDecoder(tokenize, resolution, cfg.data, seed=cfg.seed, crop="center"))
     collate = Collate(tokenize.pad)
     return [b for b in (collate(items[i:i + 64]) for i in range(0, len(items), 64)) if b["n"]]
-
-
-def stream_state(streams: dict, dc: DataConfig, world: int, epoch: int) -> dict:
-    """The data position of this rank for its checkpoint (buffer references as tensors)."""
-    out = {str(s): {**st, "buffer": torch.as_tensor(st["buffer"])} for s, st in streams.items()}
-    return {"layout": {"world": world, "workers": dc.num_workers, "streams": dc.streams}, "epoch": epoch,
-            "streams": out}
-
-
-def load_stream_state(d: dict, dc: DataConfig, world: int, epoch: int) -> dict:
-    if not d:
-        return {}
-    lay = d["layout"]
-    if (lay["world"], lay["workers"], lay["streams"]) != (world, dc.num_workers, dc.streams):
-        raise ValueError(f"resume: the checkpoint's data streams were laid out for world size {lay['world']}, "
-                         f"data.num_workers {lay['workers']}, data.streams {lay['streams']}; this run has "
-                         f"{world}, {dc.num_workers}, {dc.streams} (resume with the same layout)")
-    if int(d["epoch"]) != epoch:
-        return {}
-    return {int(s): {**st, "buffer": st["buffer"].numpy()} for s, st in d["streams"].items()}
 
 
 def truncate_log(path: Path, step: int) -> None:

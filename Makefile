@@ -88,7 +88,8 @@ clean-toy: ## remove the toy world and toy runs
 	rm -rf $(DATA) runs/toy
 
 # ---------------------------------------------------------------- encoder
-.PHONY: toy-vae pretrain-encoder pretrain-encoder-baseline cache-latents export-encoder ablate-encoder bench-encoder
+.PHONY: toy-vae pretrain-encoder pretrain-encoder-baseline cache-latents export-encoder ablate-encoder bench-encoder \
+	bench-data
 
 ##@ encoder (ENC_CFG; real: configs/encoder/ov3_b2.yaml, ov3_l2.yaml)
 toy-vae: setup ## train the toy world's frozen VAE once (TOY_VAE_CFG; AutoencoderKL, 8x, 16 ch; a few CPU min)
@@ -118,6 +119,9 @@ ablate-encoder: setup ## toy ablations (ABLATE_CFG): tau, und/rec ratio, branch 
 
 bench-encoder: setup ## ViT step vs timm (ratio), MFU, cached-latent speed-up at 256 px (random weights)
 	$(PY) -m encoder.bench $(call goal_args,$@)
+
+bench-data: setup ## streaming shards: samples/s vs open_clip's webdataset pipeline, start-up/RSS 10-1,000 shards, resume -> runs/bench_data/bench_data.md
+	$(PY) -m encoder.bench_data $(call goal_args,$@)
 
 # ---------------------------------------------------------------- llava bridge
 .PHONY: toy-llm llava-stage1 llava-stage2 llava-lora llava-predict test-lmms

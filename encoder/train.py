@@ -11,17 +11,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from encoder.data import (
     Collate,
     DataConfig,
-    ImageTextDataset,
+    ImageTextDecoder,
     LatentCache,
-    TarIndex,
     Tokenize,
+    load_stream_state,
+    recap_report,
     shard_list,
+    stream_state,
     tokenizer_dir,
+    train_loader,
+    vae_identity,
+    val_items,
 )
 from encoder.evaluate import evaluate
 from encoder.losses import LPIPSLoss
@@ -29,6 +33,7 @@ from encoder.ov3 import LossConfig, ModelConfig, OV3Model
 from encoder.vae import FrozenVAE, build_random_vae, load_frozen_vae, tiny_vae_config
 from ov3common import checkpoint as C
 from ov3common.config import choice_field, parse_cli, path_field, save_config, to_dict
+from ov3common.data import lockstep
 from ov3common.dist import all_reduce_mean, barrier, cleanup, init_distributed, step_seed, wrap_model
 from ov3common.guard import NonFiniteGuard
 from ov3common.images import SkipStats
@@ -107,17 +112,8 @@ def build_vae(vc: VAEConfig, device) -> FrozenVAE:
     return load_frozen_vae(vc.path, vc.config or None, vc.scaling_factor or None, vc.shift_factor).to(device)
 
 
-def build_index(shards: list[str], cache: Path, is_main: bool) -> TarIndex:
-    if is_main:
-        TarIndex(shards, str(cache))
-    barrier()
-    return TarIndex(shards, str(cache))
-
-
-def val_batches(cfg: Config, tokenize: Tokenize, resolution: int, out: Path, is_main: bool) -> list[dict]:
-    index = build_index(shard_list(cfg.data, "val"), out / "index_val.json", is_main)
-    ds = ImageTextDataset(index, tokenize, resolution, cfg.data, seed=cfg.seed)
-    items = [ds[i] for i in range(min(cfg.data.val_size, len(ds)))]
+def val_batches(cfg: Config, tokenize: Tokenize, resolution: int) -> list[dict]:
+    items = val_items(cfg.data, ImageTextDecoder(tokenize, resolution, cfg.data, seed=cfg.seed, crop="center"))
     collate = Collate(tokenize.pad)
     return [b for b in (collate(items[i:i + 64]) for i in range(0, len(items), 64)) if b["n"]]
 
@@ -209,10 +205,12 @@ def train(cfg: Config) -> dict:
             torch.manual_seed(1234)  # a random backbone is the same on every rank and every resume
             lpips = LPIPSLoss(cfg.loss.lpips_net, cfg.loss.lpips_backbone, cfg.loss.lpips_backbone_path, log)
         lpips = lpips.to(info.device)
-    index = build_index(shard_list(cfg.data, "train"), out / "index_train.json", info.is_main)
-    latents = LatentCache(cfg.data.latent_cache, index) if cfg.data.latent_cache else None
-    ds = ImageTextDataset(index, tokenize, tr.stages[0].resolution, cfg.data, seed=cfg.seed, latents=latents)
-    val = val_batches(cfg, tokenize, tr.stages[-1].resolution, out, info.is_main)
+    urls = shard_list(cfg.data, "train")
+    latents = LatentCache(cfg.data.latent_cache, vae_identity(cfg.vae.path, vae), [s.resolution for s in tr.stages],
+                          cfg.data.crop) if cfg.data.latent_cache else None
+    decoder = ImageTextDecoder(tokenize, tr.stages[0].resolution, cfg.data, seed=cfg.seed, latents=latents,
+                               resampled=cfg.data.resampled)
+    val = val_batches(cfg, tokenize, tr.stages[-1].resolution)
 
     torch.manual_seed(cfg.seed)
     model = OV3Model(cfg.model, cfg.loss, tokenize.vocab_size, tokenize.pad, cfg.data.max_text_len, vae, lpips,
@@ -224,11 +222,10 @@ def train(cfg: Config) -> dict:
     guard = NonFiniteGuard(tr.max_bad_steps)
     ckpt = C.CheckpointManager(out / "checkpoints", tr.keep_last)
     metrics = MetricLogger(out, tensorboard=tr.tensorboard)
-    from ov3common.data import ResumableSampler
-
-    sampler = ResumableSampler(len(ds), seed=cfg.seed, rank=info.rank, world_size=world)
-    prog: dict = {"step": 0, "epoch": 0, "consumed": 0, "baseline": {}}
+    prog: dict = {"step": 0, "epoch": 0, "baseline": {}}
     skips = SkipStats()
+    first = {"kept": 0, "recap_from_alt": 0}  # over the first data.recap_check_steps steps (this rank)
+    streams: dict = {}  # this rank's data streams: resume state after the last consumed batch
     loaded = ckpt.load()
     if loaded is not None:
         state, rank_state = loaded
@@ -238,11 +235,15 @@ def train(cfg: Config) -> dict:
         guard.load_state_dict(state["guard"])
         prog = state["progress"]
         skips.load_state_dict(rank_state.get("skip", {}))
+        first = rank_state.get("first", first)
+        streams = load_stream_state(rank_state.get("data", {}), cfg.data, world, prog["epoch"])
         C.restore_rng(rank_state.get("rng", {}))
-        log.info("resumed at step %d (epoch %d, %d samples consumed)", prog["step"], prog["epoch"], prog["consumed"])
+        log.info("resumed at step %d (epoch %d, %d data streams)", prog["step"], prog["epoch"], len(streams))
     if info.is_main:  # drop rows a killed attempt wrote after the checkpoint we continue from (or all of them)
         truncate_log(metrics.path, prog["step"] if loaded is not None else -1)
         truncate_log(out / "indices.jsonl", prog["step"] if loaded is not None else -1)
+    if world > 1:
+        truncate_log(out / f"indices_rank{info.rank}.jsonl", prog["step"] if loaded is not None else -1)
     if loaded is None:
         prog["baseline"] = evaluate(model, val, out / "recon_grid_untrained.png", cfg.grid_n, bf16, wrapped)
         metrics.log(0, {f"untrained/{k}": v for k, v in prog["baseline"].items()})
@@ -251,7 +252,8 @@ def train(cfg: Config) -> dict:
     def save() -> None:
         ckpt.save(prog["step"], {"model": C.model_state(model), "optim": C.optim_state(model, opt),
                                  "sched": sched.state_dict(), "guard": guard.state_dict(), "progress": dict(prog)},
-                  {"rng": C.capture_rng(), "skip": skips.state_dict()})
+                  {"rng": C.capture_rng(), "skip": skips.state_dict(), "first": first,
+                   "data": stream_state(streams, cfg.data, world, prog["epoch"])})
 
     def end_epoch() -> None:
         red = skips.reduce()
@@ -267,29 +269,34 @@ def train(cfg: Config) -> dict:
     while prog["step"] < total:
         si = next(i for i, b in enumerate(bounds) if prog["step"] < b)
         stage = tr.stages[si]
-        ds.resolution, ds.epoch = stage.resolution, prog["epoch"]
-        sampler.set_epoch(prog["epoch"], prog["consumed"])
-        loader = DataLoader(ds, batch_size=stage.batch_size // world, sampler=sampler, drop_last=True,
-                            collate_fn=collate, num_workers=cfg.data.num_workers,
-                            persistent_workers=False, pin_memory=info.device.type == "cuda")
-        exhausted = True
-        for batch in loader:
+        decoder.resolution = stage.resolution
+        fresh = not streams  # the loader starts the epoch (not a resumed or stage-switched position in it)
+        loader = train_loader(cfg.data, urls, decoder, collate, cfg.seed, info.rank, world, stage.batch_size,
+                              prog["epoch"], streams, pin_memory=info.device.type == "cuda")
+        exhausted, n_steps = True, 0
+        for batch in lockstep(loader, info.device):
             step = prog["step"]
             if tr.fresh_optimizer_per_stage and si > 0 and step == bounds[si - 1]:
                 opt.state.clear()  # the stage starts from the weights only (its own schedule warms up again)
                 log.info("stage %d (%d px): AdamW moments reset", si + 1, stage.resolution)
+            n_steps += 1
             torch.manual_seed(step_seed(cfg.seed, step, info.rank))
-            prog["consumed"] += batch["n_drawn"]
+            streams = loader.state
             skips.skipped.update(batch["skipped"])
+            skips.skipped.update(batch["shard_errors"])
             skips.converted.update(batch["converted"])
+            if step < cfg.data.recap_check_steps:
+                first["kept"] += batch["n"]
+                first["recap_from_alt"] += batch["converted"].get("recap_from_alt", 0)
+                if step + 1 == min(cfg.data.recap_check_steps, total):
+                    metrics.log(step + 1, recap_report(first, step + 1, cfg.data, log, info.device))
             n_tok = int((batch["recap"][:, 1:] != tokenize.pad).sum()) if batch["n"] else 0
             counts = torch.tensor([float(batch["n"]), float(n_tok)], device=info.device)
             if world > 1:
                 torch.distributed.all_reduce(counts)
             if tr.log_indices:
                 with open(out / f"indices_rank{info.rank}.jsonl" if world > 1 else out / "indices.jsonl", "a") as f:
-                    f.write(json.dumps({"step": step + 1, "epoch": prog["epoch"],
-                                                      "index": batch.get("index", torch.empty(0)).tolist()}) + "\n")
+                    f.write(json.dumps({"step": step + 1, "epoch": prog["epoch"], "key": batch["key"]}) + "\n")
             if counts[0] == 0:
                 log.warning("step %d: no valid sample in the batch on any rank; step skipped", step)
                 losses = None
@@ -325,10 +332,13 @@ def train(cfg: Config) -> dict:
             if prog["step"] >= bounds[si]:
                 exhausted = False
                 break
-        if exhausted:  # the epoch's data ran out
+        if exhausted:  # the epoch's data ran out (on some rank: they stop together)
+            if n_steps == 0 and fresh:
+                raise ValueError(f"epoch {prog['epoch']}: the training shards hold less than one batch per data "
+                                 f"stream (batch_size {stage.batch_size}); use fewer streams or more data")
             end_epoch()
             prog["epoch"] += 1
-            prog["consumed"] = 0
+            streams = {}
     bar.close()
     end_epoch()
     final = evaluate(model, val, out / "recon_grid.png", cfg.grid_n, bf16, wrapped)

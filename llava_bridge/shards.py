@@ -7,12 +7,12 @@ a truncated or corrupt tar keeps the members read before the damage and counts `
 
 from __future__ import annotations
 
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from ov3common.images import BadSample, SkipStats, decode_json, decode_text
 from ov3common.log import get_logger
+from ov3common.shards import index_tar, read_member
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 MAX_TEXT_BYTES = 1 << 20
@@ -25,32 +25,27 @@ class TarImage:
     size: int
 
 
-def _split_key(name: str) -> tuple[str, str]:
-    base = name.rsplit("/", 1)
-    stem = base[-1]
-    if "." not in stem:
-        return name, ""
-    key, ext = stem.split(".", 1)
-    return (base[0] + "/" + key if len(base) == 2 else key), ext.lower()
-
-
 def _scan(path: Path, stats: SkipStats) -> dict[str, dict]:
+    """Key -> {"image": TarImage, "txt"/"json": bytes} through the project's tar reader (``ov3common.shards``)."""
     fields: dict[str, dict] = {}
-    try:
-        with tarfile.open(path, "r:") as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                key, ext = _split_key(m.name)
-                entry = fields.setdefault(key, {})
-                if ext in IMAGE_EXTS:
-                    entry["image"] = TarImage(str(path), m.offset_data, m.size)
-                elif ext in ("txt", "json") and m.size <= MAX_TEXT_BYTES:
-                    f = tf.extractfile(m)
-                    entry[ext] = f.read() if f is not None else None
-    except (tarfile.TarError, EOFError, OSError) as e:
+
+    def damaged(reason: str, url: str, detail: str) -> None:
         stats.add("bad_shard")
-        get_logger(__name__).warning("%s: unreadable after %d keys (%s); keeping what was read", path, len(fields), e)
+        get_logger(__name__).warning("%s: unreadable after %d keys (%s: %s); keeping what was read", url,
+                                     len(fields), reason, detail)
+
+    handles: dict = {}
+    try:
+        for key, members in index_tar(str(path), on_error=damaged):
+            entry = fields.setdefault(key, {})
+            for ext, (offset, size) in members.items():
+                if ext in IMAGE_EXTS:
+                    entry["image"] = TarImage(str(path), offset, size)
+                elif ext in ("txt", "json") and size <= MAX_TEXT_BYTES:
+                    entry[ext] = read_member(str(path), offset, size, handles)
+    finally:
+        for f in handles.values():
+            f.close()
     return fields
 
 
@@ -85,8 +80,6 @@ def index_shards(paths, stats: SkipStats, caption_field: str = "txt") -> list[di
 def read_tar_member(img: TarImage) -> bytes:
     """The member's bytes (short if the tar was truncated: the decoder then reports ``truncated``)."""
     try:
-        with open(img.path, "rb") as f:
-            f.seek(img.offset)
-            return f.read(img.size)
+        return read_member(img.path, img.offset, img.size)
     except FileNotFoundError as e:
         raise BadSample("missing_image", img.path) from e

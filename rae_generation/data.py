@@ -20,7 +20,6 @@ Latent cache (written by ``rae_generation.cache_latents``)::
 from __future__ import annotations
 
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,7 @@ from ov3common.images import (
     decode_json,
     to_tensor_pm1,
 )
+from ov3common.shards import index_tar, read_member
 
 __all__ = ["ImageFolderSource", "TarSource", "open_source", "collate_images", "LatentDataset", "Normalizer",
            "CACHE_FORMAT"]
@@ -102,16 +102,8 @@ class TarSource(Dataset):
         names: dict[int, str] = {}
         for si, shard in enumerate(self.shards):
             groups: dict[str, dict[str, tuple[int, int]]] = {}
-            try:
-                with tarfile.open(shard, "r:") as tf:
-                    for m in tf:
-                        folder, _, fname = m.name.rpartition("/")
-                        if m.isfile() and "." in fname:
-                            stem, ext = fname.split(".", 1)
-                            key = f"{folder}/{stem}" if folder else stem
-                            groups.setdefault(key, {})[ext.lower()] = (m.offset_data, m.size)
-            except (tarfile.TarError, OSError, EOFError):
-                self.scan_stats.add("truncated_shard")
+            for key, members in index_tar(str(shard), on_error=lambda *_: self.scan_stats.add("truncated_shard")):
+                groups.setdefault(key, {}).update(members)
             for _, members in sorted(groups.items()):
                 self.samples.append((si, members))
                 meta = self._json(si, members)
@@ -121,11 +113,7 @@ class TarSource(Dataset):
         self.classes = classes or [names.get(i, f"class_{i}") for i in range(n)]
 
     def _read(self, si: int, span: tuple[int, int]) -> bytes:
-        fh = self._handles.get(si)
-        if fh is None:
-            fh = self._handles[si] = open(self.shards[si], "rb")  # noqa: SIM115 (kept open per worker)
-        fh.seek(span[0])
-        return fh.read(span[1])
+        return read_member(str(self.shards[si]), span[0], span[1], self._handles)
 
     def _json(self, si: int, members: dict) -> dict | None:
         if "json" not in members:

@@ -42,7 +42,7 @@ def final_model(out):
 
 
 def indices(out):
-    return [(r["epoch"], r["index"]) for r in read_jsonl(out / "indices.jsonl")]
+    return [(r["epoch"], r["key"]) for r in read_jsonl(out / "indices.jsonl")]
 
 
 @pytest.mark.slow
@@ -69,7 +69,7 @@ def test_sigkill_resume_is_bitwise_exact(toy_root, tmp_path):  # noqa: F811
 def test_two_process_torchrun_matches_one_process(toy_root, tmp_path):  # noqa: F811
     """Same global batch (8 = 2 × 4): the DDP and the FSDP2 runs follow the 1-process loss curve."""
     base = [f"data.root={toy_root}", *TINY, stages((16, 4, 8), (32, 4, 8)), "export_dir=none",
-            "train.ckpt_every=100", "train.threads=1"]
+            "train.ckpt_every=100", "train.threads=1", "data.streams=2"]  # same data order in both layouts
     train_in_process(f"out_dir={tmp_path / 'one'}", *base)
     r1 = [r for r in read_jsonl(tmp_path / "one" / "metrics.jsonl") if "loss" in r]
     s1 = json.loads((tmp_path / "one" / "summary.json").read_text())

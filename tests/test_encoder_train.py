@@ -95,7 +95,8 @@ def test_poisoned_shard_counts(toy_root, tmp_path):
     shard = tmp_path / "poison" / "shard-000000.tar"
     manifest = write_poisoned_shard(str(shard), n_good=8, resolution=32)
     n = len(manifest)
-    expected = {k: v for k, v in expected_counts(manifest).items() if k != "keep"}
+    # the encoder's policy: an unparsable KEY.json drops only the metadata (the sample trains on its alt-text)
+    expected = {k: v for k, v in expected_counts(manifest).items() if k not in ("keep", "bad_json")}
     out = tmp_path / "run"
     train(cfg_for(toy_root, out, stages((32, 2, n // 2 * 2 // 2)), f"data.train_shards={shard}", "export_dir=none"))
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "skipped_total" in r]
@@ -104,6 +105,7 @@ def test_poisoned_shard_counts(toy_root, tmp_path):
     conv = {k.split("/", 1)[1]: v for k, v in rows[0].items() if k.startswith("converted/")}
     assert conv["cmyk"] == 1 and conv["16bit"] == 1 and conv["alpha"] == 1 and conv["grayscale"] == 1
     assert conv["palette"] == 1
+    assert conv["meta_dropped"] == 1 and conv["recap_from_alt"] >= 1
 
 
 def test_cached_latents_match_on_the_fly(toy_root, tmp_path):
@@ -111,14 +113,21 @@ def test_cached_latents_match_on_the_fly(toy_root, tmp_path):
 
     base = [f"data.root={toy_root}", *TINY, stages((16, 3, 8), (32, 2, 8)), "export_dir=none"]
     meta = cache_latents(load_config(CacheConfig, "configs/encoder/toy.yaml",
-                                     [*base, f"cache.out_dir={tmp_path / 'lat'}", "cache.chunk_size=40"]))
-    assert meta["resolutions"] == [16, 32] and (tmp_path / "lat" / "latents_32_00002.safetensors").is_file()
+                                     [*base, f"cache.out_dir={tmp_path / 'lat'}", "cache.batch_size=20"]))
+    assert meta["resolutions"] == [16, 32] and meta["n"] == 96
+    assert sorted(p.name for p in (tmp_path / "lat").glob("*.safetensors")) == [  # one file per data shard
+        f"shard-{i:06d}.safetensors" for i in range(3)]
     s1 = train(load_config(Config, "configs/encoder/toy.yaml", [*base, f"out_dir={tmp_path / 'a'}"]))
     s2 = train(load_config(Config, "configs/encoder/toy.yaml",
                            [*base, f"out_dir={tmp_path / 'b'}", f"data.latent_cache={tmp_path / 'lat'}"]))
     ra = [r["loss"] for r in read_jsonl(tmp_path / "a" / "metrics.jsonl") if "loss" in r]
     rb = [r["loss"] for r in read_jsonl(tmp_path / "b" / "metrics.jsonl") if "loss" in r]
     assert ra == pytest.approx(rb, rel=1e-4) and s1["val/psnr"] == pytest.approx(s2["val/psnr"], rel=1e-4)
+    # a run with another VAE (here: another latent scaling) refuses the cache before any step
+    with pytest.raises(ValueError, match="built with another VAE"):
+        train(load_config(Config, "configs/encoder/toy.yaml", [*base, f"out_dir={tmp_path / 'c'}",
+                                                                f"data.latent_cache={tmp_path / 'lat'}",
+                                                                "vae.scaling_factor=0.5"]))
 
 
 def test_bf16_autocast_and_grad_checkpointing_run(toy_root, tmp_path):

@@ -58,7 +58,7 @@ def _wds_samples(root: Path, split: str) -> list[dict]:
     import webdataset as wds
 
     urls = sorted(glob.glob(str(root / "wds" / split / "shard-*.tar")))
-    return list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+    return list(wds.WebDataset(urls, shardshuffle=False))
 
 
 def _wds_metas(root: Path, split: str) -> list[dict]:
@@ -355,7 +355,7 @@ def test_poisoned_shard_has_every_kind(tmp_path):
     from ov3common.toyworld.poison import expected_counts, write_poisoned_shard
 
     manifest = write_poisoned_shard(str(tmp_path / "poison.tar"), n_good=4)
-    samples = list(wds.WebDataset(str(tmp_path / "poison.tar"), shardshuffle=False, empty_check=False))
+    samples = list(wds.WebDataset(str(tmp_path / "poison.tar"), shardshuffle=False))
     assert sorted(s["__key__"] for s in samples) == sorted(manifest)
     got = {s["__key__"]: _outcome(s) for s in samples}
     assert got == {k: v["expected"] for k, v in manifest.items()}

@@ -25,17 +25,17 @@ def _read_jsonl(path: str) -> list[dict]:
 
 
 def _read_shards(root: str, split: str) -> tuple[int, list[dict], list[tuple[bytes, dict]]]:
-    import webdataset as wds
+    from ov3common.shards import iter_tar
 
     urls = sorted(glob.glob(os.path.join(root, "wds", split, "shard-*.tar")))
     metas, firsts = [], []
     if not urls:
         return 0, metas, firsts
-    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
-        meta = json.loads(sample["json"])
+    for sample in (s for url in urls for s in iter_tar(url)):
+        meta = json.loads(sample.members["json"])
         metas.append(meta)
         if len(firsts) < 24:
-            firsts.append((sample["jpg"], meta))
+            firsts.append((sample.members["jpg"], meta))
     return len(urls), metas, firsts
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 from encoder.losses import (
@@ -21,12 +20,12 @@ from encoder.losses import (
     contrastive_rows,
     global_mean,
     reconstruction_rows,
+    token_noise,
 )
 from encoder.models import LatentViT, ViTConfig, ViTDecoder, decoder_config_for, vit_config
 from encoder.text import TextConfig, TextDecoder, TextEncoder
 from encoder.vae import FrozenVAE
 from ov3common.config import path_field
-from ov3common.dist import step_seed
 
 
 @dataclass
@@ -126,13 +125,7 @@ class OV3Model(nn.Module):
     def noise(self, index: Tensor, tokens: Tensor, step: int) -> Tensor:
         """σ·ε with σ ~ U[0, τ], ε ~ N(0, I), drawn per sample from a generator keyed by (seed, step, sample
         index): identical whatever the number of ranks (a 2-process run matches a 1-process run)."""
-        g = torch.Generator(device=tokens.device)
-        out = []
-        for i in index.tolist():
-            g.manual_seed(step_seed(self.seed, step, -1 - i))  # negative "rank" slot = the sample id
-            sigma = torch.rand((), generator=g, device=tokens.device) * self.lc.tau
-            out.append(sigma * torch.randn(tokens.shape[1:], generator=g, device=tokens.device))
-        return torch.stack(out).to(tokens.dtype)
+        return token_noise(index, tokens, step, self.seed, self.lc.tau)
 
     def forward(self, batch: dict, step: int = 0, n_global: Tensor | None = None, tok_global: Tensor | None = None,
                 world_size: int = 1, inference: bool = False) -> dict[str, Tensor]:

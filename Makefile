@@ -96,6 +96,17 @@ eval-all: setup data $(FID_WEIGHTS) ## score every available run -> reports/summ
 
 
 
+# ---------------------------------------------------------------- a decoder for a decoder-less encoder (issue 13)
+# The config names every path (the toy one: runs/toy/encoder/export, data/toy); a real one, e.g. for a converted
+# official checkpoint: make rae-decoder DEC_CFG=my_decoder.yaml NPROC=8
+DEC_CFG ?= configs/encoder/decoder_toy.yaml
+.PHONY: rae-decoder
+
+rae-decoder: setup $(FID_WEIGHTS) ## train only a ViT decoder on a frozen encoder's noised z_u (RAE stage 1) -> runs/toy/decoder/{export,summary.json}
+	$(TORCHRUN) -m encoder.train_decoder --config $(DEC_CFG) $(call goal_args,rae-decoder)
+
+
+
 # ---------------------------------------------------------------- llava bridge (issue: llava)
 # (targets: toy-llm, llava-stage1, llava-stage2, llava-lora, llava-predict, test-lmms)
 # Real scale: make llava-stage1 LLAVA_STAGE1=configs/llava/real_stage1.yaml NPROC=8 (then real_stage2.yaml).

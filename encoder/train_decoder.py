@@ -95,6 +95,7 @@ class RFIDConfig:
     images: str = path_field("", "dir")  # folder of val images; empty: no rFID at the end
     max_images: int = 0  # 0: all
     weights: str = ""  # FID Inception weights; empty: eval.fid's default (make fid-weights)
+    cache_dir: str = "runs/fid_cache"  # Inception statistics of the originals, shared by both rFIDs ("": none)
     batch_size: int = 16
 
 
@@ -356,9 +357,10 @@ def train(cfg: Config) -> dict:
                        vae_config=vae_ref.get("config"), extra=extra)
         enc.vae.to(info.device)
         log.info("exported the encoder with the new decoder to %s", export_dir)
+        C.atomic_write_json(out / "summary.json", summary)
         if cfg.rfid.images:
             summary.update(compare_rfid(cfg, export_dir, enc.decoder is not None, out, info.device))
-        C.atomic_write_json(out / "summary.json", summary)
+            C.atomic_write_json(out / "summary.json", summary)
         log.info("final: %s", summary)
     metrics.log(tr.steps, summary)
     metrics.close()
@@ -378,7 +380,7 @@ def compare_rfid(cfg: Config, export_dir: Path, source_has_decoder: bool, out: P
         if name and not source_has_decoder:
             continue
         r = run_rfid(src, paths, out / f"rfid{'_source' if name else ''}", weights=weights,
-                     batch_size=cfg.rfid.batch_size, device=str(device))
+                     batch_size=cfg.rfid.batch_size, cache_dir=cfg.rfid.cache_dir or None, device=str(device))
         res.update({f"{name}rfid": r["rfid"], f"{name}rfid/psnr": r["psnr"], f"{name}rfid/ssim": r["ssim"],
                     f"{name}rfid/n": r["n"]})
     return res

@@ -25,7 +25,13 @@ from encoder.losses import (
 from encoder.models import LatentViT, ViTConfig, ViTDecoder, decoder_config_for, vit_config
 from encoder.text import TextConfig, TextDecoder, TextEncoder
 from encoder.vae import FrozenVAE
-from ov3common.config import path_field
+from ov3common.config import choice_field, path_field
+
+# ``open_clip``: class token, no ln_pre, mean of the patch tokens → LayerNorm → Linear without bias, z_u = the raw
+# last-block tokens (``final_ln_after_pool``), no patch bias: what `encoder.export --open-clip` writes exactly.
+# ``ours`` has no class token and normalises z_u, which open_clip's VisionTransformer cannot express.
+VIT_LAYOUTS = {"ours": {}, "open_clip": dict(class_token=True, pool="avg", final_ln_after_pool=True,
+                                             final_norm_affine=True, patch_bias=False, proj_bias=False)}
 
 
 @dataclass
@@ -48,7 +54,7 @@ class ModelConfig:
     text_decoder_heads: int = 4
     caption_keep_ratio: float = 1.0  # fraction of visual tokens the text decoder sees (OpenVision 2: 0.35)
     grad_checkpointing: bool = False
-    layout: str = "ours"  # ours (the default design) | open_clip: the official release's ViT head (see VIT_LAYOUTS)
+    layout: str = choice_field("ours", tuple(VIT_LAYOUTS))  # ours (the default design) | open_clip: the release's
 
 
 @dataclass
@@ -70,16 +76,7 @@ class LossConfig:
     #                              encoder (an understanding-only encoder with a usable decoder: the baseline row)
 
 
-# ``open_clip``: class token, no ln_pre, mean of the patch tokens → LayerNorm → Linear without bias, z_u = the raw
-# last-block tokens (``final_ln_after_pool``), no patch bias: what `encoder.export --open-clip` writes exactly.
-# ``ours`` has no class token and normalises z_u, which open_clip's VisionTransformer cannot express.
-VIT_LAYOUTS = {"ours": {}, "open_clip": dict(class_token=True, pool="avg", final_ln_after_pool=True,
-                                             final_norm_affine=True, patch_bias=False, proj_bias=False)}
-
-
 def build_vit(mc: ModelConfig, in_channels: int) -> tuple[ViTConfig, LatentViT, ViTDecoder]:
-    if mc.layout not in VIT_LAYOUTS:
-        raise ValueError(f"model.layout: {mc.layout!r} is not one of {sorted(VIT_LAYOUTS)}")
     over = {k: getattr(mc, k) for k in ("width", "depth", "heads", "embed_dim") if getattr(mc, k)}
     vcfg = vit_config(mc.size, in_channels=in_channels, **over, **VIT_LAYOUTS[mc.layout])
     dover = {k.removeprefix("decoder_"): getattr(mc, k)

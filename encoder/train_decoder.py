@@ -27,7 +27,7 @@ from encoder.export import FrozenEncoder, export_encoder, load_encoder
 from encoder.losses import LPIPSLoss, reconstruction_rows, token_noise
 from encoder.models import ViTDecoder, decoder_config_for
 from ov3common import checkpoint as C
-from ov3common.config import parse_cli, path_field, save_config
+from ov3common.config import choice_field, parse_cli, path_field, save_config
 from ov3common.data import ResumableSampler
 from ov3common.dist import all_reduce_mean, barrier, cleanup, init_distributed, step_seed, wrap_model
 from ov3common.guard import NonFiniteGuard
@@ -38,7 +38,8 @@ from ov3common.optim import build_adamw, warmup_cosine
 
 @dataclass
 class DecoderModelConfig:
-    init: str = "fresh"  # fresh: a new decoder (the export's own, if any, is dropped) | export: fine-tune the export's
+    init: str = choice_field("fresh", ("fresh", "export"))  # fresh: a new decoder (the export's own, if any, is
+    #                                                         dropped) | export: fine-tune the export's
     size: str = ""  # "": the encoder's width/depth/heads (our default design); or a VIT_SIZES name ("B/2", ...)
     width: int = 0  # 0: from size
     depth: int = 0
@@ -49,7 +50,8 @@ class DecoderModelConfig:
 @dataclass
 class DecoderLossConfig:
     tau: float = 0.8  # σ ~ U[0, τ] per sample (RAE's noise_tau 0.8)
-    tau_units: str = "abs"  # abs: token units (our z_u is a LayerNorm: std 1) | rms: × the RMS of z_u on the val set
+    tau_units: str = choice_field("abs", ("abs", "rms"))  # abs: token units (our z_u is a LayerNorm: std 1) | rms: × the
+    #                                                      RMS of z_u on the val set (raw-token towers)
     w_pixel: float = 1.0
     w_latent: float = 1.0
     w_lpips: float = 1.0
@@ -80,8 +82,8 @@ class DecoderTrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
-    strategy: str = "ddp"  # ddp | fsdp2 | none
+    precision: str = choice_field("fp32", ("fp32", "bf16"))  # bf16: autocast, fp32 master weights
+    strategy: str = choice_field("ddp", ("ddp", "fsdp2", "none"))
     device: str = "auto"
     threads: int = 0  # torch intra-op threads (0: leave as is)
     log_every: int = 10
@@ -159,8 +161,6 @@ def build_decoder(cfg: Config, enc: FrozenEncoder) -> ViTDecoder:
         if enc.decoder.cfg != dec.cfg:
             raise ValueError(f"model.init=export: the export's decoder is {enc.decoder.cfg}, not {dec.cfg}")
         dec.load_state_dict(enc.decoder.state_dict())
-    elif mc.init != "fresh":
-        raise ValueError(f"model.init: {mc.init!r} (fresh | export)")
     dec.grad_checkpointing = mc.grad_checkpointing
     return dec
 
@@ -189,10 +189,6 @@ def train(cfg: Config) -> dict:
     tr, world = cfg.train, info.world_size
     if tr.threads:
         torch.set_num_threads(tr.threads)
-    if tr.precision not in ("fp32", "bf16"):
-        raise ValueError(f"train.precision: {tr.precision!r} (fp32 | bf16)")
-    if cfg.loss.tau_units not in ("abs", "rms"):
-        raise ValueError(f"loss.tau_units: {cfg.loss.tau_units!r} (abs | rms)")
     if tr.batch_size % world:
         raise ValueError(f"train.batch_size {tr.batch_size} not divisible by {world} processes")
     out = Path(cfg.out_dir)

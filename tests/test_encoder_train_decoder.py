@@ -60,7 +60,7 @@ def test_init_export_starts_from_the_exports_decoder(toy_root, source, tmp_path)
     summary = run(toy_root, source, tmp_path / "zero", "train.steps=0", "model.init=export")
     assert summary["val/psnr"] == summary["source/val/psnr"]  # nothing trained: the same decoder, same images
     with pytest.raises(ValueError, match="model.init"):
-        run(toy_root, source, tmp_path / "bad", "train.steps=0", "model.init=pretrained")
+        run(toy_root, source, tmp_path / "bad", "train.steps=0", "model.init=pretrained")  # refused at load, naming the key
 
 
 def test_decoder_less_export_gains_a_decoder(toy_root, tmp_path):  # noqa: F811
@@ -77,6 +77,11 @@ def test_decoder_less_export_gains_a_decoder(toy_root, tmp_path):  # noqa: F811
     enc = load_encoder(tmp_path / "run" / "export")
     assert enc.decoder is not None and enc.config["source"] == "official" and enc.tau == 0.0
     assert enc.decode(enc.encode(torch.zeros(1, 3, 32, 32))[0]).shape == (1, 3, 32, 32)
+    # model.init=fresh drops a decoder: the run on the export that has one trains the very same decoder
+    dropped = run(toy_root, tmp_path / "full", tmp_path / "dropped", "train.steps=4", "loss.tau_units=rms")
+    assert dropped["val/psnr"] == summary["val/psnr"] and "source/val/psnr" in dropped
+    other = load_encoder(tmp_path / "dropped" / "export").decoder.state_dict()
+    assert all(torch.equal(v, other[k]) for k, v in enc.decoder.state_dict().items())
 
 
 @pytest.mark.slow

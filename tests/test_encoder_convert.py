@@ -274,3 +274,13 @@ def test_file_loading_and_convert_cli(tmp_path):
     save_file(reference(rgb)[1], str(ck3 / "open_clip_model.safetensors"))
     with pytest.raises(SystemExit, match="reads 3 channels, the VAE gives 16"):
         main(["--checkpoint", str(ck3), "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "exp3")])
+
+
+def test_new_head_options_validate():
+    with pytest.raises(ValueError, match="final_ln_after_pool needs pool"):
+        LatentViT(vit_config("tiny", final_ln_after_pool=True))  # pool='mean' has its own LayerNorm
+    with pytest.raises(ValueError, match="unknown pool 'max'"):
+        LatentViT(vit_config("tiny", pool="max"))
+    vit = LatentViT(vit_config("tiny", pool="none", proj_bias=False)).eval()
+    tokens, pooled = vit(torch.randn(2, 16, 8, 8))
+    assert tokens.shape == (2, 16, 64) and pooled.shape == (2, 16, 64)  # no class token: every patch token

@@ -284,3 +284,25 @@ def test_new_head_options_validate():
     vit = LatentViT(vit_config("tiny", pool="none", proj_bias=False)).eval()
     tokens, pooled = vit(torch.randn(2, 16, 8, 8))
     assert tokens.shape == (2, 16, 64) and pooled.shape == (2, 16, 64)  # no class token: every patch token
+
+
+def test_every_clipa_config_open_clip_ships_is_accepted():
+    """The lineage's configs as open_clip 3.3.0 ships them (CLIPA L/H/bigG, 224/336): tensor shapes from open_clip's
+    own tower built on the meta device, the config read without a refusal."""
+    from pathlib import Path
+
+    import open_clip
+
+    from encoder.convert import vit_config_from_open_clip
+
+    files = sorted((Path(open_clip.__file__).parent / "model_configs").glob("*CLIPA*.json"))
+    assert len(files) >= 6
+    for f in files:
+        oc = json.loads(f.read_text())
+        with torch.device("meta"):
+            visual = open_clip_visual(oc)
+        sd = {f"visual.{k}": v for k, v in visual.state_dict().items()}
+        cfg, size, _ = vit_config_from_open_clip(oc, sd)
+        vc = oc["vision_cfg"]
+        assert not cfg.norm_pre and cfg.pool == "avg" and cfg.final_ln_after_pool, f.name
+        assert size == vc["image_size"] and cfg.depth == vc["layers"] and cfg.in_channels == 3, f.name

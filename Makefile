@@ -24,6 +24,7 @@ DATA             ?= data/toy
 TOY_VAE_CFG      ?= configs/encoder/toy_vae.yaml
 ENC_CFG          ?= configs/encoder/toy.yaml
 ENC_BASELINE_CFG ?= configs/encoder/toy_baseline.yaml
+DEC_CFG          ?= configs/encoder/decoder_toy.yaml
 ABLATE_CFG       ?= configs/encoder/ablate.yaml
 TOY_LLM_CFG      ?= configs/llava/toy_llm.yaml
 LLAVA_STAGE1     ?= configs/llava/toy_stage1.yaml
@@ -35,7 +36,7 @@ RAE_SAMPLE_CFG   ?= configs/rae/sample_toy.yaml
 RAE_CLASSIFY_CFG ?= configs/rae/classify_toy.yaml
 EVAL_CONFIG      ?= configs/eval/toy.yaml
 FID_WEIGHTS      ?= weights/inception_fid/inception-2015-12-05-fidhelper.pth
-CONFIG_VARS := DATA TOY_VAE_CFG ENC_CFG ENC_BASELINE_CFG ABLATE_CFG TOY_LLM_CFG LLAVA_STAGE1 LLAVA_STAGE2 LLAVA_LORA \
+CONFIG_VARS := DATA TOY_VAE_CFG ENC_CFG ENC_BASELINE_CFG DEC_CFG ABLATE_CFG TOY_LLM_CFG LLAVA_STAGE1 LLAVA_STAGE2 LLAVA_LORA \
 	RAE_CACHE_CFG RAE_CFG RAE_SAMPLE_CFG RAE_CLASSIFY_CFG EVAL_CONFIG FID_WEIGHTS
 # exported, so `ov3common.pipeline` knows which stage writes which folder (and `make -n` prints only the config given)
 export $(CONFIG_VARS)
@@ -89,7 +90,7 @@ clean-toy: ## remove the toy world and toy runs
 
 # ---------------------------------------------------------------- encoder
 .PHONY: toy-vae pretrain-encoder pretrain-encoder-baseline cache-latents export-encoder ablate-encoder bench-encoder \
-	bench-data
+	bench-data rae-decoder
 
 ##@ encoder (ENC_CFG; real: configs/encoder/ov3_b2.yaml, ov3_l2.yaml)
 toy-vae: setup ## train the toy world's frozen VAE once (TOY_VAE_CFG; AutoencoderKL, 8x, 16 ch; a few CPU min)
@@ -122,6 +123,10 @@ bench-encoder: setup ## ViT step vs timm (ratio), MFU, cached-latent speed-up at
 
 bench-data: setup ## streaming shards: samples/s vs open_clip's webdataset pipeline, start-up/RSS 10-1,000 shards, resume -> runs/bench_data/bench_data.md
 	$(PY) -m encoder.bench_data $(call goal_args,$@)
+
+rae-decoder: setup $(FID_WEIGHTS) ## a ViT decoder for a decoder-less encoder (DEC_CFG; RAE stage 1 on frozen noised z_u) -> <out_dir>/{export,summary.json}
+	$(NEED) $@ $(DEC_CFG) $(call goal_args,$@)
+	$(TORCHRUN) -m encoder.train_decoder --config $(DEC_CFG) $(call goal_args,$@)
 
 # ---------------------------------------------------------------- llava bridge
 .PHONY: toy-llm llava-stage1 llava-stage2 llava-lora llava-predict test-lmms

@@ -135,9 +135,8 @@ def export_encoder(out_dir: str | os.PathLike, vit: LatentViT, decoder: ViTDecod
     vae_path = "vae" if copy_vae else str(Path(vae_source).resolve())
     dec_cfg = decoder.cfg if decoder is not None else None
     cfg = build_config(vit.cfg, dec_cfg, vae, image_size, tau, vae_path, None if copy_vae else vae_config, extra)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         tensors = {f"encoder.{k}": v for k, v in vit.state_dict().items()}
         if decoder is not None:
             tensors.update({f"decoder.{k}": v for k, v in decoder.state_dict().items()})
@@ -146,6 +145,16 @@ def export_encoder(out_dir: str | os.PathLike, vit: LatentViT, decoder: ViTDecod
         if copy_vae:
             vae.vae.save_pretrained(str(tmp / "vae"), safe_serialization=True)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+    return _write_folder(out, write)
+
+
+def _write_folder(out: Path, write) -> Path:
+    """``write(tmp)`` fills a temp folder beside ``out``, which then replaces ``out`` (rename: atomic)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
+    try:
+        write(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -217,9 +226,9 @@ def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu",
     return FrozenEncoder(vit, dec, vae, cfg).to(device=device, dtype=dtype)
 
 
-def export_run(run_dir: str | os.PathLike, out_dir: str | None = None, checkpoint: str | None = None) -> Path:
-    """Re-export a training run (its ``config.yaml`` + the latest valid, or the given, checkpoint)."""
-    from encoder.train import Config, build_vae, export_from_state
+def _run_state(run_dir: str | os.PathLike, checkpoint: str | None = None):
+    """(config, model state dict) of a training run: its ``config.yaml`` + the latest valid (or given) checkpoint."""
+    from encoder.train import Config
     from ov3common.checkpoint import CheckpointManager
     from ov3common.config import load_config
 
@@ -231,26 +240,108 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | None = None, checkpoin
     loaded = CheckpointManager(run / "checkpoints").load(checkpoint)
     if loaded is None:
         raise FileNotFoundError(f"--run: no valid checkpoint under {run / 'checkpoints'}")
-    return export_from_state(loaded[0]["model"], cfg, build_vae(cfg.vae, "cpu"), out_dir or str(run / "export"))
+    return cfg, loaded[0]["model"]
+
+
+def export_run(run_dir: str | os.PathLike, out_dir: str | None = None, checkpoint: str | None = None) -> Path:
+    """Re-export a training run (its ``config.yaml`` + the latest valid, or the given, checkpoint)."""
+    from encoder.train import build_vae, export_from_state
+
+    cfg, sd = _run_state(run_dir, checkpoint)
+    return export_from_state(sd, cfg, build_vae(cfg.vae, "cpu"), out_dir or str(Path(run_dir) / "export"))
+
+
+# ----------------------------------------------------------------------------- the open_clip layout
+OPEN_CLIP_FORMAT = "openvision3-open-clip"
+TEXT_TOWER_LEFT_OUT = (
+    "left out: our text encoder masks padded positions and pools at the last real token; open_clip 3.3.0's "
+    "TextTransformer built from a config attends to padding (use_pad_mask is not a CLIPTextCfg option), so its "
+    "outputs would differ")
+DECODER_LEFT_OUT = ("left out: the open_clip layout has no ViT decoder (the release ships none); it stays in the "
+                    "encoder export folder (decoder.* of model.safetensors)")
+
+
+def export_open_clip(out_dir: str | os.PathLike, vit: LatentViT, image_size: int, downsample: int,
+                     info: dict | None = None) -> Path:
+    """Write ``open_clip_config.json`` + ``open_clip_model.safetensors`` (the visual tower, ``visual.*``) in the
+    layout of the official releases; ``info`` (VAE reference, τ, ...) goes to the config's ``openvision3`` block,
+    which open_clip ignores. Raises ``ValueError`` when the layout cannot reproduce ``vit`` (see
+    ``encoder.convert.open_clip_from_vit``)."""
+    from encoder.convert import CONFIG_FILE, OPEN_CLIP_WEIGHT_FILES, open_clip_from_vit
+
+    if image_size % downsample:
+        raise ValueError(f"image size {image_size} is not a multiple of the VAE's {downsample}x")
+    model_cfg, sd, notes = open_clip_from_vit(vit, image_size // downsample)
+    cfg = {"model_cfg": model_cfg,
+           "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},  # [0, 1] → [-1, 1], VAE input
+           "openvision3": {
+               "format": OPEN_CLIP_FORMAT, "image_size": image_size,
+               "input": (f"VAE latents of {image_size} px images in [-1, 1] ({downsample}x down): "
+                         "(posterior.mean - shift_factor) * scaling_factor; vision_cfg.image_size is the latent side"),
+               "in_channels_note": "vision_cfg.in_channels is the key of OpenVision's open_clip fork; stock "
+                                   "open_clip 3.3.0 builds a 3-channel conv1 (encoder.convert.open_clip_visual "
+                                   "swaps it)",
+               **(info or {}), "text_tower": TEXT_TOWER_LEFT_OUT, "decoder": DECODER_LEFT_OUT, "notes": notes}}
+
+    def write(tmp: Path) -> None:
+        save_file(sd, str(tmp / OPEN_CLIP_WEIGHT_FILES[0]), metadata={"format": OPEN_CLIP_FORMAT})
+        (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+
+    return _write_folder(Path(out_dir), write)
+
+
+def open_clip_source(encoder_dir: str | None = None, run_dir: str | None = None,
+                     checkpoint: str | None = None) -> tuple[LatentViT, int, int, dict]:
+    """(ViT, image size, VAE downsample, info) of an export folder or of a training run's checkpoint."""
+    if encoder_dir:
+        enc = load_encoder(encoder_dir)
+        vae_ref = dict(enc.config["vae"])
+        if not Path(vae_ref["path"]).is_absolute():
+            vae_ref["path"] = str((Path(encoder_dir) / vae_ref["path"]).resolve())
+        info = {"vae": vae_ref, "tau": enc.tau, "source": str(Path(encoder_dir).resolve())}
+        return enc.vit, enc.image_size, enc.downsample, info
+    from encoder.ov3 import build_vit
+    from encoder.train import build_vae
+
+    cfg, sd = _run_state(run_dir, checkpoint)
+    vae = build_vae(cfg.vae, "cpu")
+    _, vit, _ = build_vit(cfg.model, vae.latent_channels)
+    vit.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("vit.")})
+    info = {"vae": {"path": str(Path(cfg.vae.path).resolve()) if cfg.vae.path else "", **vae.reference()},
+            "tau": cfg.loss.tau, "source": str(Path(run_dir).resolve())}
+    return vit.eval(), cfg.train.stages[-1].resolution, vae.downsample, info
 
 
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    ap = argparse.ArgumentParser(description="Write a frozen-encoder export folder (DESIGN.md §5).")
+    ap = argparse.ArgumentParser(description="Write a frozen-encoder export folder (DESIGN.md §5), or with "
+                                             "--open-clip the visual tower in the official open_clip layout.")
     ap.add_argument("--run", help="training run folder (runs/toy/encoder): export its latest checkpoint")
     ap.add_argument("--checkpoint", default=None, help="a specific checkpoint folder of that run")
     ap.add_argument("--random", metavar="OUT", help="write a RANDOM tiny export here (sibling tests)")
+    ap.add_argument("--open-clip", metavar="OUT", help="write open_clip_config.json + open_clip_model.safetensors "
+                                                       "here, from --encoder DIR or --run RUN")
+    ap.add_argument("--encoder", default=None, help="with --open-clip: an encoder export folder")
     ap.add_argument("--out", default=None, help="export folder (default <run>/export)")
     ap.add_argument("--size", default="tiny")
     ap.add_argument("--image-size", type=int, default=64)
     a = ap.parse_args(argv)
-    if a.random:
+    if a.open_clip:
+        if bool(a.encoder) == bool(a.run):
+            ap.error("--open-clip needs exactly one of --encoder EXPORT_DIR or --run RUN_DIR")
+        vit, size, down, info = open_clip_source(a.encoder, a.run, a.checkpoint)
+        try:
+            out = export_open_clip(a.open_clip, vit, size, down, info)
+        except ValueError as e:
+            raise SystemExit(f"--open-clip: {e}") from e
+        print(f"{out}: visual tower at {size} px; text tower {TEXT_TOWER_LEFT_OUT}; decoder {DECODER_LEFT_OUT}")
+    elif a.random:
         print(write_random_export(a.random, a.size, a.image_size))
     elif a.run:
         print(export_run(a.run, a.out, a.checkpoint))
     else:
-        ap.error("give --run RUN_DIR or --random OUT")
+        ap.error("give --run RUN_DIR, --random OUT or --open-clip OUT")
 
 
 if __name__ == "__main__":

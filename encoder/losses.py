@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ov3common.dist import step_seed
+
 IGNORE = -100
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = 100.0
@@ -151,3 +153,15 @@ def reconstruction_rows(pred_latents: Tensor, latents: Tensor, pred_images: Tens
         if lpips_fn is not None:
             out["lpips"] = lpips_fn(pred_images, images)
     return out
+
+
+def token_noise(index: Tensor, tokens: Tensor, step: int, seed: int, tau: float) -> Tensor:
+    """σ·ε with σ ~ U[0, τ], ε ~ N(0, I) per sample, from a generator keyed by (seed, step, sample index): the
+    same whatever the number of ranks. Shared by the joint trainer and the decoder-only trainer."""
+    g = torch.Generator(device=tokens.device)
+    out = []
+    for i in index.tolist():
+        g.manual_seed(step_seed(seed, step, -1 - i))  # negative "rank" slot = the sample id
+        sigma = torch.rand((), generator=g, device=tokens.device) * tau
+        out.append(sigma * torch.randn(tokens.shape[1:], generator=g, device=tokens.device))
+    return torch.stack(out).to(tokens.dtype)

@@ -48,6 +48,9 @@ class ViTConfig:
     pool: str = "mean"  # mean: mean → LN → Linear ; cls: final_norm(x)[:, 0] → proj
     final_norm_affine: bool = False  # False: z_u = LN without affine (ours); True: open_clip ln_post
     proj_bias: bool = True
+    # open_clip heads (converted checkpoints): pool avg = mean of the normed patch tokens, none = every token
+    # (pooled [B, prefix+N, E]); final_ln_after_pool: final_norm on the pooled vector only, tokens = raw stream
+    final_ln_after_pool: bool = False
 
     @classmethod
     def from_dict(cls, d: dict) -> ViTConfig:
@@ -235,13 +238,15 @@ class LatentViT(nn.Module):
             Block(d, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.norm_eps, cfg.qkv_bias) for _ in range(cfg.depth))
         self.final_norm = nn.LayerNorm(d, eps=cfg.norm_eps, elementwise_affine=cfg.final_norm_affine)
         if cfg.pool == "mean":
+            if cfg.final_ln_after_pool:
+                raise ValueError("final_ln_after_pool needs pool cls | avg | none (pool='mean' has its own LN)")
             self.pool_norm = nn.LayerNorm(d, eps=cfg.norm_eps)
-        elif cfg.pool == "cls":
-            if not cfg.class_token:
+        elif cfg.pool in ("cls", "avg", "none"):
+            if cfg.pool == "cls" and not cfg.class_token:
                 raise ValueError("pool='cls' needs class_token=True")
             self.pool_norm = None
         else:
-            raise ValueError(f"unknown pool {cfg.pool!r} (mean | cls)")
+            raise ValueError(f"unknown pool {cfg.pool!r} (mean | cls | avg | none)")
         self.proj = nn.Linear(d, cfg.embed_dim, bias=cfg.proj_bias)
         init_weights(self)
         w = self.patch_embed.weight.data
@@ -271,13 +276,21 @@ class LatentViT(nn.Module):
 
     def head(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Final residual stream → (z_u tokens without prefix, pooled embedding)."""
+        if self.cfg.final_ln_after_pool:  # open_clip: LN on the pooled vector, tokens un-normed
+            return x[:, self.num_prefix:], self.proj(self.final_norm(self._pool(x)))
         xn = self.final_norm(x)
         tokens = xn[:, self.num_prefix:]
         if self.pool_norm is None:
-            pooled = self.proj(xn[:, 0])
+            pooled = self.proj(self._pool(xn))
         else:
             pooled = self.proj(self.pool_norm(x[:, self.num_prefix:].mean(dim=1)))
         return tokens, pooled
+
+    def _pool(self, x: Tensor) -> Tensor:
+        """open_clip's pools: cls → the class token; avg → mean of the patch tokens; none → all tokens."""
+        if self.cfg.pool == "cls":
+            return x[:, 0]
+        return x[:, self.num_prefix:].mean(dim=1) if self.cfg.pool == "avg" else x
 
     def forward(self, latents: Tensor) -> tuple[Tensor, Tensor]:
         x = run_blocks(self.blocks, self.embed(latents), self.grad_checkpointing)

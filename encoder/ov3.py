@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 from encoder.losses import (
@@ -21,12 +20,18 @@ from encoder.losses import (
     contrastive_rows,
     global_mean,
     reconstruction_rows,
+    token_noise,
 )
 from encoder.models import LatentViT, ViTConfig, ViTDecoder, decoder_config_for, vit_config
 from encoder.text import TextConfig, TextDecoder, TextEncoder
 from encoder.vae import FrozenVAE
-from ov3common.config import path_field
-from ov3common.dist import step_seed
+from ov3common.config import choice_field, path_field
+
+# ``open_clip``: class token, no ln_pre, mean of the patch tokens → LayerNorm → Linear without bias, z_u = the raw
+# last-block tokens (``final_ln_after_pool``), no patch bias: what `encoder.export --open-clip` writes exactly.
+# ``ours`` has no class token and normalises z_u, which open_clip's VisionTransformer cannot express.
+VIT_LAYOUTS = {"ours": {}, "open_clip": dict(class_token=True, pool="avg", final_ln_after_pool=True,
+                                             final_norm_affine=True, patch_bias=False, proj_bias=False)}
 
 
 @dataclass
@@ -49,6 +54,7 @@ class ModelConfig:
     text_decoder_heads: int = 4
     caption_keep_ratio: float = 1.0  # fraction of visual tokens the text decoder sees (OpenVision 2: 0.35)
     grad_checkpointing: bool = False
+    layout: str = choice_field("ours", tuple(VIT_LAYOUTS))  # ours (the default design) | open_clip: the release's
 
 
 @dataclass
@@ -72,7 +78,7 @@ class LossConfig:
 
 def build_vit(mc: ModelConfig, in_channels: int) -> tuple[ViTConfig, LatentViT, ViTDecoder]:
     over = {k: getattr(mc, k) for k in ("width", "depth", "heads", "embed_dim") if getattr(mc, k)}
-    vcfg = vit_config(mc.size, in_channels=in_channels, **over)
+    vcfg = vit_config(mc.size, in_channels=in_channels, **over, **VIT_LAYOUTS[mc.layout])
     dover = {k.removeprefix("decoder_"): getattr(mc, k)
              for k in ("decoder_width", "decoder_depth", "decoder_heads") if getattr(mc, k)}
     return vcfg, LatentViT(vcfg), ViTDecoder(decoder_config_for(vcfg, **dover))
@@ -116,13 +122,7 @@ class OV3Model(nn.Module):
     def noise(self, index: Tensor, tokens: Tensor, step: int) -> Tensor:
         """σ·ε with σ ~ U[0, τ], ε ~ N(0, I), drawn per sample from a generator keyed by (seed, step, sample
         index): identical whatever the number of ranks (a 2-process run matches a 1-process run)."""
-        g = torch.Generator(device=tokens.device)
-        out = []
-        for i in index.tolist():
-            g.manual_seed(step_seed(self.seed, step, -1 - i))  # negative "rank" slot = the sample id
-            sigma = torch.rand((), generator=g, device=tokens.device) * self.lc.tau
-            out.append(sigma * torch.randn(tokens.shape[1:], generator=g, device=tokens.device))
-        return torch.stack(out).to(tokens.dtype)
+        return token_noise(index, tokens, step, self.seed, self.lc.tau)
 
     def forward(self, batch: dict, step: int = 0, n_global: Tensor | None = None, tok_global: Tensor | None = None,
                 world_size: int = 1, inference: bool = False) -> dict[str, Tensor]:

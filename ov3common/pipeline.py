@@ -47,6 +47,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("pretrain-encoder", "ENC_CFG", "configs/encoder/toy.yaml", candidates=("configs/encoder/*.yaml",)),
     Stage("pretrain-encoder-baseline", "ENC_BASELINE_CFG", "configs/encoder/toy_baseline.yaml"),
     Stage("cache-latents", "ENC_CFG", "configs/encoder/toy.yaml", ("cache.out_dir",)),
+    Stage("rae-decoder", "DEC_CFG", "configs/encoder/decoder_toy.yaml", candidates=("configs/encoder/decoder_*.yaml",)),
     Stage("toy-llm", "TOY_LLM_CFG", "configs/llava/toy_llm.yaml"),
     Stage("llava-stage1", "LLAVA_STAGE1", "configs/llava/toy_stage1.yaml", candidates=("configs/llava/*stage1*.yaml",)),
     Stage("llava-stage2", "LLAVA_STAGE2", "configs/llava/toy_stage2.yaml", candidates=("configs/llava/*stage2*.yaml",)),
@@ -62,7 +63,7 @@ _BY_TARGET = {s.target: s for s in STAGES}
 # bad key or a missing file is one line naming it (the program itself checks again)
 SCHEMAS = {
     "pretrain-encoder": "encoder.train:Config", "pretrain-encoder-baseline": "encoder.train:Config",
-    "cache-latents": "encoder.cache_latents:CacheConfig",
+    "cache-latents": "encoder.cache_latents:CacheConfig", "rae-decoder": "encoder.train_decoder:Config",
     "llava-stage1": "llava_bridge.config:LlavaTrainConfig", "llava-stage2": "llava_bridge.config:LlavaTrainConfig",
     "llava-lora": "llava_bridge.config:LlavaTrainConfig",
     "cache-rae-latents": "rae_generation.config:CacheConfig", "rae-train": "rae_generation.config:RAETrainConfig",

@@ -1,6 +1,7 @@
 """Export folder contract (DESIGN.md §5): export → load → identical outputs; clear errors."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch
 from encoder.export import export_encoder, load_encoder, write_random_export
 from encoder.models import LatentViT, ViTDecoder, decoder_config_for, vit_config
 from encoder.vae import FrozenVAE, build_random_vae, tiny_vae_config
+from tests.test_encoder_train import toy_root  # noqa: F401, F811 (pytest fixture)
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +102,68 @@ def test_clear_errors(tmp_path, random_export):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(FileNotFoundError, match="vae.path"):
         load_encoder(bad)
+
+
+# ----------------------------------------------------------------------------- the open_clip layout (issue 13)
+def _open_clip_layout_export(tmp_path):
+    from encoder.ov3 import VIT_LAYOUTS
+
+    torch.manual_seed(0)
+    vae = FrozenVAE(build_random_vae(tiny_vae_config(), seed=3), scaling_factor=0.3611)
+    vcfg = vit_config("tiny", **VIT_LAYOUTS["open_clip"])
+    vit, dec = LatentViT(vcfg), ViTDecoder(decoder_config_for(vcfg))
+    with torch.no_grad():  # a trained-looking head: not the init's ones/zeros
+        vit.final_norm.weight.normal_(1, 0.1)
+        vit.final_norm.bias.normal_(0, 0.1)
+    return export_encoder(tmp_path / "e", vit.eval(), dec.eval(), vae, image_size=64, tau=0.8)
+
+
+def test_open_clip_cli_writes_the_visual_tower(tmp_path):
+    pytest.importorskip("open_clip")
+    from encoder.convert import load_open_clip_visual
+    from encoder.export import main
+
+    exp = _open_clip_layout_export(tmp_path)
+    main(["--open-clip", str(tmp_path / "oc"), "--encoder", str(exp)])
+    cfg = json.loads((tmp_path / "oc" / "open_clip_config.json").read_text())
+    vc = cfg["model_cfg"]["vision_cfg"]
+    assert vc["image_size"] == 8 and vc["in_channels"] == 16 and vc["pool_type"] == "avg" and vc["no_ln_pre"]
+    meta = cfg["openvision3"]
+    assert meta["image_size"] == 64 and meta["vae"]["scaling_factor"] == 0.3611 and meta["tau"] == 0.8
+    assert meta["text_tower"].startswith("left out") and meta["decoder"].startswith("left out")
+    assert Path(meta["vae"]["path"]).is_dir()
+    enc, visual = load_encoder(exp), load_open_clip_visual(tmp_path / "oc")
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    tok, pooled = enc.encode(x)
+    with torch.no_grad():
+        ref_pooled, ref_tok = visual(enc.encode_latents(x))
+    assert (tok - ref_tok).abs().max() < 1e-5 and (pooled - ref_pooled).abs().max() < 1e-5
+
+
+def test_open_clip_cli_refuses_our_default_layout(tmp_path, random_export):
+    from encoder.export import main
+
+    with pytest.raises(SystemExit, match="class_token=False"):
+        main(["--open-clip", str(tmp_path / "oc"), "--encoder", str(random_export)])
+    assert not (tmp_path / "oc").exists()
+    with pytest.raises(SystemExit):
+        main(["--open-clip", str(tmp_path / "oc")])  # neither --encoder nor --run
+
+
+def test_train_in_the_open_clip_layout_then_export_the_run(toy_root, tmp_path):  # noqa: F811
+    pytest.importorskip("open_clip")
+    from encoder.convert import load_open_clip_visual
+    from encoder.export import main
+    from encoder.train import train
+    from tests.test_encoder_train import cfg_for, stages
+
+    run = tmp_path / "run"
+    train(cfg_for(toy_root, run, stages((32, 3, 8)), "model.layout=open_clip"))
+    main(["--open-clip", str(tmp_path / "oc"), "--run", str(run)])
+    enc, visual = load_encoder(run / "export"), load_open_clip_visual(tmp_path / "oc")
+    assert enc.vit.cfg.class_token and enc.vit.cfg.final_ln_after_pool
+    lat = torch.randn(2, 16, 4, 4)
+    tok, pooled = enc.encode_from_latents(lat)
+    with torch.no_grad():
+        ref_pooled, ref_tok = visual(lat)
+    assert (tok - ref_tok).abs().max() < 1e-5 and (pooled - ref_pooled).abs().max() < 1e-5

@@ -21,7 +21,7 @@ REAL = {
     "LLAVA_STAGE1": "configs/llava/real_stage1.yaml", "LLAVA_STAGE2": "configs/llava/real_stage2.yaml",
     "LLAVA_LORA": "configs/llava/real_lora.yaml", "RAE_CACHE_CFG": "configs/rae/cache_imagenet.yaml",
     "RAE_CFG": "configs/rae/imagenet_xl.yaml", "RAE_SAMPLE_CFG": "configs/rae/sample_imagenet.yaml",
-    "EVAL_CONFIG": "configs/eval/real.yaml",
+    "EVAL_CONFIG": "configs/eval/real.yaml", "DEC_CFG": "configs/encoder/decoder_official_b2.yaml",
 }
 # targets that exist for the toy world only (or list the defaults), with the reason
 TOY_ONLY = {

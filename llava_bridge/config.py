@@ -11,6 +11,8 @@ from pathlib import Path
 from ov3common.config import ConfigError, choice_field, path_field
 
 TUNES = ("projector", "full", "lora")
+ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2")
+FLASH_INSTALL = "pip install flash-attn --no-build-isolation (or the project's extra: pip install -e '.[gpu]')"
 
 
 @dataclass
@@ -24,8 +26,11 @@ class ModelConfig:
     template: str = "plain"  # plain | vicuna_v1 | chat_template
     model_max_length: int = 2048
     image_aspect_ratio: str = "pad"  # pad | crop
-    attn_implementation: str = "sdpa"
-    dtype: str = "float32"  # weights dtype when loading the LM (bf16 mixed precision is train.precision)
+    # the LM's attention (transformers attn_implementation); flash_attention_2 needs the flash-attn extra (GPU)
+    attn_implementation: str = choice_field("sdpa", ATTN_IMPLEMENTATIONS)
+    # weights dtype when loading the LM (bf16 mixed precision is train.precision); every trainable tensor
+    # (projector, LoRA A/B, unfrozen LM) is kept in this dtype
+    dtype: str = choice_field("float32", ("float32", "bfloat16", "float16"))
 
 
 @dataclass
@@ -103,6 +108,7 @@ def check_inputs(cfg) -> None:
         if not ok:
             raise ConfigError(f"{key}: path does not exist: {path} — {HINTS.get(key, 'fix the path')}")
 
+    check_attn(cfg.model.attn_implementation)
     need("model.vision_tower", cfg.model.vision_tower, "dir")
     need("model.llm", cfg.model.llm, "dir")
     if not cfg.data.train:
@@ -115,6 +121,18 @@ def check_inputs(cfg) -> None:
         need("train.deepspeed", cfg.train.deepspeed)
     if cfg.train.tune == "projector" and cfg.model.pretrain_projector:
         raise ConfigError("model.pretrain_projector: stage 1 (train.tune=projector) starts from a fresh projector")
+
+
+def check_attn(attn: str, key: str = "model.attn_implementation") -> None:
+    """``flash_attention_2`` only where flash-attn imports (a config error naming the key otherwise)."""
+    if attn not in ATTN_IMPLEMENTATIONS:
+        raise ConfigError(f"{key}: {attn!r} is not one of {ATTN_IMPLEMENTATIONS}")
+    if attn == "flash_attention_2":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError as e:
+            raise ConfigError(f"{key}: flash_attention_2 needs flash-attn, which does not import here ({e}); "
+                              f"install it with `{FLASH_INSTALL}` or use sdpa") from e
 
 
 def training_arguments(cfg, use_cpu: bool):
@@ -134,7 +152,7 @@ def training_arguments(cfg, use_cpu: bool):
         seed=cfg.seed, data_seed=cfg.seed, use_cpu=use_cpu, report_to=t.report_to, remove_unused_columns=False,
         dataloader_num_workers=cfg.data.num_workers,
     )
-    if t.tf32:
+    if t.tf32 and not use_cpu:  # a CUDA matmul setting (HF refuses it without an Ampere GPU)
         kw["tf32"] = True
     if t.gradient_checkpointing:
         kw["activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__

@@ -51,9 +51,23 @@ def set_trainable(model, cfg):
 
         lcfg = LoraConfig(r=cfg.train.lora_r, lora_alpha=cfg.train.lora_alpha, lora_dropout=cfg.train.lora_dropout,
                           target_modules=lora_targets(model), bias="none", task_type="CAUSAL_LM")
-        model = get_peft_model(model, lcfg)
+        # peft would upcast the adapters to fp32 next to a bf16 projector: DeepSpeed ZeRO-3 flattens all trainable
+        # tensors into one buffer and refuses mixed dtypes, so every trainable tensor keeps the LM's dtype
+        model = get_peft_model(model, lcfg, autocast_adapter_dtype=False)
         model.get_base_model().model.mm_projector.requires_grad_(True)
+    one_trainable_dtype(model)
     return model
+
+
+def one_trainable_dtype(model) -> torch.dtype:
+    """Cast every trainable tensor to the LM's dtype (the dtype its weights were loaded in); returns it.
+    DeepSpeed keeps fp32 master weights of them under bf16; without DeepSpeed a bf16 LM trains bf16 tensors."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    dtype = base.get_input_embeddings().weight.dtype
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    return dtype
 
 
 class _MetricsCallback:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llava_bridge.live_eval import LiveEvalConfig
 from ov3common.config import ConfigError, choice_field, path_field
 
 TUNES = ("projector", "full", "lora")
@@ -66,6 +67,7 @@ class TrainConfig:
     ckpt_every: int = 0  # HF save_steps; 0 = only the final save
     keep_last: int = 2  # HF save_total_limit
     log_every: int = 10  # HF logging_steps
+    eval_every: int = 0  # in-training POPE / SeedBench on the `eval` section's subset every N steps (0 = off)
     resume: str = "auto"  # auto (newest valid checkpoint in out_dir) | none | a checkpoint folder
     max_bad_steps: int = 5  # consecutive non-finite losses that stop the run
     use_cpu: bool = False  # forced on when no GPU is visible
@@ -89,6 +91,7 @@ class LlavaTrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: LiveEvalConfig = field(default_factory=LiveEvalConfig)  # llava_bridge.live_eval
 
 
 HINTS = {
@@ -119,6 +122,8 @@ def check_inputs(cfg) -> None:
         need("data.image_root", cfg.data.image_root, "dir")
     if cfg.train.deepspeed:
         need("train.deepspeed", cfg.train.deepspeed)
+    if cfg.train.eval_every > 0 and not (cfg.eval.pope or cfg.eval.seedbench):
+        raise ConfigError("train.eval_every: set eval.pope and/or eval.seedbench (benchmark files) to evaluate")
     if cfg.train.tune == "projector" and cfg.model.pretrain_projector:
         raise ConfigError("model.pretrain_projector: stage 1 (train.tune=projector) starts from a fresh projector")
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from llava_bridge import live_eval
 from llava_bridge.config import LlavaTrainConfig, check_inputs, training_arguments
 from llava_bridge.data import Collator, LlavaDataset
 from llava_bridge.feature_cache import build_feature_cache
@@ -127,6 +128,9 @@ def build(cfg):
         modality_lengths=ds.modality_lengths if cfg.data.group_by_modality_length else None,
         callbacks=[_MetricsCallback(cfg.out_dir).callback],
         sample_log=str(Path(cfg.out_dir) / "samples.jsonl") if cfg.train.log_indices else None)
+    if cfg.train.eval_every > 0:
+        trainer.add_callback(live_eval.callback(trainer, live_eval.load_subsets(cfg.eval), cfg.eval,
+                                                cfg.train.eval_every))
     resume = None
     if cfg.train.resume == "auto":
         resume = find_resumable_checkpoint(cfg.out_dir, quarantine=args.process_index == 0)

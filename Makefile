@@ -97,7 +97,7 @@ eval-all: setup data $(FID_WEIGHTS) ## score every available run -> reports/summ
 
 
 # ---------------------------------------------------------------- llava bridge (issue: llava)
-# (targets: toy-llm, llava-stage1, llava-stage2, llava-lora, llava-predict, test-lmms)
+# (targets: toy-llm, llava-stage1, llava-stage2, llava-lora, llava-predict, test-lmms, test-compat)
 # Real scale: make llava-stage1 LLAVA_STAGE1=configs/llava/real_stage1.yaml NPROC=8 (then real_stage2.yaml).
 LLAVA_NAME   ?= ov3
 LLAVA_RUN    ?= runs/toy/llava/$(LLAVA_NAME)
@@ -162,6 +162,26 @@ $(LMMS_VENV)/.installed: pyproject.toml | $(VENV)/.installed
 
 test-lmms: $(LMMS_VENV)/.installed ## the lmms-eval plugin against lmms-eval's real API (own venv .venv-lmms)
 	OV3_LMMS=1 $(LMMS_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_llava_lmms.py
+
+# transformers drift: the LLaVA tests under the lowest and the highest transformers the pin in pyproject.toml allows,
+# each in its own venv .venv-tf-VERSION that sees .venv's packages (torch, peft, deepspeed, ...) through a .pth file
+# and installs only transformers (+ the tokenizers / huggingface-hub versions it needs, shadowing .venv's)
+TRANSFORMERS_LOW  ?= 5.0.0
+TRANSFORMERS_HIGH ?= 5.25.0
+COMPAT_TESTS      ?= tests/test_llava_*.py
+.PHONY: test-compat
+.venv-tf-%/.installed: pyproject.toml | $(VENV)/.installed
+	test -x .venv-tf-$*/bin/python || "$$($(PY) -c 'import sys; print(sys.base_prefix)')/bin/python3" -m venv .venv-tf-$*
+	.venv-tf-$*/bin/python -c "import pathlib, sys, sysconfig; \
+		pathlib.Path(sysconfig.get_paths()['purelib'], '_ov3_venv.pth').write_text(sys.argv[1] + '\n')" \
+		"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+	.venv-tf-$*/bin/python -m pip install -q "transformers==$*"
+	touch $@
+
+test-compat: .venv-tf-$(TRANSFORMERS_LOW)/.installed .venv-tf-$(TRANSFORMERS_HIGH)/.installed ## LLaVA tests under the lowest + highest transformers the pin allows (own venvs)
+	@set -e; for v in $(TRANSFORMERS_LOW) $(TRANSFORMERS_HIGH); do echo "== transformers $$v"; \
+		.venv-tf-$$v/bin/python -c "import sys, transformers; sys.exit(transformers.__version__ != '$$v')"; \
+		.venv-tf-$$v/bin/python -m pytest -q -p no:cacheprovider $(COMPAT_TESTS) $(ARGS); done
 
 
 

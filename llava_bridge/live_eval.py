@@ -116,6 +116,10 @@ def callback(trainer, subsets: dict[str, list[dict]], cfg: LiveEvalConfig, every
             metrics = evaluate(trainer.model, trainer.processing_class, subsets, cfg, out)
             if args.process_index == 0:
                 log.info("step %d: in-training eval %s", step, {k: round(v, 4) for k, v in metrics.items()})
+                # Trainer.log clears control.should_log; restored, so this step's own log (a collective over
+                # the ranks' losses) still runs on rank 0 as on the others
+                should_log = control.should_log
                 trainer.log(metrics)
+                control.should_log = should_log
 
     return LiveEval()

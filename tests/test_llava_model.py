@@ -141,6 +141,17 @@ def test_lora_save_merge_same_logits(llava_world, stage1, tmp_path):
     merged_dir = merge(str(out), str(tmp_path / "merged"))
     again, _ = load_llava(merged_dir)
     torch.testing.assert_close(logits(again, batch), b, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(logits(again, batch), a, atol=1e-4, rtol=0)  # merged vs adapter, fp32
+    # a plain HF checkpoint: no adapter left, and transformers' own class loads the LM (text-only logits agree)
+    from transformers import AutoModelForCausalLM
+
+    with safe_open(str(merged_dir / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert not any("lora_" in k or "base_model" in k for k in keys) and not (merged_dir / "adapter_config.json").exists()
+    plain = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    ids = batch["input_ids"].clamp(min=0)[:, :8]
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, unmerged(input_ids=ids).logits, atol=1e-4, rtol=0)
 
 
 @pytest.fixture(scope="module")

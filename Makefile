@@ -167,7 +167,7 @@ test-lmms: $(LMMS_VENV)/.installed ## the lmms-eval plugin against lmms-eval's r
 # each in its own venv .venv-tf-VERSION that sees .venv's packages (torch, peft, deepspeed, ...) through a .pth file
 # and installs only transformers (+ the tokenizers / huggingface-hub versions it needs, shadowing .venv's)
 TRANSFORMERS_LOW  ?= 5.0.0
-TRANSFORMERS_HIGH ?= 5.25.0
+TRANSFORMERS_HIGH ?= 5.24.0
 COMPAT_TESTS      ?= tests/test_llava_*.py
 .PHONY: test-compat
 .venv-tf-%/.installed: pyproject.toml | $(VENV)/.installed
@@ -176,11 +176,12 @@ COMPAT_TESTS      ?= tests/test_llava_*.py
 		pathlib.Path(sysconfig.get_paths()['purelib'], '_ov3_venv.pth').write_text(sys.argv[1] + '\n')" \
 		"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 	.venv-tf-$*/bin/python -m pip install -q "transformers==$*"
+	.venv-tf-$*/bin/python -m pip install -q --no-deps --ignore-installed "transformers==$*"  # its own copy, also when .venv has that version
 	touch $@
 
 test-compat: .venv-tf-$(TRANSFORMERS_LOW)/.installed .venv-tf-$(TRANSFORMERS_HIGH)/.installed ## LLaVA tests under the lowest + highest transformers the pin allows (own venvs)
 	@set -e; for v in $(TRANSFORMERS_LOW) $(TRANSFORMERS_HIGH); do echo "== transformers $$v"; \
-		.venv-tf-$$v/bin/python -c "import sys, transformers; sys.exit(transformers.__version__ != '$$v')"; \
+		.venv-tf-$$v/bin/python -c "import sys, transformers as t; sys.exit(t.__version__ != '$$v' or not t.__file__.startswith(sys.prefix))"; \
 		.venv-tf-$$v/bin/python -m pytest -q -p no:cacheprovider $(COMPAT_TESTS) $(ARGS); done
 
 

@@ -177,6 +177,29 @@ test-lmms: $(LMMS_VENV)/.installed ## the lmms-eval plugin against lmms-eval's r
 	OV3_LMMS=1 $(LMMS_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_llava_lmms.py
 
 # ---------------------------------------------------------------- rae generation
+# transformers drift: the LLaVA tests under the lowest and the highest transformers the pin in pyproject.toml allows,
+# each in its own venv .venv-tf-VERSION that sees .venv's packages (torch, peft, deepspeed, ...) through a .pth file
+# and installs only transformers (+ the tokenizers / huggingface-hub versions it needs, shadowing .venv's)
+TRANSFORMERS_LOW  ?= 5.0.0
+TRANSFORMERS_HIGH ?= 5.24.0
+COMPAT_TESTS      ?= tests/test_llava_*.py
+.PHONY: test-compat
+.venv-tf-%/.installed: $(ROOT)/pyproject.toml | $(VENV)/.installed
+	test -x .venv-tf-$*/bin/python || "$$($(PY) -c 'import sys; print(sys.base_prefix)')/bin/python3" -m venv .venv-tf-$*
+	.venv-tf-$*/bin/python -c "import pathlib, sys, sysconfig; \
+		pathlib.Path(sysconfig.get_paths()['purelib'], '_ov3_venv.pth').write_text(sys.argv[1] + '\n')" \
+		"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+	.venv-tf-$*/bin/python -m pip install -q "transformers==$*"
+	.venv-tf-$*/bin/python -m pip install -q --no-deps --ignore-installed "transformers==$*"  # its own copy, also when .venv has that version
+	touch $@
+
+test-compat: .venv-tf-$(TRANSFORMERS_LOW)/.installed .venv-tf-$(TRANSFORMERS_HIGH)/.installed ## LLaVA tests under the lowest + highest transformers the pin allows (own venvs)
+	@set -e; for v in $(TRANSFORMERS_LOW) $(TRANSFORMERS_HIGH); do echo "== transformers $$v"; \
+		.venv-tf-$$v/bin/python -c "import sys, transformers as t; sys.exit(t.__version__ != '$$v' or not t.__file__.startswith(sys.prefix))"; \
+		.venv-tf-$$v/bin/python -m pytest -q -p no:cacheprovider $(COMPAT_TESTS) $(ARGS); done
+
+
+
 .PHONY: cache-rae-latents rae-train rae-sample rae-classacc bench-rae
 
 ##@ rae (RAE_CACHE_CFG / RAE_CFG / RAE_SAMPLE_CFG; real: configs/rae/cache_imagenet.yaml, imagenet_{s,b,l,xl}.yaml, sample_imagenet.yaml)

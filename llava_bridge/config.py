@@ -8,9 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llava_bridge.live_eval import LiveEvalConfig
 from ov3common.config import ConfigError, choice_field, path_field
 
 TUNES = ("projector", "full", "lora")
+ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2")
+FLASH_INSTALL = "pip install flash-attn --no-build-isolation (or the project's extra: pip install -e '.[gpu]')"
 
 
 @dataclass
@@ -24,8 +27,11 @@ class ModelConfig:
     template: str = "plain"  # plain | vicuna_v1 | chat_template
     model_max_length: int = 2048
     image_aspect_ratio: str = "pad"  # pad | crop
-    attn_implementation: str = "sdpa"
-    dtype: str = "float32"  # weights dtype when loading the LM (bf16 mixed precision is train.precision)
+    # the LM's attention (transformers attn_implementation); flash_attention_2 needs the flash-attn extra (GPU)
+    attn_implementation: str = choice_field("sdpa", ATTN_IMPLEMENTATIONS)
+    # weights dtype when loading the LM (bf16 mixed precision is train.precision); every trainable tensor
+    # (projector, LoRA A/B, unfrozen LM) is kept in this dtype
+    dtype: str = choice_field("float32", ("float32", "bfloat16", "float16"))
 
 
 @dataclass
@@ -61,6 +67,7 @@ class TrainConfig:
     ckpt_every: int = 0  # HF save_steps; 0 = only the final save
     keep_last: int = 2  # HF save_total_limit
     log_every: int = 10  # HF logging_steps
+    eval_every: int = 0  # in-training POPE / SeedBench on the `eval` section's subset every N steps (0 = off)
     resume: str = "auto"  # auto (newest valid checkpoint in out_dir) | none | a checkpoint folder
     max_bad_steps: int = 5  # consecutive non-finite losses that stop the run
     use_cpu: bool = False  # forced on when no GPU is visible
@@ -85,6 +92,7 @@ class LlavaTrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: LiveEvalConfig = field(default_factory=LiveEvalConfig)  # llava_bridge.live_eval
 
 
 HINTS = {
@@ -104,6 +112,7 @@ def check_inputs(cfg) -> None:
         if not ok:
             raise ConfigError(f"{key}: path does not exist: {path} — {HINTS.get(key, 'fix the path')}")
 
+    check_attn(cfg.model.attn_implementation)
     need("model.vision_tower", cfg.model.vision_tower, "dir")
     need("model.llm", cfg.model.llm, "dir")
     if not cfg.data.train:
@@ -114,8 +123,22 @@ def check_inputs(cfg) -> None:
         need("data.image_root", cfg.data.image_root, "dir")
     if cfg.train.deepspeed:
         need("train.deepspeed", cfg.train.deepspeed)
+    if cfg.train.eval_every > 0 and not (cfg.eval.pope or cfg.eval.seedbench):
+        raise ConfigError("train.eval_every: set eval.pope and/or eval.seedbench (benchmark files) to evaluate")
     if cfg.train.tune == "projector" and cfg.model.pretrain_projector:
         raise ConfigError("model.pretrain_projector: stage 1 (train.tune=projector) starts from a fresh projector")
+
+
+def check_attn(attn: str, key: str = "model.attn_implementation") -> None:
+    """``flash_attention_2`` only where flash-attn imports (a config error naming the key otherwise)."""
+    if attn not in ATTN_IMPLEMENTATIONS:
+        raise ConfigError(f"{key}: {attn!r} is not one of {ATTN_IMPLEMENTATIONS}")
+    if attn == "flash_attention_2":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError as e:
+            raise ConfigError(f"{key}: flash_attention_2 needs flash-attn, which does not import here ({e}); "
+                              f"install it with `{FLASH_INSTALL}` or use sdpa") from e
 
 
 def training_arguments(cfg, use_cpu: bool):
@@ -137,7 +160,7 @@ def training_arguments(cfg, use_cpu: bool):
         or "none",
         dataloader_num_workers=cfg.data.num_workers,
     )
-    if t.tf32:
+    if t.tf32 and not use_cpu:  # a CUDA matmul setting (HF refuses it without an Ampere GPU)
         kw["tf32"] = True
     if t.gradient_checkpointing:
         kw["activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__

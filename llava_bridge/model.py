@@ -246,7 +246,7 @@ def _load_lora(path: Path, cfg: dict, dtype, merge: bool, attn: str):
     if not hasattr(model.model, "mm_projector"):
         model.init_projector().to(dtype)
     load_projector_state(path / PROJECTOR_FILE, model.model.mm_projector)
-    peft_model = PeftModel.from_pretrained(model, str(path))
+    peft_model = PeftModel.from_pretrained(model, str(path), autocast_adapter_dtype=False)  # one dtype, as trained
     tok = load_tokenizer(path if (path / "tokenizer_config.json").is_file() else base,
                          cfg.get("tokenizer_model_max_length"))
     if merge:

@@ -84,13 +84,15 @@ def main(argv=None) -> int:
                     help="SeedBench: generate the letter (LLaVA-1.5) or rank the choices' texts (SEED-Bench)")
     ap.add_argument("--vision-tower", default=None, help="override mm_vision_tower from config.json")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                    help="weights dtype (the training dtype reproduces the in-training eval exactly)")
     a = ap.parse_args(argv)
     if a.protocol == "rank" and a.benchmark != "seedbench":
         ap.error("--protocol rank is for SeedBench (multiple choice)")
     from eval.benchmarks import write_predictions
 
     records = load_records(a.benchmark, a.data, a.image_root, a.limit_per_category)
-    model, tok = load_llava(a.model, a.vision_tower, device=a.device)
+    model, tok = load_llava(a.model, a.vision_tower, getattr(torch, a.dtype), a.device)
     if a.protocol == "rank":
         preds = predict_by_ranking(model, tok, records, a.batch_size)
     else:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from llava_bridge import live_eval
 from llava_bridge.config import LlavaTrainConfig, check_inputs, training_arguments
 from llava_bridge.data import Collator, LlavaDataset
 from llava_bridge.feature_cache import build_feature_cache
@@ -51,9 +52,23 @@ def set_trainable(model, cfg):
 
         lcfg = LoraConfig(r=cfg.train.lora_r, lora_alpha=cfg.train.lora_alpha, lora_dropout=cfg.train.lora_dropout,
                           target_modules=lora_targets(model), bias="none", task_type="CAUSAL_LM")
-        model = get_peft_model(model, lcfg)
+        # peft would upcast the adapters to fp32 next to a bf16 projector: DeepSpeed ZeRO-3 flattens all trainable
+        # tensors into one buffer and refuses mixed dtypes, so every trainable tensor keeps the LM's dtype
+        model = get_peft_model(model, lcfg, autocast_adapter_dtype=False)
         model.get_base_model().model.mm_projector.requires_grad_(True)
+    one_trainable_dtype(model)
     return model
+
+
+def one_trainable_dtype(model) -> torch.dtype:
+    """Cast every trainable tensor to the LM's dtype (the dtype its weights were loaded in); returns it.
+    DeepSpeed keeps fp32 master weights of them under bf16; without DeepSpeed a bf16 LM trains bf16 tensors."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    dtype = base.get_input_embeddings().weight.dtype
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    return dtype
 
 
 class _MetricsCallback:
@@ -134,6 +149,9 @@ def build(cfg):
 
     trainer.remove_callback(ProgressCallback)  # TrainProgress shows step / total, loss, samples/s and ETA instead
     trainer.remove_callback(PrinterCallback)  # the logs go to metrics.jsonl (and the progress line)
+    if cfg.train.eval_every > 0:
+        trainer.add_callback(live_eval.callback(trainer, live_eval.load_subsets(cfg.eval), cfg.eval,
+                                                cfg.train.eval_every))
     resume = None
     if cfg.train.resume == "auto":
         resume = find_resumable_checkpoint(cfg.out_dir, quarantine=args.process_index == 0)

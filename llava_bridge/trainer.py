@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import types
 from pathlib import Path
 
 import torch
@@ -90,13 +91,14 @@ class LlavaTrainer(Trainer):
         """A window that had a non-finite loss does not update the weights (nor the Adam moments)."""
         step = opt.step
 
-        def guarded(*args, **kwargs):
+        def guarded(_opt, *args, **kwargs):
             if self._bad_in_window:
                 self._bad_in_window = False
                 return None
             return step(*args, **kwargs)
 
-        opt.step = guarded
+        # a bound method, as torch's LR scheduler expects when it wraps optimizer.step (it reads step.__func__)
+        opt.step = types.MethodType(guarded, opt)
 
     # ------------------------------------------------------------------------------------------- steps
     def training_step(self, model, inputs, num_items_in_batch=None):

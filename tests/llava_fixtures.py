@@ -94,6 +94,29 @@ def records(scenes: list[dict]) -> tuple[list[dict], list[dict]]:
     return pretrain, instruct
 
 
+def benchmarks(scenes: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Toy POPE (yes/no, 3 categories) and SeedBench (4 choices) rows in lmms-lab's columns, with questions and
+    choices of different lengths (so a batch is left-padded)."""
+    cats = ("random", "popular", "adversarial")
+    pope, seed = [], []
+    for i, s in enumerate(scenes):
+        other = SHAPES[1 - SHAPES.index(s["shape"])]
+        qs = (f"Is there a {s['shape']} in the image?",
+              f"Is there a {s['color']} {other} in this picture with a {s['color']} shape?")
+        for j, q in enumerate(qs):
+            pope.append({"question_id": f"pope{i}_{j}", "question": q, "answer": "yes" if j == 0 else "no",
+                         "image": s["image"], "category": cats[(i + j) % 3]})
+        colors = list(COLORS)
+        choices = [colors[(colors.index(s["color"]) + k) % 4] for k in range(4)]
+        choices[1] = f"a {choices[1]} {other} with {choices[0]}"  # a longer choice
+        order = [(i + k) % 4 for k in range(4)]
+        seed.append({"question_id": f"seed{i}", "question": "What color is the shape?" if i % 2 else
+                     "What color is the shape in this picture?", "image": s["image"], "data_type": "image",
+                     "category": ("scene", "identity")[i % 2], "answer": "ABCD"[order.index(0)],
+                     **{f"choice_{x}": choices[o] for x, o in zip("abcd", order)}})
+    return pope, seed
+
+
 def build_world(root: Path) -> dict:
     from encoder.export import write_random_export
 
@@ -105,7 +128,10 @@ def build_world(root: Path) -> dict:
     pretrain, instruct = records(scenes)
     (root / "pretrain.json").write_text(json.dumps(pretrain))
     (root / "instruct.json").write_text(json.dumps(instruct))
-    return {"root": root, "tok": root / "tok", "llm": root / "llm", "enc": root / "enc", "images": root / "images",
+    pope, seed = benchmarks(scenes)
+    for name, rows in (("pope", pope), ("seed", seed)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"pope": root / "pope.jsonl", "seed": root / "seed.jsonl","root": root, "tok": root / "tok", "llm": root / "llm", "enc": root / "enc", "images": root / "images",
             "pretrain": root / "pretrain.json", "instruct": root / "instruct.json", "scenes": scenes}
 
 

@@ -141,6 +141,17 @@ def test_lora_save_merge_same_logits(llava_world, stage1, tmp_path):
     merged_dir = merge(str(out), str(tmp_path / "merged"))
     again, _ = load_llava(merged_dir)
     torch.testing.assert_close(logits(again, batch), b, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(logits(again, batch), a, atol=1e-4, rtol=0)  # merged vs adapter, fp32
+    # a plain HF checkpoint: no adapter left, and transformers' own class loads the LM (text-only logits agree)
+    from transformers import AutoModelForCausalLM
+
+    with safe_open(str(merged_dir / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert not any("lora_" in k or "base_model" in k for k in keys) and not (merged_dir / "adapter_config.json").exists()
+    plain = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    ids = batch["input_ids"].clamp(min=0)[:, :8]
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, unmerged(input_ids=ids).logits, atol=1e-4, rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -202,3 +213,43 @@ def test_predict_writes_what_eval_score_reads(stage2, llava_world, tmp_path):
     assert score_file("seedbench", out)["n"]["image"] == 4
     with pytest.raises(SystemExit):
         predict_main(args[:3] + ["pope"] + args[4:])
+
+
+def test_lora_trainable_tensors_share_the_lm_dtype(llava_world, tmp_path):
+    """peft would upcast the adapters to fp32 next to a bf16 projector; ZeRO-3 refuses that mix (issue 11)."""
+    cfg = load_config(LlavaTrainConfig, None, overrides(llava_world, tmp_path, **{
+        "train.tune": "lora", "train.lora_r": 4, "model.dtype": "bfloat16", "train.precision": "bf16"}))
+    trainer, _ = build(cfg)
+    trainable = {n: p.dtype for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in trainable) and any("mm_projector" in n for n in trainable)
+    assert set(trainable.values()) == {torch.bfloat16}
+
+
+def test_flash_attention_where_it_does_not_import_is_a_config_error(llava_world, tmp_path, monkeypatch):
+    import sys
+
+    from ov3common.config import ConfigError
+
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # `import flash_attn` raises ImportError
+    with pytest.raises(ConfigError, match="model.attn_implementation: flash_attention_2 needs flash-attn"):
+        main(overrides(llava_world, tmp_path, **{"model.attn_implementation": "flash_attention_2"}))
+    assert not (tmp_path / "train_config.yaml").exists()  # refused before anything ran
+    with pytest.raises(ConfigError, match="attn_implementation.*'flash' is not one of sdpa"):
+        main(overrides(llava_world, tmp_path, **{"model.attn_implementation": "flash"}))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash-attn needs a CUDA GPU")
+def test_flash_attention_matches_sdpa(llava_world):
+    """The LM under flash_attention_2 and SDPA (bf16, GPU), with left padding: same logits on the valid tokens."""
+    pytest.importorskip("flash_attn")
+    ids = torch.randint(5, 60, (3, 12), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    mask[2, :7] = 0
+    out = {}
+    for attn in ("sdpa", "flash_attention_2"):
+        model = load_lm(llava_world["llm"], torch.bfloat16, attn).cuda().eval()
+        with torch.no_grad():
+            out[attn] = model(input_ids=ids, attention_mask=mask).logits.float()
+    valid = mask.bool()
+    torch.testing.assert_close(out["flash_attention_2"][valid], out["sdpa"][valid], atol=3e-2, rtol=3e-2)

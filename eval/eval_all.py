@@ -198,18 +198,28 @@ def run_understanding(bench: str, cfg, row: RowConfig, out: Path, device: str, c
     from eval import benchmarks, score
 
     found = Path(row.llava) / f"{bench}_predictions.jsonl" if row.llava else None
-    records = _records(bench, cfg, cache)  # identifies the benchmark file even when predictions exist
-    if found is not None and found.is_file():
-        preds = found
-    else:
+    have_preds = found is not None and found.is_file()
+    factory = None
+    rank = bench == "seedbench_rank"
+    if not have_preds:
         if not row.llava or not Path(row.llava).is_dir():
             raise Missing(f"no LLaVA run at {row.llava or '(row.llava not set)'}")
-        rank = bench == "seedbench_rank"
         what, spec = ("llava.ranker", cfg.llava.ranker) if rank else ("llava.predictor", cfg.llava.predictor)
         try:
             factory = _import(spec, what)
         except (ImportError, AttributeError) as e:
             raise Missing(f"{what} {spec} is not available ({e})") from e
+    try:  # identifies the benchmark file (sha256, rows, variant) even when predictions exist
+        records = _records(bench, cfg, cache)
+    except benchmarks.BenchmarkError as e:
+        if not have_preds:
+            raise
+        records, cache.setdefault("identity", {})[bench.replace("_rank", "")] = None, {
+            "kind": bench, "path": str(getattr(cfg, bench.replace("_rank", "")).path), "warning":
+            f"the benchmark file could not be read, so the scored predictions are not identified: {e}"}
+    if have_preds:
+        preds = found
+    else:
         key = ("rank" if rank else "predict", row.llava)
         if key not in cache:  # the model is loaded once per row
             kw = {} if rank else {"max_new_tokens": cfg.llava.max_new_tokens}
@@ -220,14 +230,15 @@ def run_understanding(bench: str, cfg, row: RowConfig, out: Path, device: str, c
         preds = benchmarks.write_predictions(records, cache[key](records), out / f"{bench}_predictions.jsonl")
     result = (score.score_file(bench, preds, cfg.pope.parser) if bench == "pope"
               else score.score_file("seedbench", preds))
-    identity = cache["identity"]["seedbench" if bench == "seedbench_rank" else bench]
+    identity = cache["identity"][bench.replace("_rank", "")]
     result["benchmark_file"] = {k: identity.get(k) for k in ("path", "sha256", "rows", "variant", "warning")}
-    expected = {r["question_id"] for r in records}
-    scored = {str(r["question_id"]) for r in score.read_predictions(preds, ("question_id",))}
-    if scored != expected:
-        result["question_mismatch"] = (f"{preds}: {len(scored)} questions, the configured benchmark has "
-                                       f"{len(expected)} ({len(expected - scored)} missing, "
-                                       f"{len(scored - expected)} not in it)")
+    if records is not None:
+        expected = {r["question_id"] for r in records}
+        scored = {str(r["question_id"]) for r in score.read_predictions(preds, ("question_id",))}
+        if scored != expected:
+            result["question_mismatch"] = (f"{preds}: {len(scored)} questions, the configured benchmark has "
+                                           f"{len(expected)} ({len(expected - scored)} missing, "
+                                           f"{len(scored - expected)} not in it)")
     from ov3common.checkpoint import atomic_write_json
 
     atomic_write_json(out / f"{bench}_scores.json", result)

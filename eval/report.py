@@ -182,7 +182,7 @@ def _details(summary: dict) -> list[str]:
                        f"{_with_interval(ov['accuracy'], oi.get('overall_accuracy'), 1, 100)}")
         for key, what in (("seedbench", "SeedBench"), ("seedbench_rank", "SeedBench rank")):
             if res.get(key):
-                cats = res[key]["categories"]
+                cats = res[key].get("categories", {})
                 out.append(f"- {row['name']} {what} per category: " + "; ".join(
                     f"{c} {m['accuracy'] * 100:.1f} (n={m['n']})" for c, m in cats.items()
                     if m["accuracy"] is not None))

@@ -92,7 +92,7 @@ def test_eval_all_on_a_miniature_toy_world(world):
     d, r = root / "data", root / "runs"
     cfg = load_config(eval_all.EvalAllConfig, None, [
         f"out_dir={root / 'reports'}", "device=cpu", f"fid.weights={weights}", f"fid.cache_dir={root / 'cache'}",
-        "fid.kid_subsets=2", "lpips.backbone=random",
+        "fid.kid_subsets=2", "fid.bootstrap=20", "lpips.backbone=random", "rfid.max_images=4",
         f"pope.path={d / 'pope' / 'pope.jsonl'}", f"seedbench.path={d / 'seedbench' / 'seedbench.jsonl'}",
         f"rfid.images={d / 'images' / 'val'}", f"gfid.real={d / 'classes' / 'val'}", "gfid.per_class=1",
         "llava.predictor=tests.test_eval_all:fake_predictor", "llava.ranker=tests.test_eval_all:fake_ranker",
@@ -132,7 +132,7 @@ def test_eval_all_on_a_miniature_toy_world(world):
     assert g["fid_interval"]["low"] <= g["fid_interval"]["high"] and "[" in md.split("| OV3 |")[1].split("\n")[0]
     # intervals, comparisons, benchmark identities and manifests are in the report and manifest.json
     assert "## Comparisons" in md and "gFID: OV3" in md
-    assert "## Benchmark files" in md and "UNKNOWN POPE VARIANT" in md  # 6 rows match no known POPE variant
+    assert "## Benchmark files" in md and "UNKNOWN pope VARIANT" in md  # 6 rows match no known POPE variant
     man = json.loads((out / "manifest.json").read_text())
     assert man["benchmarks"]["pope"]["rows"] == 6 and len(man["benchmarks"]["pope"]["sha256"]) == 64
     assert man["rows"]["OV3"]["gfid_sampling"]["seed"] == 0 and man["inception_weights"]["sha256"]
@@ -230,7 +230,7 @@ def test_gfid_allow_partial_scores_and_marks(tmp_path, world):
     row = eval_all.evaluate(cfg)["rows"][0]
     assert row["results"]["gfid"]["n"] == 4 and "protocol asks for 8" in row["results"]["gfid"]["partial"]
     md = (tmp_path / "r" / "summary.md").read_text()
-    assert "‡[1]" in md and "PARTIAL" in md
+    assert "‡[4]" in md and "- [4] p / gfid: PARTIAL (not the protocol's set)" in md
 
 
 def _row(name: str, fid: tuple[float, float, float], manifest: dict | None, acc: tuple[float, float, float]) -> dict:

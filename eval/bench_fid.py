@@ -71,7 +71,7 @@ def _pm1(a: np.ndarray) -> torch.Tensor:
 
 
 def rfid_pipeline(orig: np.ndarray, recs: np.ndarray, weights: str | Path = DEFAULT_WEIGHTS, *, fast: bool = True,
-                  batch_size: int = 50, lpips=None) -> dict:
+                  batch_size: int = 50, lpips=None, compile: bool = False) -> dict:
     """The metric work of rFID on (originals, reconstructions): features of both, FID, PSNR, SSIM, LPIPS.
     ``fast=False`` is how it ran before this change (scikit-image per image, torch-fidelity's module as is)."""
     from eval import fid as F
@@ -82,8 +82,8 @@ def rfid_pipeline(orig: np.ndarray, recs: np.ndarray, weights: str | Path = DEFA
     for i in range(0, len(orig), batch_size):
         rm.update(_pm1(orig[i:i + batch_size]), _pm1(recs[i:i + batch_size]))
     t_recon = time.perf_counter() - t0
-    fr = F.extract(recs, weights, batch_size, fused=fast, desc="inception recs")
-    fo = F.extract(orig, weights, batch_size, fused=fast, desc="inception originals")
+    fr = F.extract(recs, weights, batch_size, fused=fast, desc="inception recs", compile=compile)
+    fo = F.extract(orig, weights, batch_size, fused=fast, desc="inception originals", compile=compile)
     t_feat = time.perf_counter() - t0 - t_recon
     mu_r, s_r = F.gaussian_stats(fr["pool"])
     mu_o, s_o = F.gaussian_stats(fo["pool"])
@@ -96,8 +96,9 @@ def rfid_pipeline(orig: np.ndarray, recs: np.ndarray, weights: str | Path = DEFA
 
 
 def bench_pipeline(n: int = 1000, size: int = 256, batch_size: int = 50, weights: str | Path = DEFAULT_WEIGHTS,
-                   with_lpips: bool = True) -> dict:
-    """Before vs now on the same n images, in one process ("now" first, so warm-up favours "before")."""
+                   with_lpips: bool = True, compile: bool = True) -> dict:
+    """Before vs now on the same n images, in one process ("now" first, so warm-up favours "before"); with
+    ``compile`` also "now" with the compiled extractor (compile time included)."""
     from eval.recon import LPIPSMetric
 
     orig = photo_set(n, size)
@@ -107,7 +108,13 @@ def bench_pipeline(n: int = 1000, size: int = 256, batch_size: int = 50, weights
     before = rfid_pipeline(orig, recs, weights, fast=False, batch_size=batch_size, lpips=lp)
     out = {"n": n, "size": size, "batch_size": batch_size, "threads": torch.get_num_threads(),
            "lpips": lp.label if lp else None}
-    for name, r in (("before", before), ("now", now)):
+    runs = [("before", before), ("now", now)]
+    if compile:
+        comp = rfid_pipeline(orig, recs, weights, fast=True, batch_size=batch_size, lpips=lp, compile=True)
+        runs.append(("now_compiled", comp))
+        out["speedup_compiled"] = before["seconds"] / comp["seconds"]
+        out["fid_abs_diff_compiled"] = abs(before["fid"] - comp["fid"])
+    for name, r in runs:
         out[name] = {k: v for k, v in r.items() if k != "per_image_ssim"}
     out["speedup"] = before["seconds"] / now["seconds"]
     out["speedup_features"] = before["seconds_features"] / now["seconds_features"]

@@ -242,16 +242,19 @@ class InceptionExtractor(torch.nn.Module):
     normalisation and layers are torch-fidelity's. ``fused``: batch norms folded into the convolutions, channels_last
     (same features within ~1e-5). ``precision``: fp32 (default) or bf16 (autocast; measurements only)."""
 
-    def __init__(self, weights: str | Path, with_logits: bool = False, fused: bool = True, precision: str = "fp32"):
+    def __init__(self, weights: str | Path, with_logits: bool = False, fused: bool = True, precision: str = "fp32",
+                 compile: bool = False):
         super().__init__()
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision: fp32 | bf16, got {precision!r}")
         self.net = tf_extractor(weights, ("2048", "logits_unbiased") if with_logits else ("2048",))
         if fused:
             self.net = fold_batch_norms(copy.deepcopy(self.net)).to(memory_format=torch.channels_last)
-        self.with_logits, self.fused, self.precision = with_logits, fused, precision
+        self.with_logits, self.fused, self.precision, self.compiled = with_logits, fused, precision, compile
         self._spatial: torch.Tensor | None = None
         self.net.Mixed_6d.branch1x1.register_forward_hook(self._grab)
+        # compile: inductor with frozen weights, one static batch shape (extract pads the last batch)
+        self._run = torch.compile(self.net, dynamic=False, options={"freezing": True}) if compile else self.net
 
     def _grab(self, module, inputs, output: torch.Tensor) -> None:
         s = output[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1)
@@ -259,13 +262,15 @@ class InceptionExtractor(torch.nn.Module):
 
     @property
     def name(self) -> str:
-        return (f"torch-fidelity inception-v3-compat (pool3 2048, mixed_6/conv[:7] 2023{', logits' if self.with_logits else ''}; "
-                f"{'BN folded, channels_last' if self.fused else 'reference module'}, {self.precision})")
+        kind = ("BN folded, channels_last" if self.fused else "reference module") + (", compiled" if self.compiled
+                                                                                     else "")
+        return (f"torch-fidelity inception-v3-compat (pool3 2048, mixed_6/conv[:7] 2023"
+                f"{', logits' if self.with_logits else ''}; {kind}, {self.precision})")
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            out = self.net(images)
+            out = self._run(images)
         feats = {"pool": out[0].float(), "spatial": self._spatial}
         if self.with_logits:
             feats["logits"] = out[1].float()
@@ -274,24 +279,30 @@ class InceptionExtractor(torch.nn.Module):
 
 
 @functools.lru_cache(maxsize=4)
-def _extractor(weights: str, with_logits: bool, device: str, fused: bool, precision: str) -> InceptionExtractor:
-    return InceptionExtractor(weights, with_logits, fused, precision).to(device).eval()
+def _extractor(weights: str, with_logits: bool, device: str, fused: bool, precision: str,
+               compile: bool = False) -> InceptionExtractor:
+    return InceptionExtractor(weights, with_logits, fused, precision, compile).to(device).eval()
 
 
 def extract(images: list[Path] | np.ndarray, weights: str | Path, batch_size: int = 32, with_logits: bool = False,
-            device: str = "cpu", desc: str = "inception", fused: bool = True,
-            precision: str = "fp32") -> dict[str, np.ndarray]:
+            device: str = "cpu", desc: str = "inception", fused: bool = True, precision: str = "fp32",
+            compile: bool = False) -> dict[str, np.ndarray]:
     """Inception features of ``images`` (paths or uint8 NHWC array): {'pool': [N, 2048], 'spatial': [N, 2023],
-    'logits'?: [N, 1008]} from one pass; the same at any ``batch_size``."""
+    'logits'?: [N, 1008]} from one pass; the same at any ``batch_size``. ``compile``: torch.compile (inductor,
+    frozen weights; ~1.25x on this CPU after a ~20 s compile) — short batches are padded to ``batch_size`` with
+    copies of their last image (features do not depend on the batch) and the copies dropped."""
     from ov3common.log import progress
 
-    ext = _extractor(str(weights), with_logits, str(device), fused, precision)
+    ext = _extractor(str(weights), with_logits, str(device), fused, precision, compile)
     out: dict[str, list[np.ndarray]] = {}
     with torch.no_grad(), exact_kernels(), progress(total=len(images), desc=desc) as bar:
         for batch in iter_uint8_batches(images, batch_size):
+            n = len(batch)
+            if compile and n < batch_size:
+                batch = torch.cat([batch, batch[-1:].expand(batch_size - n, *batch.shape[1:])])
             for name, f in ext(batch.to(device)).items():
-                out.setdefault(name, []).append(f.cpu().numpy())
-            bar.update(len(batch))
+                out.setdefault(name, []).append(f[:n].cpu().numpy())
+            bar.update(n)
     return {k: np.concatenate(v) for k, v in out.items()}
 
 

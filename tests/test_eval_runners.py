@@ -72,17 +72,18 @@ def _ssim_test_set() -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("window", ["gaussian", "uniform"])
 def test_torch_ssim_and_psnr_match_scikit_image(window):
     x, y = _ssim_test_set()
-    assert np.abs(recon.ssim(x, y, window) - recon.ssim_skimage(x, y, window)).max() < 1e-4
-    assert np.abs(recon.ssim(x, y, window) - recon.ssim_skimage(x, y, window)).max() < 1e-10  # float64: exact
+    ref = recon.ssim_skimage(x, y, window)
+    assert np.abs(recon.ssim(x, y, window) - ref).max() < 1e-5  # float32 (default): within 1e-4 with margin
+    assert np.abs(recon.ssim(x, y, window, torch.float64) - ref).max() < 1e-10  # float64: exact
     assert np.abs(recon.psnr(x, y) - recon.psnr_skimage(x, y)).max() < 1e-9
     wide = (x[:2, :, :40], y[:2, :, :40])  # non-square
-    assert np.allclose(recon.ssim(*wide, window), recon.ssim_skimage(*wide, window), atol=1e-10)
+    assert np.allclose(recon.ssim(*wide, window), recon.ssim_skimage(*wide, window), atol=1e-5)
     batched = np.concatenate([recon.ssim(x[i:i + 1], y[i:i + 1], window) for i in range(len(x))])
     assert np.array_equal(batched, recon.ssim(x, y, window))  # per image: the batch does not matter
     fast, ref = recon.ReconMetrics(ssim_window=window), recon.ReconMetrics(ssim_window=window, reference=True)
     fast.update(x, y)
     ref.update(x, y)
-    assert fast.result()["ssim"] == pytest.approx(ref.result()["ssim"], abs=1e-10)
+    assert fast.result()["ssim"] == pytest.approx(ref.result()["ssim"], abs=1e-5)
 
 
 def test_lpips_random_backbone_is_labelled(monkeypatch, tmp_path):

@@ -83,6 +83,7 @@ class TrainConfig:
     log_every: int = 10
     tensorboard: bool = False  # also write the metrics as TensorBoard scalars to <out_dir>/tb
     ckpt_every: int = 100
+    eval_every: int = 0  # > 0: val PSNR + retrieval of the live model every N steps (= eval.intraining offline)
     keep_last: int = 2
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     inject_nan_steps: list[int] = field(default_factory=list)  # tests: poison the loss at these (1-based) steps
@@ -329,6 +330,8 @@ def train(cfg: Config) -> dict:
                 metrics.log(prog["step"], {"skipped_step": 1})
             if (prog["step"] % tr.ckpt_every == 0 or prog["step"] == total) and guard.consecutive == 0:
                 save()  # never right after a skipped (non-finite) step: the latest checkpoint stays a good one
+            if tr.eval_every and prog["step"] % tr.eval_every == 0 and prog["step"] < total:
+                metrics.log(prog["step"], evaluate(model, val, None, cfg.grid_n, bf16, wrapped))
             if prog["step"] >= bounds[si]:
                 exhausted = False
                 break

@@ -6,7 +6,8 @@
   ranking: the letter of the most likely choice text, ``llava_bridge.predict.predict_by_ranking``).
 * sampler: ``rae_sampler(run_dir, device, seed=0, steps=0, cfg_scale=-1.0) -> (generate(labels), class_names)``
   (``rae_generation.sample.load_generator``; ``steps=0`` / ``cfg_scale<0`` keep the run's defaults; sample i's noise
-  is a function of (seed, i) only, so the set does not depend on the batch size).
+  is a function of (seed, i) only, so the set does not depend on the batch size); ``generate.manifest`` holds the
+  generator's part of the sampling manifest (:func:`rae_generation.sample.manifest_fields`).
 
 Both import their package lazily, so ``eval`` works (and reports the piece as missing) without them.
 """
@@ -51,7 +52,7 @@ def llava_ranker(run_dir: str, device: str, batch_size: int = 8) -> Callable[[li
 def rae_sampler(run_dir: str, device: str, seed: int = 0, steps: int = 0, cfg_scale: float = -1.0
                 ) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[str]]:
     """Class-conditional sampling from an RAE run folder (EMA weights of its latest checkpoint)."""
-    from rae_generation.sample import load_generator
+    from rae_generation.sample import load_generator, manifest_fields
 
     gen = load_generator(run_dir, device=device)
     done = [0]
@@ -62,4 +63,5 @@ def rae_sampler(run_dir: str, device: str, seed: int = 0, steps: int = 0, cfg_sc
         done[0] += len(labels)
         return x
 
+    generate.manifest = manifest_fields(gen, steps or None, None if cfg_scale < 0 else cfg_scale)
     return generate, list(gen.class_names)

@@ -221,13 +221,14 @@ def _resolve_image(cell: object, root: Path, cache: _ImageCache, where: str) -> 
     return img
 
 
-def _limit(records: list[dict], limit_per_category: int | None) -> list[dict]:
-    if not limit_per_category:
+def limit_records(records: list[dict], limit: int | None) -> list[dict]:
+    """The first ``limit`` records of every category (all when ``limit`` is 0 / None)."""
+    if not limit:
         return records
     seen: dict[str, int] = {}
     out = []
     for r in records:
-        if seen.get(r["category"], 0) < limit_per_category:
+        if seen.get(r["category"], 0) < limit:
             seen[r["category"]] = seen.get(r["category"], 0) + 1
             out.append(r)
     return out
@@ -249,7 +250,7 @@ def load_pope(path: str | Path, *, image_root: str | Path | None = None, split: 
         out.append({"question_id": str(r["question_id"]), "question": r["question"],
                     "prompt": pope_prompt(r["question"]), "answer": answer, "category": str(r["category"]),
                     "image": _resolve_image(r["image"], root, cache, where)})
-    return _limit(out, limit_per_category)
+    return limit_records(out, limit_per_category)
 
 
 def load_seedbench(path: str | Path, *, image_root: str | Path | None = None, split: str = "test",
@@ -277,7 +278,7 @@ def load_seedbench(path: str | Path, *, image_root: str | Path | None = None, sp
                     "answer_prompt": seed_answer_prompt(r["question"]),
                     "choices": dict(zip(LETTERS, choices)), "category": seed_category(r), "data_type": dt,
                     "question_type_id": r.get("question_type_id"), "image": images[0], "images": images})
-    return _limit(out, limit_per_category)
+    return limit_records(out, limit_per_category)
 
 
 def write_predictions(records: Sequence[dict], predictions: Sequence[str], path: str | Path) -> Path:

@@ -17,7 +17,17 @@ reconstruction weight 0) it runs, when the inputs exist:
   * rFID + PSNR / SSIM / LPIPS: the encoder export on the rFID image set (:mod:`eval.rfid`).
 Anything missing is reported as "—" with the reason; a piece that fails is reported with its error and the
 command exits with status 1 after writing the report. Outputs: ``<out>/summary.json``, ``<out>/summary.md``,
+``<out>/manifest.json`` (the benchmark files read, with sha256 and row counts, and every row's sampling manifest),
 per-row folders (predictions, grids, JSON) and training-curve PNGs from the runs' ``metrics.jsonl``.
+
+Protocol (issue 14): a samples npz is scored only when it holds the number of samples the config asks for
+(``gfid.per_class`` x classes) and its sampling manifest (:mod:`eval.manifest`) matches the config's protocol
+(seed, and steps / cfg_scale when set); otherwise it is regenerated through ``gfid.sampler`` when the run can
+sample (``gfid.regenerate``), else refused with the reason — or scored and marked partial when
+``gfid.allow_partial=true``. rFID likewise refuses a set smaller than ``rfid.max_images`` unless
+``rfid.allow_partial``. Two rows whose sampling manifests differ in a protocol field are not compared (the report
+says so) unless ``compare.allow_protocol_mismatch=true``. Every accuracy / F1 / FID carries a 95% interval
+(:mod:`eval.intervals`); the report's comparisons say "no measurable difference" when intervals overlap.
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ from pathlib import Path
 import torch
 
 from eval.inception import DEFAULT_WEIGHTS
-from ov3common.config import path_field
+from ov3common.config import choice_field, path_field
 
 
 @dataclass
@@ -53,6 +63,9 @@ class FidConfig:
     cache_dir: str = "runs/fid_cache"
     batch_size: int = 32
     kid_subsets: int = 20
+    bootstrap: int = 200      # resamples of the FID interval over samples (0: no interval)
+    fused: bool = True        # BN folded into the convolutions, channels_last (same features within 1e-5)
+    precision: str = choice_field("fp32", ("fp32", "bf16"))  # bf16 shifts FID; measured by eval.bench_fid
 
 
 @dataclass
@@ -91,8 +104,9 @@ class LlavaConfig:
 @dataclass
 class RfidConfig:
     images: str = path_field("data/toy/images/val", "dir")
-    max_images: int = 128
+    max_images: int = 128     # the protocol's set size (0: every image of the folder)
     batch_size: int = 32
+    allow_partial: bool = False   # score a folder with fewer images than max_images, marking the cell
 
 
 @dataclass
@@ -105,6 +119,13 @@ class GfidConfig:
     steps: int = 0            # 0 = the RAE run's default
     cfg_scale: float = -1.0   # < 0 = the RAE run's default
     sampler: str = "eval.adapters:rae_sampler"   # function(run_dir, device, seed, steps, cfg_scale)
+    regenerate: bool = True       # a found npz that breaks the protocol is regenerated when the run can sample
+    allow_partial: bool = False   # else score it anyway, marking the cell (default: refuse)
+
+
+@dataclass
+class CompareConfig:
+    allow_protocol_mismatch: bool = False   # compare rows whose sampling manifests differ in a protocol field
 
 
 def _default_rows() -> list[RowConfig]:
@@ -132,10 +153,15 @@ class EvalAllConfig:
     llava: LlavaConfig = field(default_factory=LlavaConfig)
     rfid: RfidConfig = field(default_factory=RfidConfig)
     gfid: GfidConfig = field(default_factory=GfidConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
 
 class Missing(Exception):
     """An input of a piece is absent: the piece is shown as '—' with this reason (not an error)."""
+
+
+class Refused(Missing):
+    """The inputs break the protocol (too few samples, a manifest that does not match): not scored."""
 
 
 def slug(name: str) -> str:
@@ -151,14 +177,20 @@ def _import(spec: str, what: str):
 
 # ---------------------------------------------------------------------------------------------------- pieces
 def _records(bench: str, cfg, cache: dict) -> list[dict]:
-    from eval import benchmarks
+    """The benchmark's records as configured (data type, limit); the whole file is identified once
+    (:func:`eval.provenance.identify`: sha256, row counts, variant) into ``cache['identity'][bench]``."""
+    from eval import benchmarks, provenance
 
     bench = "seedbench" if bench == "seedbench_rank" else bench
     bc = getattr(cfg, bench)
     if bench not in cache:
-        kw = dict(image_root=bc.image_root or None, split=bc.split, limit_per_category=bc.limit_per_category or None)
-        cache[bench] = (benchmarks.load_pope(bc.path, **kw) if bench == "pope"
-                        else benchmarks.load_seedbench(bc.path, data_type=bc.data_type or None, **kw))
+        kw = dict(image_root=bc.image_root or None, split=bc.split)
+        full = (benchmarks.load_pope(bc.path, **kw) if bench == "pope"
+                else benchmarks.load_seedbench(bc.path, data_type=None, **kw))
+        cache.setdefault("identity", {})[bench] = provenance.identify(bench, bc.path, full)
+        if bench == "seedbench" and bc.data_type:
+            full = [r for r in full if r["data_type"] == bc.data_type]
+        cache[bench] = benchmarks.limit_records(full, bc.limit_per_category or None)
     return cache[bench]
 
 
@@ -166,18 +198,28 @@ def run_understanding(bench: str, cfg, row: RowConfig, out: Path, device: str, c
     from eval import benchmarks, score
 
     found = Path(row.llava) / f"{bench}_predictions.jsonl" if row.llava else None
-    if found is not None and found.is_file():
-        preds = found
-    else:
+    have_preds = found is not None and found.is_file()
+    factory = None
+    rank = bench == "seedbench_rank"
+    if not have_preds:
         if not row.llava or not Path(row.llava).is_dir():
             raise Missing(f"no LLaVA run at {row.llava or '(row.llava not set)'}")
-        rank = bench == "seedbench_rank"
         what, spec = ("llava.ranker", cfg.llava.ranker) if rank else ("llava.predictor", cfg.llava.predictor)
         try:
             factory = _import(spec, what)
         except (ImportError, AttributeError) as e:
             raise Missing(f"{what} {spec} is not available ({e})") from e
+    try:  # identifies the benchmark file (sha256, rows, variant) even when predictions exist
         records = _records(bench, cfg, cache)
+    except benchmarks.BenchmarkError as e:
+        if not have_preds:
+            raise
+        records, cache.setdefault("identity", {})[bench.replace("_rank", "")] = None, {
+            "kind": bench, "path": str(getattr(cfg, bench.replace("_rank", "")).path), "warning":
+            f"the benchmark file could not be read, so the scored predictions are not identified: {e}"}
+    if have_preds:
+        preds = found
+    else:
         key = ("rank" if rank else "predict", row.llava)
         if key not in cache:  # the model is loaded once per row
             kw = {} if rank else {"max_new_tokens": cfg.llava.max_new_tokens}
@@ -188,6 +230,15 @@ def run_understanding(bench: str, cfg, row: RowConfig, out: Path, device: str, c
         preds = benchmarks.write_predictions(records, cache[key](records), out / f"{bench}_predictions.jsonl")
     result = (score.score_file(bench, preds, cfg.pope.parser) if bench == "pope"
               else score.score_file("seedbench", preds))
+    identity = cache["identity"][bench.replace("_rank", "")]
+    result["benchmark_file"] = {k: identity.get(k) for k in ("path", "sha256", "rows", "variant", "warning")}
+    if records is not None:
+        expected = {r["question_id"] for r in records}
+        scored = {str(r["question_id"]) for r in score.read_predictions(preds, ("question_id",))}
+        if scored != expected:
+            result["question_mismatch"] = (f"{preds}: {len(scored)} questions, the configured benchmark has "
+                                           f"{len(expected)} ({len(expected - scored)} missing, "
+                                           f"{len(scored - expected)} not in it)")
     from ov3common.checkpoint import atomic_write_json
 
     atomic_write_json(out / f"{bench}_scores.json", result)
@@ -207,24 +258,76 @@ def _export_has_decoder(path: str) -> None:
         raise Missing("the encoder export has no ViT decoder (decode unavailable)")
 
 
-def run_rfid_piece(cfg, row: RowConfig, out: Path, device: str, lpips_cache: dict) -> dict:
+def run_rfid_piece(cfg, row: RowConfig, out: Path, device: str, lpips_cache: dict, cache: dict) -> dict:
+    from eval.provenance import identify_reference
     from eval.recon import LPIPSMetric
-    from eval.rfid import run_rfid
+    from eval.rfid import run_rfid, select_images
 
     _export_has_decoder(row.encoder)
     _need_weights(cfg)
+    rc = cfg.rfid
+    paths = select_images(rc.images, rc.max_images)
+    partial = None
+    if rc.max_images > 0 and len(paths) < rc.max_images:
+        partial = f"{rc.images} holds {len(paths)} images; the protocol (rfid.max_images) asks for {rc.max_images}"
+        if not rc.allow_partial:
+            raise Refused(f"refused: {partial} (set rfid.allow_partial=true to score and mark it)")
+    if "rfid_images" not in cache.setdefault("identity", {}):
+        cache["identity"]["rfid_images"] = identify_reference(rc.images)
     if "m" not in lpips_cache:
         lp = cfg.lpips
         lpips_cache["m"] = None if lp.backbone == "none" else LPIPSMetric(lp.net, lp.backbone, lp.backbone_path,
                                                                          device)
-    return run_rfid(row.encoder, cfg.rfid.images, out / "rfid", weights=cfg.fid.weights,
-                    max_images=cfg.rfid.max_images, batch_size=cfg.rfid.batch_size, lpips=lpips_cache["m"],
-                    cache_dir=cfg.fid.cache_dir or None, kid_subsets=cfg.fid.kid_subsets,
-                    fid_batch_size=cfg.fid.batch_size, device=device)
+    res = run_rfid(row.encoder, paths, out / "rfid", weights=cfg.fid.weights, batch_size=rc.batch_size,
+                   lpips=lpips_cache["m"], cache_dir=cfg.fid.cache_dir or None, kid_subsets=cfg.fid.kid_subsets,
+                   fid_batch_size=cfg.fid.batch_size, device=device, bootstrap=cfg.fid.bootstrap,
+                   fused=cfg.fid.fused, precision=cfg.fid.precision)
+    if partial:
+        res["partial"] = partial
+    return res
 
 
-def run_gfid_piece(cfg, row: RowConfig, out: Path, device: str) -> dict:
+def _gfid_protocol(cfg, num_classes: int) -> dict:
+    """The manifest fields the config fixes (steps / cfg_scale only when set: otherwise the run's defaults)."""
+    g = cfg.gfid
+    exp = {"per_class": g.per_class, "num_classes": num_classes, "num_samples": g.per_class * num_classes,
+           "class_balance": "balanced", "seed": g.seed}
+    if g.steps > 0:
+        exp["steps"] = g.steps
+    if g.cfg_scale >= 0:
+        exp["cfg_scale"] = float(g.cfg_scale)
+    return exp
+
+
+def _check_samples(npz: Path, expected: dict) -> tuple[list[str], dict | None]:
+    """Why a found samples file cannot be scored under the protocol ([] = it can), and its manifest."""
+    import numpy as np
+
+    from eval.manifest import ManifestError, mismatches, read_manifest
+
+    with np.load(npz, allow_pickle=False) as z:
+        n = int(z["arr_0"].shape[0]) if "arr_0" in z.files else 0
+    problems = []
+    if n < expected["num_samples"]:
+        problems.append(f"{npz} has {n} samples; the protocol asks for {expected['num_samples']} "
+                        f"({expected['per_class']} per class x {expected['num_classes']} classes)")
+    try:
+        manifest = read_manifest(npz)
+    except ManifestError as e:
+        return problems + [str(e)], None
+    if manifest is None:
+        problems.append(f"{npz} has no sampling manifest ({npz.stem}.manifest.json)")
+    else:
+        bad = mismatches(manifest, expected)
+        if bad:
+            problems.append(f"{npz}'s manifest differs from the protocol: " + ", ".join(
+                f"{k} {found!r} (protocol {want!r})" for k, (found, want) in bad.items()))
+    return problems, manifest
+
+
+def run_gfid_piece(cfg, row: RowConfig, out: Path, device: str, cache: dict) -> dict:
     from eval import gfid
+    from eval.provenance import identify_reference
 
     _need_weights(cfg)
     g = cfg.gfid
@@ -232,9 +335,33 @@ def run_gfid_piece(cfg, row: RowConfig, out: Path, device: str) -> dict:
     if Path(g.real).is_dir() and all(p.is_dir() for p in Path(g.real).iterdir()):
         names = [d.name for d in gfid.class_folders(g.real)]
         real = gfid.class_real_images(g.real, g.real_per_class)
+    if "gfid_reference" not in cache.setdefault("identity", {}):
+        cache["identity"]["gfid_reference"] = identify_reference(g.real)
     found = [p for p in (Path(row.rae) / "samples" / "samples.npz", Path(row.rae) / "samples.npz")
              if row.rae and p.is_file()]
-    samples, labels = (found[0] if found else None), None
+    samples, labels, partial = (found[0] if found else None), None, None
+    can_sample = bool(row.rae) and Path(row.rae).is_dir() and (
+        g.sampler != "eval.adapters:rae_sampler" or (Path(row.rae) / "generator.json").is_file())
+    if samples is not None:
+        if names:
+            n_cls = len(names)
+        else:  # an ADM reference: the class count comes from the run (generator.json) or the samples' manifest
+            spec = Path(row.rae) / "generator.json"
+            n_cls = len(json.loads(spec.read_text())["classes"]) if spec.is_file() else None
+        if n_cls is None:
+            from eval.manifest import read_manifest
+
+            n_cls = (read_manifest(samples) or {}).get("num_classes") or 0
+        problems, _ = _check_samples(samples, _gfid_protocol(cfg, n_cls))
+        if not n_cls:
+            problems.insert(0, "the number of classes is unknown (no class-split gfid.real, generator.json or manifest)")
+        if problems and g.regenerate and can_sample:
+            samples = None  # regenerated below, under the protocol
+        elif problems and g.allow_partial:
+            partial = "; ".join(problems)
+        elif problems:
+            raise Refused("refused: " + "; ".join(problems) + " (set gfid.allow_partial=true to score and mark it, "
+                          "or make it regenerable: a run folder with generator.json)")
     if samples is None:
         if not row.rae or not Path(row.rae).is_dir():
             raise Missing(f"no RAE run at {row.rae or '(row.rae not set)'}")
@@ -246,11 +373,59 @@ def run_gfid_piece(cfg, row: RowConfig, out: Path, device: str) -> dict:
         names = list(gen_names) if gen_names else names
         if not names:
             raise Missing("number of classes unknown: gfid.real is not a class-split folder and the sampler gave none")
-        samples, labels = gfid.generate_samples(gen, len(names), g.per_class, g.batch_size, g.seed)
-        gfid.write_samples_npz(out / "gfid" / "samples.npz", samples, labels)
-    return gfid.run_gfid(samples, real, out / "gfid", labels=labels, class_names=names, weights=cfg.fid.weights,
-                         cache_dir=cfg.fid.cache_dir or None, kid_subsets=cfg.fid.kid_subsets,
-                         batch_size=cfg.fid.batch_size, device=device)
+        images, labels = gfid.generate_samples(gen, len(names), g.per_class, g.batch_size, g.seed)
+        samples = gfid.write_generated(out / "gfid" / "samples.npz", images, labels, gen, g.seed, names)
+    res = gfid.run_gfid(samples, real, out / "gfid", labels=labels, class_names=names, weights=cfg.fid.weights,
+                        cache_dir=cfg.fid.cache_dir or None, kid_subsets=cfg.fid.kid_subsets,
+                        batch_size=cfg.fid.batch_size, device=device, bootstrap=cfg.fid.bootstrap,
+                        fused=cfg.fid.fused, precision=cfg.fid.precision)
+    if partial:
+        res["partial"] = partial
+    return res
+
+
+def compare_rows(rows: list[dict], allow_mismatch: bool = False) -> list[dict]:
+    """Every pair (first row vs each other row) for every metric with an interval: "no measurable difference" when
+    the 95% intervals overlap; gFID pairs whose sampling manifests differ in a protocol field are refused."""
+    from eval.intervals import Interval, compare
+    from eval.manifest import differences
+
+    metrics = [("SeedBench (img)", "seedbench", ("intervals", "image"), True),
+               ("SeedBench rank", "seedbench_rank", ("intervals", "image"), True),
+               ("POPE F1 (mean of categories)", "pope", ("intervals", "mean_f1"), True),
+               ("POPE acc (mean of categories)", "pope", ("intervals", "mean_accuracy"), True),
+               ("gFID", "gfid", ("fid_interval",), False), ("rFID", "rfid", ("fid_interval",), False),
+               ("PSNR", "rfid", ("intervals", "psnr"), True), ("SSIM", "rfid", ("intervals", "ssim"), True)]
+
+    def interval(row: dict, piece: str, path: tuple[str, ...]) -> Interval | None:
+        d = row.get("results", {}).get(piece)
+        for k in path:
+            d = d.get(k) if isinstance(d, dict) else None
+        return Interval.from_dict(d)
+
+    out = []
+    for other in rows[1:]:
+        a_row = rows[0]
+        for label, piece, path, higher in metrics:
+            a, b = interval(a_row, piece, path), interval(other, piece, path)
+            if a is None or b is None:
+                continue
+            entry = {"metric": label, "a": a_row["name"], "b": other["name"], "a_interval": a.to_dict(),
+                     "b_interval": b.to_dict()}
+            if piece == "gfid":
+                diff = differences(a_row["results"]["gfid"].get("manifest"), other["results"]["gfid"].get("manifest"))
+                if diff and not allow_mismatch:
+                    entry["verdict"] = "not compared: sampling manifests differ in " + ", ".join(
+                        f"{k} ({x!r} vs {y!r})" for k, (x, y) in diff.items())
+                    out.append(entry)
+                    continue
+                if diff:
+                    entry["protocol_differences"] = {k: list(v) for k, v in diff.items()}
+            verdict = compare(a, b, higher_is_better=higher)
+            entry["verdict"] = {"first better": f"{a_row['name']} better", "second better": f"{other['name']} better"
+                                }.get(verdict, verdict)
+            out.append(entry)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- driver
@@ -282,6 +457,25 @@ def figures(cfg, out: Path) -> list[str]:
     return figs
 
 
+def run_manifest(summary: dict, cfg) -> dict:
+    """What this evaluation read: benchmark files (sha256, rows, variant), the Inception weights, and every row's
+    sampling manifest and reference-statistics hashes."""
+    from eval.provenance import sha256_file
+
+    w = Path(cfg.fid.weights)
+    rows = {}
+    for r in summary["rows"]:
+        res = r.get("results", {})
+        rows[r["name"]] = {
+            "gfid_sampling": (res.get("gfid") or {}).get("manifest"),
+            "gfid_ref_stats_sha256": (res.get("gfid") or {}).get("ref_stats_sha256"),
+            "rfid_ref_stats_sha256": (res.get("rfid") or {}).get("ref_stats_sha256"),
+            "n": {k: v.get("n") for k, v in res.items() if isinstance(v, dict) and "n" in v}}
+    return {"generated_at": summary["generated_at"], "benchmarks": summary["benchmarks"],
+            "inception_weights": {"path": str(w), "sha256": sha256_file(w) if w.is_file() else None},
+            "rows": rows}
+
+
 def evaluate(cfg) -> dict:
     """Run everything available; returns the summary dict (also written to <out>/summary.{json,md})."""
     from eval.report import TOY_DISCLAIMER, render_markdown
@@ -306,9 +500,9 @@ def evaluate(cfg) -> dict:
                 if piece in ("pope", "seedbench", "seedbench_rank"):
                     res = run_understanding(piece, cfg, row, rout, device, caches)
                 elif piece == "rfid":
-                    res = run_rfid_piece(cfg, row, rout, device, lpips_cache)
+                    res = run_rfid_piece(cfg, row, rout, device, lpips_cache, caches)
                 elif piece == "gfid":
-                    res = run_gfid_piece(cfg, row, rout, device)
+                    res = run_gfid_piece(cfg, row, rout, device, caches)
                 else:
                     raise ValueError(f"pieces: unknown piece {piece!r} (seedbench | seedbench_rank | pope | gfid | rfid)")
                 entry["results"][piece] = res
@@ -325,9 +519,15 @@ def evaluate(cfg) -> dict:
         rows.append(entry)
     summary = {"generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "toy": cfg.toy,
                "disclaimer": TOY_DISCLAIMER if cfg.toy else "", "pope_parser": cfg.pope.parser, "rows": rows,
+               "benchmarks": caches.get("identity", {}),
+               "comparisons": compare_rows(rows, cfg.compare.allow_protocol_mismatch),
                "config": to_dict(cfg), "command": "python -m eval.eval_all " + " ".join(sys.argv[1:])}
     summary["figures"] = figures(cfg, out)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
+    for ident in summary["benchmarks"].values():
+        if ident.get("warning"):
+            log.warning("%s", ident["warning"])
+    atomic_write_json(out / "manifest.json", run_manifest(summary, cfg))
     atomic_write_json(out / "summary.json", summary)
     atomic_write_text(out / "summary.md", render_markdown(summary))
     log.info("wrote %s and %s (%.0f s)", out / "summary.json", out / "summary.md", summary["seconds"])

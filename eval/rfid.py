@@ -1,9 +1,10 @@
 """rFID runner: the val set through a frozen encoder export and back (τ = 0), vs the originals.
 
 Each image is centre-cropped/resized to the export's ``image_size``; ``encode`` gives the tokens, ``decode`` (no
-noise: τ = 0 at inference) the reconstruction. Reported: FID (+ KID, precision/recall) of the reconstructions
-against the processed originals, PSNR, SSIM, LPIPS, and a PNG grid (originals on odd rows, reconstructions
-below them).
+noise: τ = 0 at inference) the reconstruction. Reported: FID (+ sFID, KID, precision/recall) of the
+reconstructions against the processed originals (with a bootstrap interval and the sha256 of the originals'
+statistics), PSNR, SSIM (Gaussian 11x11 window, sigma 1.5, data range 1 on [0, 1]), LPIPS — batched in torch
+(:mod:`eval.recon`) — and a PNG grid (originals on odd rows, reconstructions below them).
 
     python -m eval.rfid --encoder runs/toy/encoder/export --images data/toy/images/val --out runs/eval/rfid
 """
@@ -62,8 +63,10 @@ def reconstruct(encoder, paths: list[Path], batch_size: int = 16, lpips: LPIPSMe
 def run_rfid(encoder_dir: str | Path, images: str | Path | list[Path], out_dir: str | Path, *,
              weights: str | Path = DEFAULT_WEIGHTS, max_images: int = 0, batch_size: int = 16,
              lpips: LPIPSMetric | None = None, cache_dir: str | Path | None = None, kid_subsets: int = 20,
-             fid_batch_size: int = 32, device: str = "cpu") -> dict:
-    """Reconstruct, score, write ``rfid.json`` and ``recon_grid.png`` into ``out_dir``; returns the result."""
+             fid_batch_size: int = 32, device: str = "cpu", bootstrap: int = 0, fused: bool = True,
+             precision: str = "fp32") -> dict:
+    """Reconstruct, score, write ``rfid.json`` and ``recon_grid.png`` into ``out_dir``; returns the result.
+    ``bootstrap`` > 0: a 95% interval of rFID over the reconstructions (the originals' statistics fixed)."""
     from encoder.export import load_encoder
     from ov3common.checkpoint import atomic_write_json
     from ov3common.images import save_image_grid
@@ -72,12 +75,16 @@ def run_rfid(encoder_dir: str | Path, images: str | Path | list[Path], out_dir: 
     enc = load_encoder(encoder_dir, device=device)
     orig, recs, rm, grid = reconstruct(enc, paths, batch_size, lpips)
     fid = compute_metrics(recs, orig, weights, cache_dir=cache_dir, kid_subsets=kid_subsets,
-                          batch_size=fid_batch_size, isc=False, device=device)
+                          batch_size=fid_batch_size, isc=False, device=device, bootstrap=bootstrap, fused=fused,
+                          precision=precision)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_image_grid(grid, out / "recon_grid.png", nrow=8)
-    result = {"rfid": fid["fid"], "psnr": rm["psnr"], "ssim": rm["ssim"], "lpips": rm["lpips"],
-              "lpips_note": rm["lpips_note"], "lpips_random_backbone": rm.get("lpips_random_backbone", False),
+    result = {"rfid": fid["fid"], "sfid": fid.get("sfid"), "psnr": rm["psnr"], "ssim": rm["ssim"],
+              "lpips": rm["lpips"], "lpips_note": rm["lpips_note"],
+              "lpips_random_backbone": rm.get("lpips_random_backbone", False), "intervals": rm["intervals"],
+              "fid_interval": fid.get("fid_interval"), "ref_stats_sha256": fid["ref_stats_sha256"],
+              "ssim_window": rm["ssim_window"], "ssim_data_range": rm["ssim_data_range"],
               "n": len(paths), "image_size": enc.image_size, "tau": 0.0,
               "encoder": str(encoder_dir), "grid": str(out / "recon_grid.png"), "fid_details": fid}
     atomic_write_json(out / "rfid.json", result)

@@ -19,10 +19,16 @@ POPE parsers
     exactly as lmms-eval does. Unlike lmms-eval (whose ``pope_yes_ratio`` counts ground-truth answers), the
     yes-ratio reported here is always the fraction of *predictions* that are "yes".
 
-SeedBench: the prediction is stripped and, if longer than one character, cut to its first character; it is
-correct when equal to the answer letter (case-sensitive), as in lmms-eval's ``seed_process_result``. Accuracy is
-reported for image questions, video questions, all, and per category (``category`` field, or SEED-Bench's
-``question_type_id`` mapped to its dimension name).
+SeedBench (lmms-eval's rule exactly): ``seed_process_result`` strips the prediction and, if it is longer than one
+character, keeps its first character; ``seed_aggregation_result`` counts it right when it equals the answer after
+lowercasing and stripping both (so ``b``, `` B``, ``B.`` and ``b) dog`` are right for B; ``(B)`` and ``The answer is B``
+are not). Accuracy is reported for image questions, video questions, all, and per category (``category`` field, or
+SEED-Bench's ``question_type_id`` mapped to its dimension name).
+
+Intervals (:mod:`eval.intervals`, 95%): every accuracy by the Wilson score interval; every F1 (per category, pooled,
+and the mean over categories) and the mean accuracy by a percentile bootstrap over questions (stratified by
+category for the means). POPE's headline is LLaVA-1.5's: ``mean_f1`` / ``mean_accuracy`` = the mean over the three
+categories; ``overall`` is lmms-eval's pooled number over all questions.
 """
 
 from __future__ import annotations
@@ -32,6 +38,10 @@ import json
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+
+import numpy as np
+
+from eval.intervals import bootstrap, wilson
 
 POPE_CATEGORIES = ("adversarial", "popular", "random")
 
@@ -139,6 +149,50 @@ def pope_metrics(preds: Sequence[str], gts: Sequence[str]) -> dict:
     }
 
 
+def _f1_from_counts(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
+    """F1 with lmms-eval's convention (an empty precision/recall denominator gives 0), vectorised."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 0.0)
+        r = np.where(tp + fn > 0, tp / np.maximum(tp + fn, 1), 0.0)
+        return np.where(p + r > 0, 2 * p * r / np.where(p + r > 0, p + r, 1), 0.0)
+
+
+def pope_intervals(preds: Sequence[str], gts: Sequence[str], cats: Sequence[str], n_boot: int = 1000,
+                   seed: int = 0) -> dict:
+    """95% intervals: accuracy (Wilson) and F1 (bootstrap) per category and pooled; the mean over categories of
+    F1 and of accuracy (bootstrap stratified by category)."""
+    p, g, c = np.asarray(preds), np.asarray(gts), np.asarray(cats)
+    tp_i, fp_i = (p == "yes") & (g == "yes"), (p == "yes") & (g == "no")
+    fn_i, ok_i = (p == "no") & (g == "yes"), ((p == "yes") & (g == "yes")) | ((p == "no") & (g == "no"))
+    names = sorted(set(c.tolist()))
+    masks = [c == name for name in names]
+
+    def f1(idx: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        w = np.ones_like(idx, dtype=bool) if mask is None else mask[idx]
+        return _f1_from_counts(*((arr[idx] & w).sum(-1).astype(np.float64) for arr in (tp_i, fp_i, fn_i)))
+
+    def mean_over(metric) -> Callable[[np.ndarray], np.ndarray]:
+        def stat(idx: np.ndarray) -> np.ndarray:
+            return np.mean([metric(idx, m) for m in masks], axis=0)
+        return stat
+
+    def acc(idx: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return (ok_i[idx] & mask[idx]).sum(-1) / np.maximum(mask[idx].sum(-1), 1)
+
+    out: dict = {"categories": {}}
+    for name, m in zip(names, masks):
+        sub = np.flatnonzero(m)
+        out["categories"][name] = {
+            "accuracy": wilson(int(ok_i[sub].sum()), len(sub)).to_dict(),
+            "f1": bootstrap(lambda idx, s=sub: f1(s[idx]), len(sub), n_boot=n_boot, seed=seed).to_dict()}
+    n = len(p)
+    out["overall_accuracy"] = wilson(int(ok_i.sum()), n).to_dict()
+    out["overall_f1"] = bootstrap(f1, n, n_boot=n_boot, seed=seed).to_dict()
+    out["mean_f1"] = bootstrap(mean_over(f1), n, n_boot=n_boot, seed=seed, strata=c).to_dict()
+    out["mean_accuracy"] = bootstrap(mean_over(acc), n, n_boot=n_boot, seed=seed, strata=c).to_dict()
+    return out
+
+
 def score_pope(records: Iterable[dict], parser: str = "llava") -> dict:
     """Per-category and overall POPE metrics plus the mean F1 (and accuracy) over categories."""
     if parser not in POPE_PARSERS:
@@ -160,6 +214,8 @@ def score_pope(records: Iterable[dict], parser: str = "llava") -> dict:
         all_p.append(pred)
         all_g.append(gt)
     cats = {c: pope_metrics(p, g) for c, (p, g) in sorted(by_cat.items())}
+    all_c = [c for c, (p, _) in sorted(by_cat.items()) for _ in p]
+    ordered = [(p, g) for _, (ps, gs) in sorted(by_cat.items()) for p, g in zip(ps, gs)]
     return {
         "benchmark": "pope",
         "parser": parser,
@@ -167,15 +223,23 @@ def score_pope(records: Iterable[dict], parser: str = "llava") -> dict:
         "categories": cats,
         "mean_f1": sum(m["f1"] for m in cats.values()) / len(cats),
         "mean_accuracy": sum(m["accuracy"] for m in cats.values()) / len(cats),
+        "headline": "mean over categories of F1 / accuracy (LLaVA-1.5's eval_pope.py per split, averaged); "
+                    "'overall' is lmms-eval's pooled number",
         "missing_categories": [c for c in POPE_CATEGORIES if c not in cats],
+        "intervals": pope_intervals([p for p, _ in ordered], [g for _, g in ordered], all_c),
     }
 
 
 # ---------------------------------------------------------------------------------------------------- SeedBench
 def parse_seed_letter(text: object) -> str:
-    """lmms-eval's SeedBench rule: strip, then keep the first character if longer than one."""
+    """lmms-eval's ``seed_process_result``: strip, then keep the first character if longer than one."""
     s = _text(text).strip()
     return s[0] if len(s) > 1 else s
+
+
+def seed_hit(prediction: object, answer: object) -> bool:
+    """lmms-eval's ``seed_aggregation_result`` on a processed prediction: equal after lower() and strip() of both."""
+    return parse_seed_letter(prediction).lower().strip() == _text(answer).lower().strip()
 
 
 def seed_category(rec: dict) -> str:
@@ -207,8 +271,8 @@ def score_seedbench(records: Iterable[dict]) -> dict:
                 f"line {rec.get('_line', '?')} (question_id {rec['question_id']!r}): answer must be A-D, "
                 f"got {rec['answer']!r}")
         pred = parse_seed_letter(rec["prediction"])
-        unparsed += pred not in ("A", "B", "C", "D")
-        hit = pred == answer
+        unparsed += pred.lower().strip() not in ("a", "b", "c", "d")
+        hit = seed_hit(rec["prediction"], answer)
         data_type = str(rec.get("data_type") or "image")
         if data_type not in ("image", "video"):
             raise PredictionFileError(
@@ -223,7 +287,10 @@ def score_seedbench(records: Iterable[dict]) -> dict:
         "all": _acc(hits["all"]),
         "n": {k: len(v) for k, v in hits.items()},
         "unparsed": unparsed,
-        "categories": {c: {"accuracy": _acc(h), "n": len(h)} for c, h in sorted(by_cat.items())},
+        "rule": "lmms-eval seed_process_result + seed_aggregation_result (first character, case-insensitive)",
+        "categories": {c: {"accuracy": _acc(h), "n": len(h), "interval": wilson(sum(h), len(h)).to_dict()}
+                       for c, h in sorted(by_cat.items())},
+        "intervals": {k: wilson(sum(v), len(v)).to_dict() for k, v in hits.items() if v},
     }
 
 

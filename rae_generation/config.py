@@ -106,6 +106,21 @@ class GuidanceConfig:
 
 
 @dataclass
+class InTrainEvalConfig:
+    """gFID of K samples of the live EMA model every ``every`` steps (eval.intraining; = the offline number)."""
+
+    every: int = 0  # 0: off
+    real: str = path_field("", "exists")  # class-split folder, folder or npz of real images
+    weights: str = path_field("weights/inception_fid/inception-2015-12-05-fidhelper.pth", "file")  # make fid-weights
+    per_class: int = 2  # K = per_class x classes
+    seed: int = 0
+    steps: int = 0  # 0: sample.steps
+    cfg_scale: float = -1.0  # < 0: sample.cfg_scale
+    batch_size: int = 32
+    cache_dir: str = ""  # real-set statistics cache ("" = none)
+
+
+@dataclass
 class RAETrainConfig:
     """``python -m rae_generation.train``: DiT-DH flow matching on encoder tokens."""
 
@@ -118,6 +133,7 @@ class RAETrainConfig:
     flow: FlowConfig = field(default_factory=FlowConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: GuidanceConfig = field(default_factory=GuidanceConfig)
+    eval: InTrainEvalConfig = field(default_factory=InTrainEvalConfig)
 
 
 @dataclass

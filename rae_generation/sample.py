@@ -12,7 +12,9 @@ API (what ``eval``'s gFID runner calls)::
 ``(run_dir, checkpoint)`` pair) switches guidance from CFG to AutoGuidance with that weaker model.
 ``gen.sample(..., method="euler"|"heun", interval=(lo, hi), batch_size=64)``: guidance only for t in [lo, hi].
 Samples are a pure function of (weights, labels, seed, settings): the noise of sample i does not depend on the
-batch size.
+batch size. ``make rae-sample`` writes a sampling manifest beside the npz (``<stem>.manifest.json``,
+:mod:`eval.manifest`: checkpoint hash, EMA/raw, sampler, steps, CFG scale and interval, guidance, class balance,
+seed, precision, encoder export hash, decoder settings); :func:`manifest_fields` gives its generator part.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from rae_generation.data import Normalizer
 from rae_generation.models import DiTDH, DiTDHConfig
 from rae_generation.samplers import guided_velocity, sample_ode
 
-__all__ = ["Generator", "load_generator", "write_npz", "class_grid", "write_preview"]
+__all__ = ["Generator", "load_generator", "write_npz", "class_grid", "write_preview", "manifest_fields"]
 log = get_logger("rae.sample")
 
 
@@ -72,6 +74,9 @@ class Generator:
         self.class_names, self.encoder, self.image_size = list(class_names), encoder, image_size
         self.defaults = {"steps": 50, "method": "euler", "cfg_scale": 1.0, "interval": (0.0, 1.0), **(defaults or {})}
         self.guide = guide
+        self.checkpoint: Path | None = None  # the weights file (set by load_generator; None for a live model)
+        self.weights = "ema"
+        self.encoder_path = ""
 
     @property
     def num_classes(self) -> int:
@@ -158,7 +163,33 @@ def load_generator(run_dir: str | Path, encoder_export: str | Path | None = None
     if "interval" in s:
         defaults["interval"] = tuple(s["interval"])
     log.info("loaded %s (%s weights, step folder %s)", run, weights, ckpt.name)
-    return Generator(model, norm, spec["shift"], spec["classes"], enc, spec.get("image_size", 0), defaults, guide)
+    gen = Generator(model, norm, spec["shift"], spec["classes"], enc, spec.get("image_size", 0), defaults, guide)
+    gen.checkpoint, gen.weights, gen.encoder_path = ckpt / f"{weights}.safetensors", weights, enc_path
+    return gen
+
+
+def manifest_fields(gen: Generator, steps: int | None = None, cfg_scale: float | None = None,
+                    method: str | None = None, interval: tuple[float, float] | None = None,
+                    precision: str = "fp32") -> dict:
+    """The generator's part of a sampling manifest (:mod:`eval.manifest`), with the run's defaults filled in."""
+    from eval.manifest import checkpoint_file_sha256, export_sha256, guidance_kind
+
+    scale = gen.defaults["cfg_scale"] if cfg_scale is None else cfg_scale
+    enc = gen.encoder
+    out = {
+        "checkpoint": str(gen.checkpoint) if gen.checkpoint else "<live model>",
+        "checkpoint_sha256": checkpoint_file_sha256(gen.checkpoint) if gen.checkpoint else None,
+        "weights": gen.weights, "sampler": method or gen.defaults["method"], "steps": steps or gen.defaults["steps"],
+        "cfg_scale": float(scale), "cfg_interval": list(interval or gen.defaults["interval"]),
+        "guidance": guidance_kind(scale, gen.guide is not None),
+        "guide_checkpoint_sha256": checkpoint_file_sha256(gen.guide.checkpoint)
+        if gen.guide is not None and gen.guide.checkpoint else None,
+        "precision": precision, "num_classes": gen.num_classes,
+        "encoder": str(gen.encoder_path), "encoder_sha256": export_sha256(gen.encoder_path) if gen.encoder_path else None,
+        "decoder": {"tau": 0.0, "image_size": int(enc.image_size) if enc is not None else gen.image_size,
+                    "dtype": str(enc.dtype).replace("torch.", "") if enc is not None else None},
+    }
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -236,7 +267,14 @@ def main(argv=None) -> None:
         "npz": str(out), "grid": str(grid), "num_samples": len(labels), "per_class": cfg.per_class,
         "classes": [gen.class_names[c] for c in classes], "guidance": "autoguidance" if guide else "cfg",
         "steps": g.steps, "method": g.method, "cfg_scale": g.cfg_scale, "interval": list(g.interval)})
-    log.info("wrote %s (%d samples) and %s", out, len(labels), grid)
+    from eval.manifest import class_balance, write_manifest
+
+    balance, per = class_balance(labels.tolist())
+    write_manifest(out, {**manifest_fields(gen, g.steps, g.cfg_scale, g.method, tuple(g.interval)),
+                         "per_class": per, "num_samples": len(labels), "class_balance": balance,
+                         "classes": [gen.class_names[c] for c in classes], "seed": cfg.seed,
+                         "written_by": "rae_generation.sample"})
+    log.info("wrote %s (%d samples), its manifest and %s", out, len(labels), grid)
 
 
 if __name__ == "__main__":

@@ -215,6 +215,11 @@ def train(cfg, info: D.DistInfo) -> Path:
     bar = TrainProgress(tc.steps, step, "rae", tc.log_every, log)
     autocast = torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
     inject = set(tc.inject_nan_steps)
+    in_train_eval = None
+    if cfg.eval.every > 0 and info.is_main:  # gFID of the live EMA (eval.intraining: equals the offline number)
+        from eval.intraining import RAEInTrainEval
+
+        in_train_eval = RAEInTrainEval(cfg.eval, ema, norm, shift, data, cfg.sample, info.device)
     net.train()
     while step < tc.steps:
         sampler.set_epoch(epoch, consumed)
@@ -257,6 +262,10 @@ def train(cfg, info: D.DistInfo) -> Path:
                                    "samples_per_s": bar.samples_per_s, "eta_s": bar.eta_s})
             if step % tc.ckpt_every == 0 or step == tc.steps:
                 save()
+            if cfg.eval.every > 0 and (step % cfg.eval.every == 0 or step == tc.steps):
+                if in_train_eval is not None:
+                    metrics.log(step, in_train_eval())
+                D.barrier()
             if step >= tc.steps:
                 break
         else:  # the epoch is exhausted

@@ -92,7 +92,7 @@ def test_eval_all_on_a_miniature_toy_world(world):
     d, r = root / "data", root / "runs"
     cfg = load_config(eval_all.EvalAllConfig, None, [
         f"out_dir={root / 'reports'}", "device=cpu", f"fid.weights={weights}", f"fid.cache_dir={root / 'cache'}",
-        "fid.kid_subsets=2", "lpips.backbone=random",
+        "fid.kid_subsets=2", "fid.bootstrap=20", "lpips.backbone=random", "rfid.max_images=4",
         f"pope.path={d / 'pope' / 'pope.jsonl'}", f"seedbench.path={d / 'seedbench' / 'seedbench.jsonl'}",
         f"rfid.images={d / 'images' / 'val'}", f"gfid.real={d / 'classes' / 'val'}", "gfid.per_class=1",
         "llava.predictor=tests.test_eval_all:fake_predictor", "llava.ranker=tests.test_eval_all:fake_ranker",
@@ -125,6 +125,18 @@ def test_eval_all_on_a_miniature_toy_world(world):
         assert f in js["figures"] and (out / f).is_file()
     assert (out / "ov3" / "seedbench_predictions.jsonl").is_file()
     assert (out / "ov3" / "seedbench_rank_predictions.jsonl").is_file()
+    # the 4-sample npz without a manifest was not scored: regenerated under the protocol, with its manifest
+    g = ov3["results"]["gfid"]
+    assert g["manifest"]["written_by"] == "eval.gfid" and g["manifest"]["num_samples"] == 4
+    assert (out / "ov3" / "gfid" / "samples.manifest.json").is_file() and len(g["ref_stats_sha256"]) == 64
+    assert g["fid_interval"]["low"] <= g["fid_interval"]["high"] and "[" in md.split("| OV3 |")[1].split("\n")[0]
+    # intervals, comparisons, benchmark identities and manifests are in the report and manifest.json
+    assert "## Comparisons" in md and "gFID: OV3" in md
+    assert "## Benchmark files" in md and "UNKNOWN pope VARIANT" in md  # 6 rows match no known POPE variant
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["benchmarks"]["pope"]["rows"] == 6 and len(man["benchmarks"]["pope"]["sha256"]) == 64
+    assert man["rows"]["OV3"]["gfid_sampling"]["seed"] == 0 and man["inception_weights"]["sha256"]
+    assert ov3["results"]["pope"]["benchmark_file"]["sha256"] == man["benchmarks"]["pope"]["sha256"]
 
 
 def test_row_cells_and_errors():
@@ -162,3 +174,83 @@ def test_unavailable_predictor_and_sampler_are_missing_not_errors(tmp_path):
     row = eval_all.evaluate(cfg)["rows"][0]
     assert "no_such_module" in row["missing"]["pope"] and "no_such_module" in row["missing"]["gfid"]
     assert not row["errors"]
+
+
+def _npz(path: Path, n: int, manifest: dict | None = None) -> Path:
+    from eval.manifest import write_manifest
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    gen, _ = fake_sampler("", "cpu")
+    labels = torch.arange(n) % 4
+    x = gen(labels)
+    np.savez(path, arr_0=((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy(), arr_1=labels.numpy())
+    if manifest is not None:
+        write_manifest(path, manifest)
+    return path
+
+
+def test_gfid_refuses_too_few_samples_or_a_wrong_manifest(tmp_path):
+    """No sampler for the run (no generator.json): a set below the protocol, without a manifest, or with a manifest
+    that differs from the config is refused with the reason; with allow_partial it is scored and marked."""
+    from ov3common.config import load_config
+
+    real = tmp_path / "classes"
+    for i in range(4):
+        _img(real / f"c{i}" / "0.png", (40 * i, 90, 30))
+    (tmp_path / "w.pth").write_bytes(b"x")
+    ok = {"per_class": 2, "num_classes": 4, "num_samples": 8, "class_balance": "balanced", "seed": 0}
+    cases = {"small": (4, None, "has 4 samples; the protocol asks for 8"),
+             "nomanifest": (8, None, "no sampling manifest"),
+             "seed": (8, {**ok, "seed": 3}, "seed 3 (protocol 0)")}
+    rows = []
+    for name, (n, man, _) in cases.items():
+        _npz(tmp_path / name / "samples.npz", n, man)
+        rows.append(f"{{name: {name}, rae: {tmp_path / name}}}")
+    cfg = load_config(eval_all.EvalAllConfig, None, [
+        f"out_dir={tmp_path / 'r'}", "pieces=[gfid]", f"fid.weights={tmp_path / 'w.pth'}", f"gfid.real={real}",
+        "gfid.per_class=2", f"rows=[{', '.join(rows)}]"])
+    out = eval_all.evaluate(cfg)
+    for row, (name, (_, _, reason)) in zip(out["rows"], cases.items()):
+        assert row["missing"]["gfid"].startswith("refused:") and reason in row["missing"]["gfid"], name
+        assert not row["results"] and not row["errors"]
+    md = (tmp_path / "r" / "summary.md").read_text()
+    assert "refused: " in md and "allow_partial" in md
+
+
+@pytest.mark.slow
+def test_gfid_allow_partial_scores_and_marks(tmp_path, world):
+    from ov3common.config import load_config
+
+    root, weights = world
+    _npz(tmp_path / "rae" / "samples.npz", 4)
+    cfg = load_config(eval_all.EvalAllConfig, None, [
+        f"out_dir={tmp_path / 'r'}", "pieces=[gfid]", f"fid.weights={weights}", "fid.bootstrap=20",
+        f"gfid.real={root / 'data' / 'classes' / 'val'}", "gfid.per_class=2", "gfid.allow_partial=true",
+        f"rows=[{{name: p, rae: {tmp_path / 'rae'}}}]"])
+    row = eval_all.evaluate(cfg)["rows"][0]
+    assert row["results"]["gfid"]["n"] == 4 and "protocol asks for 8" in row["results"]["gfid"]["partial"]
+    md = (tmp_path / "r" / "summary.md").read_text()
+    assert "‡[4]" in md and "- [4] p / gfid: PARTIAL (not the protocol's set)" in md
+
+
+def _row(name: str, fid: tuple[float, float, float], manifest: dict | None, acc: tuple[float, float, float]) -> dict:
+    iv = lambda v: {"value": v[0], "low": v[1], "high": v[2], "method": "x", "n": 10}  # noqa: E731
+    return {"name": name, "results": {"gfid": {"gfid": fid[0], "fid_interval": iv(fid), "manifest": manifest},
+                                      "seedbench": {"image": acc[0], "intervals": {"image": iv(acc)}}}}
+
+
+def test_rows_compared_by_intervals_and_refused_across_protocols():
+    m = {"steps": 25, "cfg_scale": 6.0, "seed": 0, "per_class": 50}
+    a = _row("A", (10.0, 9.0, 11.0), m, (0.50, 0.45, 0.55))
+    b = _row("B", (10.5, 9.5, 12.0), m, (0.70, 0.66, 0.74))
+    c = _row("C", (30.0, 28.0, 33.0), {**m, "steps": 50}, (0.52, 0.47, 0.57))
+    comps = eval_all.compare_rows([a, b, c])
+    by = {(x["b"], x["metric"]): x["verdict"] for x in comps}
+    assert by["B", "gFID"] == "no measurable difference"  # different points, overlapping intervals
+    assert by["B", "SeedBench (img)"] == "B better"
+    assert by["C", "SeedBench (img)"] == "no measurable difference"
+    assert by["C", "gFID"].startswith("not compared: sampling manifests differ in steps (25 vs 50)")
+    allowed = {(x["b"], x["metric"]): x for x in eval_all.compare_rows([a, b, c], allow_mismatch=True)}
+    assert allowed["C", "gFID"]["verdict"] == "A better" and "steps" in allowed["C", "gFID"]["protocol_differences"]
+    md = report.render_markdown({"rows": [a, b, c], "comparisons": comps, "toy": False})
+    assert "**no measurable difference**" in md and "not compared: sampling manifests differ" in md

@@ -42,6 +42,7 @@ def image_dirs(tmp_path_factory):
 def test_build_weights_reproduces_torchscript_features(tmp_path):
     report = I.build_fid_weights(tmp_path / "w.pth", n_check=2)
     assert report["check"]["passed"] and report["check"]["max_rel_diff"] < 1e-4
+    assert report["check"]["spatial_max_rel_diff"] < 1e-4  # ADM's mixed_6/conv[:7] from the TorchScript layers
     assert report["has_logits"] is False
     assert I.weights_note(tmp_path / "w.pth")["check"]["n_images"] == 2
     assert not F.has_logits(tmp_path / "w.pth")
@@ -109,7 +110,9 @@ def test_fid_of_a_set_against_itself_is_zero(weights, image_dirs, tmp_path):
     r = F.compute_metrics(a, a, weights, cache_dir=tmp_path / "cache", kid_subsets=5)
     assert abs(r["fid"]) < 1e-2
     assert r["precision"] == 1.0 and r["recall"] == 1.0
-    assert r["is_mean"] is None and "logits" in r["is_unavailable"]
+    assert r["inception_score"] is None and "logits" in r["is_unavailable"]
+    assert abs(r["sfid"]) < 1e-2 and r["ref_stats_sha256"] == F.stats_sha256(*F.gaussian_stats(
+        F.extract(F.list_images(a), weights)["pool"]))
     assert r["n_fake"] == r["n_real"] == 6 and any("< 2048" in n for n in r["notes"])
     other = F.compute_metrics(b, a, weights, cache_dir=tmp_path / "cache", kid_subsets=5)
     assert other["real_stats"] == "cache" and other["fid"] > 50 and other["kid_mean"] > r["kid_mean"]
@@ -118,19 +121,23 @@ def test_fid_of_a_set_against_itself_is_zero(weights, image_dirs, tmp_path):
 def test_adm_npz_reading(weights, image_dirs, tmp_path):
     a, _ = image_dirs
     imgs = np.stack([np.asarray(Image.open(p).convert("RGB").resize((32, 32))) for p in F.list_images(a)[:4]])
-    feats = F.extract(imgs, weights)["2048"]
-    mu, sigma = F.gaussian_stats(feats)
+    f = F.extract(imgs, weights)
+    mu, sigma = F.gaussian_stats(f["pool"])
+    mu_s, sigma_s = F.gaussian_stats(f["spatial"])
     ref = tmp_path / "VIRTUAL_ref.npz"
-    np.savez(ref, arr_0=imgs, mu=mu, sigma=sigma)
+    np.savez(ref, arr_0=imgs, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
     stats_only = tmp_path / "stats.npz"
     np.savez(stats_only, mu=mu + 1.0, sigma=sigma)
     samples = tmp_path / "samples.npz"
     np.savez(samples, arr_0=imgs)
     r = F.compute_metrics(samples, ref, weights, kid_subsets=5)
     assert r["real_stats"] == "npz mu/sigma" and abs(r["fid"]) < 1e-2 and r["kid_mean"] is not None
+    assert abs(r["sfid"]) < 1e-2 and r["ref_file_sha256"] == F.file_sha256(ref)
+    assert r["ref_stats_sha256"] == F.stats_sha256(mu, sigma) and r["n_fake"] == 4
     r2 = F.compute_metrics(samples, stats_only, weights)
     assert r2["fid"] == pytest.approx(2048.0, rel=1e-3)  # mean shifted by 1 in each of 2048 dims
     assert r2["kid_mean"] is None and r2["precision"] is None
+    assert r2["sfid"] is None and "mu_s" in r2["sfid_unavailable"]
     bad = tmp_path / "bad.npz"
     np.savez(bad, arr_0=imgs.astype(np.float32))
     with pytest.raises(F.FidInputError, match="uint8 NHWC"):
@@ -175,4 +182,51 @@ def test_inception_score_only_with_classifier_weights(weights, tmp_path):
     assert F.has_logits(with_fc) and not F.has_logits(weights)
     imgs = (np.random.default_rng(0).uniform(0, 255, (4, 24, 24, 3))).astype(np.uint8)
     r = F.compute_metrics(imgs, imgs.copy(), with_fc, kid=False, prc=False)
-    assert r["is_mean"] >= 1.0 - 1e-6 and "is_unavailable" not in r and abs(r["fid"]) < 1e-2
+    assert r["inception_score"] >= 1.0 - 1e-6 and "is_unavailable" not in r and abs(r["fid"]) < 1e-2
+
+
+def test_inception_score_is_adms_rule():
+    uniform = np.zeros((10, 1008))
+    assert F.inception_score_adm(uniform) == pytest.approx(1.0)  # p(y|x) = p(y): KL 0
+    onehot = np.full((8, 1008), -1e4)
+    onehot[np.arange(8), np.arange(8)] = 0.0  # 8 distinct confident classes: exp(log 8)
+    assert F.inception_score_adm(onehot) == pytest.approx(8.0, rel=1e-6)
+    assert F.inception_score_adm(onehot, split_size=4) == pytest.approx(4.0, rel=1e-6)  # splits in order
+
+
+def _photo_crops(n: int, size: int = 48, seed: int = 0) -> np.ndarray:
+    from skimage import data
+
+    photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
+    g = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        p = photos[i % len(photos)]
+        y, x = g.integers(0, p.shape[0] - size), g.integers(0, p.shape[1] - size)
+        out.append(p[y:y + size, x:x + size, :3])
+    return np.ascontiguousarray(np.stack(out))
+
+
+def test_features_and_scores_do_not_depend_on_batch_size(weights):
+    """Batch sizes 1, 7 and 100 (one batch) on 9 images: bitwise the same features, FID / sFID within 1e-4. The
+    fused (BN folded, channels_last) extractor differs from torch-fidelity's module by float round-off only
+    (features within 1e-4 of their scale, FID within 1e-6 relative at this badly conditioned N = 9; the
+    1,000-image check of FID within 1e-4 is ``python -m eval.bench_fid``)."""
+    fake, real = _photo_crops(9, seed=0), _photo_crops(9, seed=1)
+    ref = F.extract(real, weights, batch_size=100)
+    mu, sigma = F.gaussian_stats(ref["pool"])
+    mu_s, sigma_s = F.gaussian_stats(ref["spatial"])
+    runs = {}
+    for bs, fused in ((1, True), (7, True), (100, True), (7, False)):
+        f = F.extract(fake, weights, batch_size=bs, fused=fused)
+        runs[bs, fused] = (f, F.frechet_distance(*F.gaussian_stats(f["pool"]), mu, sigma),
+                           F.frechet_distance(*F.gaussian_stats(f["spatial"]), mu_s, sigma_s))
+    base_f, base_fid, base_sfid = runs[100, True]
+    assert base_fid > 10 and base_sfid > 1  # different crops: a real distance
+    for key, (f, fid, sfid) in runs.items():
+        if key[1]:  # fused, any batch size: exactly the same
+            assert np.array_equal(f["pool"], base_f["pool"]) and np.array_equal(f["spatial"], base_f["spatial"]), key
+            assert abs(fid - base_fid) < 1e-4 and abs(sfid - base_sfid) < 1e-4, key
+        else:
+            assert np.abs(f["pool"] - base_f["pool"]).max() <= 1e-4 * np.abs(base_f["pool"]).max()
+            assert abs(fid - base_fid) < 1e-6 * base_fid and abs(sfid - base_sfid) < 1e-6 * base_sfid

@@ -52,6 +52,38 @@ def test_psnr_ssim_hand_values():
     acc.update(img, img)
     r = acc.result()
     assert r["n"] == 3 and r["psnr"] == pytest.approx((20 + 20 + 100) / 3) and r["lpips"] is None
+    assert r["intervals"]["psnr"]["low"] <= r["psnr"] <= r["intervals"]["psnr"]["high"] and r["ssim_data_range"] == 1
+
+
+def _ssim_test_set() -> tuple[torch.Tensor, torch.Tensor]:
+    """Real photos (scikit-image's), noise, a flat bright image and a non-square one, with distortions."""
+    from skimage import data
+
+    g = torch.Generator().manual_seed(0)
+    photos = [data.astronaut()[:96, :96], data.chelsea()[:96, :96], data.coffee()[:96, :96]]
+    x = torch.from_numpy(np.stack(photos)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = torch.cat([x, torch.rand(2, 3, 96, 96, generator=g) * 2 - 1, torch.full((1, 3, 96, 96), 0.98)])
+    y = (x + 0.15 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    y[3] = torch.nn.functional.avg_pool2d(x[3:4], 3, 1, 1)[0]  # blur
+    y[5] = 0.96  # flat vs flat
+    return x, y
+
+
+@pytest.mark.parametrize("window", ["gaussian", "uniform"])
+def test_torch_ssim_and_psnr_match_scikit_image(window):
+    x, y = _ssim_test_set()
+    ref = recon.ssim_skimage(x, y, window)
+    assert np.abs(recon.ssim(x, y, window) - ref).max() < 1e-5  # float32 (default): within 1e-4 with margin
+    assert np.abs(recon.ssim(x, y, window, torch.float64) - ref).max() < 1e-10  # float64: exact
+    assert np.abs(recon.psnr(x, y) - recon.psnr_skimage(x, y)).max() < 1e-9
+    wide = (x[:2, :, :40], y[:2, :, :40])  # non-square
+    assert np.allclose(recon.ssim(*wide, window), recon.ssim_skimage(*wide, window), atol=1e-5)
+    batched = np.concatenate([recon.ssim(x[i:i + 1], y[i:i + 1], window) for i in range(len(x))])
+    assert np.array_equal(batched, recon.ssim(x, y, window))  # per image: the batch does not matter
+    fast, ref = recon.ReconMetrics(ssim_window=window), recon.ReconMetrics(ssim_window=window, reference=True)
+    fast.update(x, y)
+    ref.update(x, y)
+    assert fast.result()["ssim"] == pytest.approx(ref.result()["ssim"], abs=1e-5)
 
 
 def test_lpips_random_backbone_is_labelled(monkeypatch, tmp_path):

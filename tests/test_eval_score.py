@@ -1,6 +1,7 @@
 """POPE / SeedBench scorers on hand-built cases: every parse path, empty and garbage predictions."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -135,17 +136,18 @@ def test_score_seedbench():
         dict(question_id=0, answer="A", prediction="A", category="counting"),
         dict(question_id=1, answer="B", prediction="B. two", category="counting"),
         dict(question_id=2, answer="C", prediction="", category="counting"),
-        dict(question_id=3, answer="D", prediction="d", category="scene"),  # lowercase is wrong (lmms-eval)
+        dict(question_id=3, answer="D", prediction="d", category="scene"),  # lowercase is right (lmms-eval)
         dict(question_id=4, answer="A", prediction="garbage", question_type_id=1),
         dict(question_id=5, answer="A", prediction="A", question_type_id=10, data_type="video"),
     ]
     r = score_seedbench(recs)
-    assert r["image"] == pytest.approx(2 / 5)
+    assert r["image"] == pytest.approx(3 / 5)
     assert r["video"] == 1.0
-    assert r["all"] == pytest.approx(3 / 6)
+    assert r["all"] == pytest.approx(4 / 6)
     assert r["n"] == {"image": 5, "video": 1, "all": 6}
-    assert r["unparsed"] == 3  # '', 'd', 'g'
-    assert r["categories"]["counting"] == {"accuracy": pytest.approx(2 / 3), "n": 3}
+    assert r["unparsed"] == 2  # '', 'g'
+    assert r["categories"]["counting"]["accuracy"] == pytest.approx(2 / 3)
+    assert r["categories"]["counting"]["n"] == 3
     assert r["categories"]["scene_understanding"]["accuracy"] == 0.0
     assert r["categories"]["action_recognition"]["accuracy"] == 1.0
 
@@ -186,3 +188,45 @@ def test_cli_bad_files(tmp_path, capsys):
     assert score.main(["pope", "--predictions", str(tmp_path / "nope.jsonl")]) == 2
     (tmp_path / "empty.jsonl").write_text("\n")
     assert score.main(["seedbench", "--predictions", str(tmp_path / "empty.jsonl")]) == 2
+
+
+# lmms-eval's SeedBench rule, by letter form: (prediction, answer, right?)
+SEED_FORMS = [
+    ("B", "B", True), ("b", "B", True), (" B ", "B", True), ("\tb\n", "B", True),  # case, spaces
+    ("B.", "B", True), ("b)", "B", True), ("B: two dogs", "B", True), ("b. two dogs", "B", True),  # punctuation
+    ("(B)", "B", False), ("[b]", "B", False), ("'B'", "B", False),  # the first character is the bracket
+    ("The answer is B", "B", False), ("Answer: B", "B", False), ("b is right", "B", True),  # sentences
+    ("Bb", "B", True), ("A", "B", False), ("a", "A", True), ("", "A", False), (None, "C", False), ("d", "D", True),
+]
+
+
+@pytest.mark.parametrize("prediction, answer, right", SEED_FORMS)
+def test_seed_letter_forms_follow_lmms_eval(prediction, answer, right):
+    from eval.score import seed_hit
+
+    assert seed_hit(prediction, answer) is right
+    r = score_seedbench([dict(question_id=0, answer=answer, prediction=prediction)])
+    assert r["all"] == float(right)
+
+
+def _lmms_seed_utils():
+    """lmms-eval's own tasks/seedbench/utils.py, loaded by path (its package __init__ pulls in the whole harness)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("lmms_eval")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("lmms-eval is not installed here (`make test-lmms` builds .venv-lmms with it)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "tasks" / "seedbench" / "utils.py"
+    mod_spec = importlib.util.spec_from_file_location("lmms_seed_utils", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod
+
+
+def test_seed_scoring_equals_lmms_eval_functions():
+    lm = _lmms_seed_utils()
+    recs = [dict(question_id=i, answer=a, prediction=p, data_type="image") for i, (p, a, _) in enumerate(SEED_FORMS)]
+    processed = [lm.seed_process_result({"answer": r["answer"], "data_type": "image", "question_id": r["question_id"]},
+                                        [r["prediction"] or ""]) for r in recs]
+    theirs = lm.seed_aggregation_result([p["seed_image"] for p in processed])
+    assert score_seedbench(recs)["image"] == pytest.approx(theirs, abs=0)

@@ -1,5 +1,7 @@
 """Sampling API used by the eval harness, the ADM npz layout, the labelled grid and AutoGuidance via the CLI."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -56,6 +58,16 @@ def test_sample_cli_writes_adm_npz_and_grid(run, tmp_path):
     assert arr.dtype == np.uint8 and arr.shape == (9, 32, 32, 3)
     assert lab.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert (tmp_path / "s" / "samples_grid.png").is_file() and (tmp_path / "s" / "samples_info.json").is_file()
+    from eval.manifest import export_sha256, read_manifest
+    from ov3common.checkpoint import CheckpointManager
+
+    m = read_manifest(out)  # the manifest beside the npz, checked against the file's sha256
+    ckpt = CheckpointManager(run / "checkpoints").latest()
+    assert m["checkpoint"] == f"{ckpt}/ema.safetensors" and len(m["checkpoint_sha256"]) == 64
+    assert (m["weights"], m["sampler"], m["steps"], m["cfg_scale"], m["cfg_interval"]) == ("ema", "euler", 2, 2.0, [0, 1])
+    assert (m["guidance"], m["per_class"], m["num_samples"], m["class_balance"], m["seed"]) == ("cfg", 3, 9, "balanced", 0)
+    assert m["precision"] == "fp32" and m["encoder_sha256"] == export_sha256(run.parent / "export")
+    assert m["decoder"] == {"tau": 0.0, "image_size": 32, "dtype": "float32"} and m["npz_rows"] == 9
 
 
 def test_autoguidance_with_an_earlier_checkpoint(run, tmp_path):
@@ -71,6 +83,10 @@ def test_autoguidance_with_an_earlier_checkpoint(run, tmp_path):
     torch.testing.assert_close(gen.sample_latents(y, steps=2, cfg_scale=1.0), plain.sample_latents(y, steps=2))
     with np.load(out) as f:
         assert f["arr_0"].shape == (3, 32, 32, 3)
+    from eval.manifest import manifest_path
+
+    m = json.loads(manifest_path(out).read_text())
+    assert m["guidance"] == "autoguidance" and len(m["guide_checkpoint_sha256"]) == 64
 
 
 def test_npz_layout_is_checked(tmp_path):

@@ -60,7 +60,7 @@ def encoder_checkpoint_eval(run_dir: str | Path, checkpoint: str | None = None, 
                      seed=cfg.seed).to(device)
     state, _ = C.CheckpointManager(run / "checkpoints").load(ckpt)
     C.load_model_state(model, state["model"])
-    val = val_batches(cfg, tokenize, cfg.train.stages[-1].resolution, run, True)
+    val = val_batches(cfg, tokenize, cfg.train.stages[-1].resolution)
     out = evaluate(model, val, None, cfg.grid_n, cfg.train.precision == "bf16")
     return {**out, "checkpoint": str(ckpt), "step": int(state["progress"]["step"])}
 
@@ -73,6 +73,9 @@ def gfid_of(generator, real: str | Path, weights: str | Path, *, per_class: int,
     class-split folder, folder or npz): sampled as ``make eval-all`` samples (sample i's noise from (seed, i))."""
     from eval import gfid
     from eval.fid import compute_metrics
+    from eval.inception import DEFAULT_WEIGHTS
+
+    weights = weights or DEFAULT_WEIGHTS
 
     real_src: str | Path | list[Path] = real
     if Path(real).is_dir() and all(p.is_dir() for p in Path(real).iterdir()):

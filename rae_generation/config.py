@@ -111,7 +111,7 @@ class InTrainEvalConfig:
 
     every: int = 0  # 0: off
     real: str = path_field("", "exists")  # class-split folder, folder or npz of real images
-    weights: str = path_field("weights/inception_fid/inception-2015-12-05-fidhelper.pth", "file")  # make fid-weights
+    weights: str = path_field("", "file")  # FID Inception weights; "": make fid-weights' file
     per_class: int = 2  # K = per_class x classes
     seed: int = 0
     steps: int = 0  # 0: sample.steps

@@ -58,6 +58,7 @@ class TrainCfg:
     bf16: bool = False
     tf32: bool = False
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the model (HF TrainingArguments.torch_compile; inductor on CPU and GPU)
     deepspeed: str = ""  # a DeepSpeed JSON (configs/llava/zero{2,3}.json); "" = plain DDP / single process
     save_steps: int = 0  # 0 = only the final save
     save_total_limit: int = 2
@@ -134,6 +135,8 @@ def training_arguments(cfg, use_cpu: bool):
     )
     if t.tf32:
         kw["tf32"] = True
+    if t.compile:
+        kw["torch_compile"] = True
     if t.gradient_checkpointing:
         kw["activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
            else "gradient_checkpointing"] = True

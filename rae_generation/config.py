@@ -75,6 +75,7 @@ class TrainCfg:
     ema_decay: float = 0.9995
     ema_warmup: bool = False  # decay min(ema_decay, (1 + step) / (10 + step)) early on
     precision: str = "fp32"  # fp32 | bf16 (autocast)
+    compile: bool = False  # torch.compile (inductor) the DiT-DH (CPU and GPU)
     log_every: int = 20
     ckpt_every: int = 500
     keep_last: int = 2

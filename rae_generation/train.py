@@ -174,6 +174,8 @@ def train(cfg, info: D.DistInfo) -> Path:
     model = DiTDH(mcfg).to(info.device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     net = D.wrap_model(model, tc.dist, info)
+    if tc.compile:  # in place: parameter names, checkpoints, the EMA copy and the DDP wrapping are unchanged
+        model.compile()
     opt = build_adamw(model, tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     sched = warmup_cosine(opt, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
     sampler = ResumableSampler(len(data), seed=cfg.seed, shuffle=True, rank=info.rank, world_size=info.world_size)

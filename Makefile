@@ -75,8 +75,9 @@ export-encoder: setup ## re-export the latest checkpoint of runs/toy/encoder (AR
 ablate-encoder: toy-vae ## toy ablations: tau, und/rec ratio, branch isolation -> runs/toy/ablate/{table.md,losses.png}
 	$(PY) -m encoder.ablate "overrides=[data.root=$(DATA),vae.path=$(TOY_VAE)]" $(call goal_args,ablate-encoder)
 
-bench-encoder: setup ## ViT step vs timm (ratio), MFU, cached-latent speed-up at 256 px -> runs/toy/bench_encoder.json
+bench-encoder: setup ## ViT step vs timm (S/2, B/2; fp32, bf16), MFU, compile, frozen VAE -> runs/bench/encoder.json
 	$(PY) -m encoder.bench $(call goal_args,bench-encoder)
+
 
 
 
@@ -190,8 +191,21 @@ rae-classacc: setup ## RAE: class accuracy of the samples by a toy classifier tr
 		val=$(DATA)/classes/val encoder=$(RAE_ENCODER) latents=$(RAE_DIR)/latents/train out=$(RAE_DIR)/classifier \
 		npz=$(RAE_DIR)/samples/samples.npz $(call goal_args,rae-classacc)
 
-bench-rae: setup ## RAE: DiT-DH step time vs diffusers DiT (ratio) and sampling images/s, from the run in $(RAE_DIR)
-	$(PY) -m rae_generation.bench run=$(RAE_DIR) $(call goal_args,bench-rae)
+bench-rae: setup ## RAE: DiT-DH step vs RAE's own (RAE_SRC=...), vs diffusers DiT, sampling images/s of $(RAE_DIR)
+	$(PY) -m rae_generation.bench run=$(RAE_DIR) diffusers=true compile=false $(call goal_args,bench-rae)
+
+
+
+# ---------------------------------------------------------------- make bench: every bench, one report (issue 15)
+# RAE_SRC = the src/ folder of a local bytetriper/RAE checkout (ours vs RAE's DiT-DH; skipped when unset).
+BENCH_DIR ?= runs/bench
+RAE_SRC   ?=
+.PHONY: bench
+bench: data toy-vae $(FID_WEIGHTS) ## every bench in one go -> reports/bench.md (~40 min on 2 idle cores)
+	$(PY) -m encoder.bench rfid=true vae_effect_path=$(TOY_VAE) vae_effect_images=$(DATA)/images/val \
+		rfid_images=$(DATA)/images/val out=$(BENCH_DIR)/encoder.json $(call goal_args,bench)
+	RAE_SRC=$(RAE_SRC) $(PY) -m rae_generation.bench out=$(BENCH_DIR)/rae.json
+	$(PY) -m ov3common.bench report reports/bench.md $(BENCH_DIR)/encoder.json $(BENCH_DIR)/rae.json
 
 
 

@@ -57,10 +57,18 @@ class BenchConfig:
     vae: bool = True  # section 4
     vae_path: str = ""  # empty: random weights of the architecture `vae_arch`
     vae_arch: str = "flux"  # flux (FLUX.1 VAE) | tiny (tests)
+    vae_effect_path: str = ""  # a trained VAE (e.g. runs/toy/vae): the bf16/channels_last effect on its outputs
+    vae_effect_images: str = "data/toy/images/val"  # ... measured on (the first 8 of) these images
     vae_resolution: int = 256
     vae_batch: int = 1
     vae_rounds: int = 3
     lpips: bool = True
+    rfid: bool = False  # section 5: the rFID pipeline (eval.rfid.run_rfid) images/s
+    rfid_encoder: str = "runs/toy/encoder/export"  # an encoder export; missing: a random tiny export (timing only)
+    rfid_images: str = "data/toy/images/val"
+    rfid_max_images: int = 1000
+    rfid_batch: int = 16
+    rfid_weights: str = "weights/inception_fid/inception-2015-12-05-fidhelper.pth"
     out: str = "runs/bench/encoder.json"
 
 
@@ -228,6 +236,20 @@ def frozen_vae(cfg: BenchConfig, device: torch.device) -> dict:
 
     t_enc = interleaved({k: enc(v) for k, v in variants.items()}, cfg.vae_rounds, 1, device)
     t_dec = interleaved({k: dec_bwd(v) for k, v in variants.items()}, cfg.vae_rounds, 1, device)
+    effect_on = (f"{res['vae']} on a random image" + ("" if cfg.vae_path else
+                 " (random weights: not representative of a trained VAE)"))
+    if cfg.vae_effect_path:  # the effect on outputs, measured on a trained VAE and real images
+        from ov3common.images import center_crop_resize, decode_image, to_tensor_pm1
+
+        files = sorted(p for p in Path(cfg.vae_effect_images).iterdir() if p.suffix.lower() in (".png", ".jpg"))[:8]
+        img = torch.stack([to_tensor_pm1(center_crop_resize(decode_image(p.read_bytes(), min_side=1), 64))
+                           for p in files]).to(device)
+        variants = {k: load_frozen_vae(cfg.vae_effect_path, precision=k[:4], channels_last=k.endswith("_cl")).to(device)
+                    for k in variants}
+        lat_ref = variants["fp32"].encode(img)
+        with torch.no_grad():
+            img_ref = variants["fp32"].decode(lat_ref)
+        effect_on = f"trained VAE {cfg.vae_effect_path} on {len(files)} images of {cfg.vae_effect_images} (64 px)"
     effect = {}
     for k, v in variants.items():
         lat = v.encode(img)
@@ -241,9 +263,41 @@ def frozen_vae(cfg: BenchConfig, device: torch.device) -> dict:
                             "decode_fwd_bwd_s": {k: statistics.median(v) for k, v in t_dec.items()},
                             "encode_speedup": {k: ratio(t_enc["fp32"], t_enc[k]) for k in variants},
                             "decode_speedup": {k: ratio(t_dec["fp32"], t_dec[k]) for k in variants},
-                            "effect_vs_fp32": effect,
-                            "weights": "trained" if cfg.vae_path else "random (effect not representative)"}
+                            "effect_vs_fp32": effect, "effect_measured_on": effect_on,
+                            "timed_on": res["vae"]}
     return res
+
+
+def rfid_pipeline(cfg: BenchConfig, device: torch.device) -> dict:
+    """Images/s of eval's rFID pipeline (reconstruct, Inception features, FID, PSNR, SSIM, LPIPS), called through
+    its public ``eval.rfid.run_rfid``; one timed run after a warm-up call on a few images."""
+    import tempfile
+    import time
+
+    import eval.rfid as rfid
+    from encoder.export import write_random_export
+
+    tmp = Path(tempfile.mkdtemp(prefix="ov3_bench_rfid_"))
+    enc = Path(cfg.rfid_encoder)
+    trained = (enc / "config.json").is_file()
+    if not trained:
+        enc = write_random_export(tmp / "export", image_size=64)
+    paths = rfid.select_images(cfg.rfid_images, cfg.rfid_max_images)
+    lp = None
+    try:
+        lp = rfid.LPIPSMetric("alex", "auto", "", str(device))
+    except (FileNotFoundError, RuntimeError, ValueError) as e:  # no LPIPS weights at all: time the rest
+        log.warning("rFID bench without LPIPS: %s", e)
+    kw = dict(weights=cfg.rfid_weights, batch_size=cfg.rfid_batch, lpips=lp, cache_dir=None, device=str(device))
+    rfid.run_rfid(enc, paths[: min(len(paths), 2 * cfg.rfid_batch)], tmp / "warm", **kw)
+    t0 = time.perf_counter()
+    r = rfid.run_rfid(enc, paths, tmp / "run", **kw)
+    secs = time.perf_counter() - t0
+    return {"images": len(paths), "seconds": secs, "images_per_s": len(paths) / secs,
+            "encoder": str(cfg.rfid_encoder) if trained else "random tiny export (timing only)",
+            "image_size": r["image_size"], "lpips": "off" if lp is None else r.get("lpips_note", "on"),
+            "rfid": r["rfid"], "psnr": r["psnr"], "ssim": r["ssim"],
+            "pipeline": f"{rfid.__name__}.run_rfid (eval's pipeline as of this run)"}
 
 
 def _r(d: dict) -> str:
@@ -298,7 +352,15 @@ def markdown(res: dict) -> str:
             lines.append(f"| {k} | {_r(vp['encode_speedup'][k])}× | {_r(vp['decode_speedup'][k])}× | "
                          f"{e['latent_max_abs']:.2e} | {e['latent_rel_rms']:.2e} | {e['decode_max_abs']:.2e} | "
                          f"{e['decode_psnr_db']:.1f} |")
-        lines.append(f"\nVAE weights: {vp['weights']}.")
+        lines.append(f"\nTimes: {vp['timed_on']} at {f['resolution']} px (decode: forward + backward w.r.t. the "
+                     f"latents, as in training). Output differences: {vp['effect_measured_on']}; PSNR with data "
+                     "range 2 (images in [-1, 1]).")
+    if res.get("rfid"):
+        f = res["rfid"]
+        lines += ["", f"**rFID pipeline** (`{f['pipeline']}`: reconstruct + Inception features + FID + PSNR + SSIM + "
+                  f"LPIPS {f['lpips']}): {f['images']} images at {f['image_size']} px in {f['seconds']:.0f} s = "
+                  f"**{f['images_per_s']:.1f} images/s** (encoder: {f['encoder']}; rFID {f['rfid']:.2f}, PSNR "
+                  f"{f['psnr']:.2f}, SSIM {f['ssim']:.4f})."]
     return "\n".join(lines) + "\n"
 
 
@@ -332,6 +394,9 @@ def main(argv: list[str] | None = None) -> dict:
         res["frozen_vae"] = frozen_vae(cfg, dev)
         print(f"frozen VAE: cached latents {res['frozen_vae']['ov3_step']['speedup_cached']['median']:.2f}x; "
               f"bf16 encode {res['frozen_vae']['vae_precision']['encode_speedup']['bf16']['median']:.2f}x", flush=True)
+    if cfg.rfid:
+        res["rfid"] = rfid_pipeline(cfg, dev)
+        print(f"rFID pipeline: {res['rfid']['images']} images, {res['rfid']['images_per_s']:.1f} images/s", flush=True)
     res["machine"]["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
     res["markdown"] = markdown(res)
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)

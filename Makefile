@@ -118,7 +118,7 @@ ablate-encoder: setup ## toy ablations (ABLATE_CFG): tau, und/rec ratio, branch 
 	$(NEED) $@ $(ABLATE_CFG) $(call goal_args,$@)
 	$(PY) -m encoder.ablate base_config=$(ABLATE_CFG) $(call goal_args,$@)
 
-bench-encoder: setup ## ViT step vs timm (ratio), MFU, cached-latent speed-up at 256 px (random weights)
+bench-encoder: setup ## ViT step vs timm (S/2, B/2; fp32, bf16), MFU, compile, frozen VAE -> runs/bench/encoder.json
 	$(PY) -m encoder.bench $(call goal_args,$@)
 
 bench-data: setup ## streaming shards: samples/s vs open_clip's webdataset pipeline, start-up/RSS 10-1,000 shards, resume -> runs/bench_data/bench_data.md
@@ -219,8 +219,19 @@ rae-classacc: setup ## class accuracy of the samples by classifiers trained on t
 	$(NEED) $@ $(RAE_CLASSIFY_CFG) $(call goal_args,$@)
 	$(PY) -m rae_generation.classify --config $(RAE_CLASSIFY_CFG) $(call goal_args,$@)
 
-bench-rae: setup ## DiT-DH step time vs diffusers DiT (ratio) and sampling images/s, from RAE_CFG's run
-	$(PY) -m rae_generation.bench run="$(call cfg_get,$(RAE_CFG),out_dir)" $(call goal_args,$@)
+bench-rae: setup ## DiT-DH step vs RAE's own (RAE_SRC=...), vs diffusers DiT, sampling images/s of RAE_CFG's run
+	$(PY) -m rae_generation.bench run="$(call cfg_get,$(RAE_CFG),out_dir)" diffusers=true compile=false $(call goal_args,$@)
+
+# make bench: every bench, one report. RAE_SRC = the src/ folder of a local bytetriper/RAE checkout (ours vs RAE's
+# DiT-DH; skipped when unset). Toy-world inputs (the toy VAE, its val images) for the VAE-effect and rFID rows.
+BENCH_DIR ?= runs/bench
+RAE_SRC   ?=
+.PHONY: bench
+bench: data toy-vae fid-weights ## every bench in one go -> reports/bench.md (~40 min on 2 idle cores)
+	$(PY) -m encoder.bench rfid=true vae_effect_path="$(call cfg_get,$(TOY_VAE_CFG),out_dir)" \
+		vae_effect_images=$(DATA)/images/val rfid_images=$(DATA)/images/val out=$(BENCH_DIR)/encoder.json $(call goal_args,$@)
+	RAE_SRC=$(RAE_SRC) $(PY) -m rae_generation.bench out=$(BENCH_DIR)/rae.json
+	$(PY) -m ov3common.bench report reports/bench.md $(BENCH_DIR)/encoder.json $(BENCH_DIR)/rae.json
 
 # ---------------------------------------------------------------- eval
 .PHONY: fid-weights eval-all

@@ -1,68 +1,79 @@
-"""Encoder speed report (``make bench-encoder``), one run, three numbers:
+"""Encoder speed report (``make bench-encoder``; part of ``make bench``). One process, interleaved rounds.
 
-1. our ViT training step (forward + backward + fused AdamW) vs timm's ``VisionTransformer`` of identical width,
-   depth, heads, tokens and batch → ratio ours/timm (target ≤ 1.05);
-2. that step's achieved FLOP/s (torch's flop counter) vs this machine's measured matmul peak → MFU;
-3. the full OV3 training step (ViT + both branches, the VAE decoder forward + backward of the pixel/LPIPS losses
-   included) with on-the-fly VAE encoding vs cached latents at 256 px → speed-up.
+1. **ours vs timm.** One training step (forward, loss, backward, AdamW, zero_grad) of our ``LatentViT`` and of
+   timm's ``VisionTransformer`` at identical width, depth, heads, MLP ratio, tokens (latent ``resolution/8``,
+   patch 2) and batch, per size and precision (fp32; bf16 autocast). Three contenders share the rounds: ours
+   (``ov3common.optim.build_adamw``: fused AdamW), timm with the optimizer its users get
+   (``timm.optim.create_optimizer_v2(model, "adamw")``: torch's default AdamW, the per-tensor loop on a CPU) and
+   timm with our fused AdamW (the model alone). FLOPs of both steps are counted (equal work: ratio ≈ 1).
+2. **MFU.** FLOPs of our step (torch's FlopCounterMode) per second over the measured matmul peak
+   (``ov3common.log.measure_matmul_peak``: best square matmul over a size sweep), the peak probed inside the
+   same interleaved rounds as the step.
+3. **torch.compile.** Eager vs compiled (``nn.Module.compile``, inductor) step of ours and of timm, and compiled
+   ours vs compiled timm; compile time is the first call.
+4. **Frozen VAE.** The OV3 step at 256 px with the VAE encoding on the fly vs cached latents; and the VAE encode /
+   decode in bf16 autocast and channels_last vs fp32: time and the effect on outputs (max abs difference and
+   PSNR against fp32), on the trained toy VAE when ``vae_path`` names one, else on the FLUX.1 architecture with
+   random weights (timing only).
 
-The VAE is the FLUX.1 architecture with random weights unless ``vae_path`` names a local one (timing does not depend
-on the weights); LPIPS uses a random backbone when no local weights exist (same cost). CPU numbers on a shared
-machine are inflated by contention.
+The VAE is the FLUX.1 architecture with random weights unless ``vae_path`` names a local one (timing does not
+depend on the weights); LPIPS uses a random backbone when no local weights exist (same cost).
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
+import math
+import os
+import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from encoder.models import LatentViT, vit_config
+from ov3common.bench import interleaved, machine, ratio
 from ov3common.checkpoint import atomic_write_json
 from ov3common.config import parse_cli
 from ov3common.log import count_flops, get_logger, measure_matmul_peak
 from ov3common.optim import build_adamw
 
+log = get_logger("encoder.bench")
+
 
 @dataclass
 class BenchConfig:
-    size: str = "S/2"  # GPU: B/2
-    resolution: int = 128  # image px for the ViT comparison (latent = /8, tokens = (/16)^2)
+    sizes: list[str] = field(default_factory=lambda: ["S/2", "B/2"])
+    precisions: list[str] = field(default_factory=lambda: ["fp32", "bf16"])
+    resolution: int = 128  # image px: latent resolution/8, tokens (resolution/16)^2
     batch: int = 8
+    rounds: int = 7
     warmup: int = 2
-    iters: int = 5
-    bf16: bool = False
+    timm_optimizer: bool = True  # also time timm with timm's own optimizer factory (what its users get)
+    mfu_size: str = "B/2"  # MFU of this size's step (fp32 and bf16), peak probed in the same rounds
+    compile_sizes: list[str] = field(default_factory=lambda: ["S/2"])  # [] = no compile section
+    compile_rounds: int = 5
     device: str = "auto"
-    threads: int = 0
-    vae_path: str = ""  # empty: FLUX.1 architecture, random weights
+    threads: int = 0  # 0 = torch's default (all cores)
+    vae: bool = True  # section 4
+    vae_path: str = ""  # empty: random weights of the architecture `vae_arch`
+    vae_arch: str = "flux"  # flux (FLUX.1 VAE) | tiny (tests)
+    vae_effect_path: str = ""  # a trained VAE (e.g. runs/toy/vae): the bf16/channels_last effect on its outputs
+    vae_effect_images: str = "data/toy/images/val"  # ... measured on (the first 8 of) these images
     vae_resolution: int = 256
     vae_batch: int = 1
-    vae_iters: int = 1
+    vae_rounds: int = 3
     lpips: bool = True
-    out: str = "runs/toy/bench_encoder.json"
+    rfid: bool = False  # section 5: the rFID pipeline (eval.rfid.run_rfid) images/s
+    rfid_encoder: str = "runs/toy/encoder/export"  # an encoder export; missing: a random tiny export (timing only)
+    rfid_images: str = "data/toy/images/val"
+    rfid_max_images: int = 1000
+    rfid_batch: int = 16
+    rfid_weights: str = "weights/inception_fid/inception-2015-12-05-fidhelper.pth"
+    out: str = "runs/bench/encoder.json"
 
 
-def timed(fn, warmup: int, iters: int, device: torch.device) -> float:
-    """Median seconds per call."""
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    for _ in range(warmup):
-        fn()
-    sync()
-    ts = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        sync()
-        ts.append(time.perf_counter() - t)
-    return sorted(ts)[len(ts) // 2]
-
-
-def make_step(model: torch.nn.Module, forward, bf16: bool, device: torch.device):
-    opt = build_adamw(model, 1e-4, weight_decay=0.1)
+def make_step(model: torch.nn.Module, forward, bf16: bool, device: torch.device, opt=None):
+    opt = opt if opt is not None else build_adamw(model, 1e-4, weight_decay=0.1)
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -73,17 +84,25 @@ def make_step(model: torch.nn.Module, forward, bf16: bool, device: torch.device)
     return step
 
 
-def vit_vs_timm(cfg: BenchConfig, device: torch.device) -> dict:
+def timm_vit(vcfg, lat_side: int, device: torch.device) -> torch.nn.Module:
+    """timm's ViT at our shape: patch 2 on 16-channel latents, no class token, mean pool → LayerNorm → Linear."""
     import timm.models.vision_transformer as tv
 
-    vcfg = vit_config(cfg.size)
+    return tv.VisionTransformer(img_size=lat_side, patch_size=vcfg.patch_size, in_chans=vcfg.in_channels,
+                                num_classes=vcfg.embed_dim, global_pool="avg", embed_dim=vcfg.width,
+                                depth=vcfg.depth, num_heads=vcfg.heads, mlp_ratio=vcfg.mlp_ratio, class_token=False,
+                                fc_norm=True).to(device)
+
+
+def contenders(size: str, cfg: BenchConfig, device: torch.device, bf16: bool, compiled: bool = False):
+    """(ours, timm) models and loss closures on one random latent batch (the losses touch every output)."""
+    vcfg = vit_config(size)
     lat_side = cfg.resolution // 8
     x = torch.randn(cfg.batch, vcfg.in_channels, lat_side, lat_side, device=device)
-    ours = LatentViT(vcfg).to(device)
-    ref = tv.VisionTransformer(img_size=lat_side, patch_size=vcfg.patch_size, in_chans=vcfg.in_channels,
-                               num_classes=vcfg.embed_dim, global_pool="avg", embed_dim=vcfg.width, depth=vcfg.depth,
-                               num_heads=vcfg.heads, mlp_ratio=vcfg.mlp_ratio, class_token=False,
-                               fc_norm=True).to(device)
+    ours, ref = LatentViT(vcfg).to(device), timm_vit(vcfg, lat_side, device)
+    if compiled:
+        ours.compile()
+        ref.compile()
 
     def f_ours():
         tok, pooled = ours(x)
@@ -93,71 +112,293 @@ def vit_vs_timm(cfg: BenchConfig, device: torch.device) -> dict:
         feats = ref.forward_features(x)
         return feats.float().square().mean() + ref.forward_head(feats).float().square().mean()
 
-    s_ours = make_step(ours, f_ours, cfg.bf16, device)
-    s_ref = make_step(ref, f_ref, cfg.bf16, device)
-    t_ref = timed(s_ref, cfg.warmup, cfg.iters, device)
-    t_ours = timed(s_ours, cfg.warmup, cfg.iters, device)
-    t_ref = min(t_ref, timed(s_ref, 0, cfg.iters, device))  # interleave to share any drift of a busy machine
-    flops = count_flops(s_ours)
-    peak = measure_matmul_peak(torch.bfloat16 if cfg.bf16 else torch.float32, device)
-    return {"size": cfg.size, "tokens": (lat_side // vcfg.patch_size) ** 2, "batch": cfg.batch,
-            "params_ours": sum(p.numel() for p in ours.parameters()),
-            "params_timm": sum(p.numel() for p in ref.parameters()),
-            "step_s_ours": t_ours, "step_s_timm": t_ref, "ratio_ours_over_timm": t_ours / t_ref,
-            "flops_per_step": flops, "achieved_flops": flops / t_ours, "matmul_peak_flops": peak,
-            "mfu": flops / t_ours / peak}
+    return vcfg, ours, ref, f_ours, f_ref
 
 
-def cached_vs_on_the_fly(cfg: BenchConfig, device: torch.device) -> dict:
+def vs_timm(size: str, precision: str, cfg: BenchConfig, device: torch.device, peak_probe: bool) -> dict:
+    import timm.optim
+
+    bf16 = precision == "bf16"
+    vcfg, ours, ref, f_ours, f_ref = contenders(size, cfg, device, bf16)
+    steps = {"ours": make_step(ours, f_ours, bf16, device)}
+    if cfg.timm_optimizer:
+        ref_opt = timm.optim.create_optimizer_v2(ref, "adamw", lr=1e-4, weight_decay=0.1)
+        steps["timm"] = make_step(ref, f_ref, bf16, device, ref_opt)
+    steps["timm_fused"] = make_step(ref, f_ref, bf16, device)
+    flops = count_flops(steps["ours"])
+    flops_ref = count_flops(steps["timm_fused"])
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    rates: list[float] = []
+    if peak_probe:  # the matmul peak inside the same rounds (same load, same clocks)
+        steps["peak"] = lambda: rates.append(measure_matmul_peak(dtype, device, seconds=0.5))
+    t = interleaved(steps, cfg.rounds, cfg.warmup, device)
+    grid = cfg.resolution // 8 // vcfg.patch_size
+    out = {"size": size, "precision": precision, "tokens": grid**2, "grid": grid, "batch": cfg.batch, "width": vcfg.width, "depth": vcfg.depth, "heads": vcfg.heads,
+           "params_ours": sum(p.numel() for p in ours.parameters()),
+           "params_timm": sum(p.numel() for p in ref.parameters()),
+           "flops_per_step": flops, "flops_ratio_ours_over_timm": flops / flops_ref,
+           "step_s": {k: statistics.median(v) for k, v in t.items() if k != "peak"},
+           "ours_over_timm_fused": ratio(t["ours"], t["timm_fused"])}
+    if "timm" in t:
+        out["ours_over_timm"] = ratio(t["ours"], t["timm"])
+    if peak_probe:
+        peak = statistics.median(rates)
+        out.update(matmul_peak_flops=peak, achieved_flops=flops / out["step_s"]["ours"],
+                   mfu=flops / out["step_s"]["ours"] / peak,
+                   mfu_rounds=[flops / s / p for s, p in zip(t["ours"], rates)])
+    return out
+
+
+def compile_speedups(size: str, precision: str, cfg: BenchConfig, device: torch.device) -> dict:
+    import time
+
+    bf16 = precision == "bf16"
+    _, ours, ref, f_ours, f_ref = contenders(size, cfg, device, bf16)
+    _, c_ours, c_ref, fc_ours, fc_ref = contenders(size, cfg, device, bf16, compiled=True)
+    steps = {"ours": make_step(ours, f_ours, bf16, device), "timm": make_step(ref, f_ref, bf16, device),
+             "ours_compiled": make_step(c_ours, fc_ours, bf16, device),
+             "timm_compiled": make_step(c_ref, fc_ref, bf16, device)}
+    first = {}
+    for k in ("ours_compiled", "timm_compiled"):
+        t0 = time.perf_counter()
+        steps[k]()
+        first[k] = time.perf_counter() - t0
+    t = interleaved(steps, cfg.compile_rounds, 1, device)
+    return {"size": size, "precision": precision, "compile_s": first,
+            "step_s": {k: statistics.median(v) for k, v in t.items()},
+            "speedup_ours": ratio(t["ours"], t["ours_compiled"]), "speedup_timm": ratio(t["timm"], t["timm_compiled"]),
+            "compiled_ours_over_compiled_timm": ratio(t["ours_compiled"], t["timm_compiled"])}
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR of ``b`` against ``a``, images in [-1, 1] (data range 2)."""
+    mse = (a.float().clamp(-1, 1) - b.float().clamp(-1, 1)).square().mean().item()
+    return math.inf if mse == 0 else 10 * math.log10(4.0 / mse)
+
+
+def frozen_vae(cfg: BenchConfig, device: torch.device) -> dict:
     from encoder.losses import LPIPSLoss, find_lpips_backbone
     from encoder.ov3 import LossConfig, ModelConfig, OV3Model
-    from encoder.vae import FLUX_VAE_CONFIG, FrozenVAE, build_random_vae, load_frozen_vae
+    from encoder.vae import FLUX_VAE_CONFIG, FrozenVAE, build_random_vae, load_frozen_vae, tiny_vae_config
 
-    vae = load_frozen_vae(cfg.vae_path) if cfg.vae_path else FrozenVAE(build_random_vae(FLUX_VAE_CONFIG))
-    vae = vae.to(device)
+    arch = {"flux": FLUX_VAE_CONFIG, "tiny": tiny_vae_config()}[cfg.vae_arch]
+
+    def build(precision="fp32", channels_last=False):
+        vae = (load_frozen_vae(cfg.vae_path, precision=precision, channels_last=channels_last) if cfg.vae_path
+               else FrozenVAE(build_random_vae(arch), precision=precision, channels_last=channels_last))
+        return vae.to(device)
+
+    vae = build()
+    b, r = cfg.vae_batch, cfg.vae_resolution
+    torch.manual_seed(0)
+    img = torch.rand(b, 3, r, r, device=device) * 2 - 1
+    res: dict = {"resolution": r, "batch": b, "vae": cfg.vae_path or f"{cfg.vae_arch} architecture (random weights)"}
+    # (a) cached latents vs on-the-fly encoding in the full OV3 step
     lp = None
     if cfg.lpips:
-        real = find_lpips_backbone("vgg") is not None
-        lp = LPIPSLoss("vgg", "pretrained" if real else "random").to(device)
-    mc = ModelConfig(size=cfg.size, text_width=256, text_depth=2, text_heads=4, text_decoder_width=256,
+        lp = LPIPSLoss("vgg", "pretrained" if find_lpips_backbone("vgg") is not None else "random").to(device)
+    mc = ModelConfig(size=cfg.sizes[0], text_width=256, text_depth=2, text_heads=4, text_decoder_width=256,
                      text_decoder_depth=2, text_decoder_heads=4)
-    lc = LossConfig(w_lpips=1.0 if cfg.lpips else 0.0)
-    model = OV3Model(mc, lc, vocab_size=1000, pad_id=0, max_text_len=32, vae=vae, lpips=lp).to(device)
-    b, r = cfg.vae_batch, cfg.vae_resolution
+    model = OV3Model(mc, LossConfig(w_lpips=1.0 if lp else 0.0), vocab_size=1000, pad_id=0, max_text_len=32,
+                     vae=vae, lpips=lp).to(device)
     ids = torch.randint(3, 1000, (b, 24), device=device)
-    img = torch.rand(b, 3, r, r, device=device) * 2 - 1
     batch = {"image": img, "alt": ids, "sent": ids, "recap": ids, "index": torch.arange(b)}
     n = torch.tensor(float(b))
     cached = {**batch, "latent": vae.encode(img)}
-    s_fly = make_step(model, lambda: model(batch, 0, n, n * 23)["loss"], cfg.bf16, device)
-    s_cache = make_step(model, lambda: model(cached, 0, n, n * 23)["loss"], cfg.bf16, device)
-    t_fly = timed(s_fly, 1, cfg.vae_iters, device)
-    t_cache = timed(s_cache, 1, cfg.vae_iters, device)
-    return {"resolution": r, "batch": b, "vae": cfg.vae_path or "FLUX.1 architecture (random weights)",
-            "lpips": (lp is not None) and ("real" if lp.real else "random backbone (timing only)"),
-            "step_s_on_the_fly": t_fly, "step_s_cached": t_cache, "speedup_cached": t_fly / t_cache}
+    opt = build_adamw(model, 1e-4)
+
+    def ov3_step(bt):
+        def step():
+            model(bt, 0, n, n * 23)["loss"].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    t = interleaved({"on_the_fly": ov3_step(batch), "cached": ov3_step(cached)}, cfg.vae_rounds, 1, device)
+    res["ov3_step"] = {"model": f"{cfg.sizes[0]} encoder + decoder, 2-layer text towers",
+                       "lpips": "off" if lp is None else ("real" if lp.real else "random backbone (timing only)"),
+                       "step_s": {k: statistics.median(v) for k, v in t.items()},
+                       "speedup_cached": ratio(t["on_the_fly"], t["cached"])}
+    # (b) the VAE itself: fp32 vs bf16 vs channels_last, encode and decode (forward; decode + backward as in training)
+    variants = {"fp32": vae, "fp32_cl": build("fp32", True), "bf16": build("bf16"), "bf16_cl": build("bf16", True)}
+    lat_ref = vae.encode(img)
+    z = lat_ref.clone().requires_grad_(True)
+    with torch.no_grad():
+        img_ref = vae.decode(lat_ref)
+
+    def enc(v):
+        return lambda: v.encode(img)
+
+    def dec_bwd(v):
+        def f():
+            v.decode(z).float().abs().mean().backward()
+        return f
+
+    t_enc = interleaved({k: enc(v) for k, v in variants.items()}, cfg.vae_rounds, 1, device)
+    t_dec = interleaved({k: dec_bwd(v) for k, v in variants.items()}, cfg.vae_rounds, 1, device)
+    effect_on = (f"{res['vae']} on a random image" + ("" if cfg.vae_path else
+                 " (random weights: not representative of a trained VAE)"))
+    if cfg.vae_effect_path:  # the effect on outputs, measured on a trained VAE and real images
+        from ov3common.images import center_crop_resize, decode_image, to_tensor_pm1
+
+        files = sorted(p for p in Path(cfg.vae_effect_images).iterdir() if p.suffix.lower() in (".png", ".jpg"))[:8]
+        img = torch.stack([to_tensor_pm1(center_crop_resize(decode_image(p.read_bytes(), min_side=1), 64))
+                           for p in files]).to(device)
+        variants = {k: load_frozen_vae(cfg.vae_effect_path, precision=k[:4], channels_last=k.endswith("_cl")).to(device)
+                    for k in variants}
+        lat_ref = variants["fp32"].encode(img)
+        with torch.no_grad():
+            img_ref = variants["fp32"].decode(lat_ref)
+        effect_on = f"trained VAE {cfg.vae_effect_path} on {len(files)} images of {cfg.vae_effect_images} (64 px)"
+    effect = {}
+    for k, v in variants.items():
+        lat = v.encode(img)
+        with torch.no_grad():
+            rec = v.decode(lat_ref)
+        effect[k] = {"latent_max_abs": (lat - lat_ref).abs().max().item(),
+                     "latent_rel_rms": ((lat - lat_ref).square().mean() / lat_ref.square().mean()).sqrt().item(),
+                     "decode_max_abs": (rec.float() - img_ref.float()).abs().max().item(),
+                     "decode_psnr_db": _psnr(img_ref, rec)}
+    res["vae_precision"] = {"encode_s": {k: statistics.median(v) for k, v in t_enc.items()},
+                            "decode_fwd_bwd_s": {k: statistics.median(v) for k, v in t_dec.items()},
+                            "encode_speedup": {k: ratio(t_enc["fp32"], t_enc[k]) for k in variants},
+                            "decode_speedup": {k: ratio(t_dec["fp32"], t_dec[k]) for k in variants},
+                            "effect_vs_fp32": effect, "effect_measured_on": effect_on,
+                            "timed_on": res["vae"]}
+    return res
+
+
+def rfid_pipeline(cfg: BenchConfig, device: torch.device) -> dict:
+    """Images/s of eval's rFID pipeline (reconstruct, Inception features, FID, PSNR, SSIM, LPIPS), called through
+    its public ``eval.rfid.run_rfid``; one timed run after a warm-up call on a few images."""
+    import tempfile
+    import time
+
+    import eval.rfid as rfid
+    from encoder.export import write_random_export
+
+    tmp = Path(tempfile.mkdtemp(prefix="ov3_bench_rfid_"))
+    enc = Path(cfg.rfid_encoder)
+    trained = (enc / "config.json").is_file()
+    if not trained:
+        enc = write_random_export(tmp / "export", image_size=64)
+    paths = rfid.select_images(cfg.rfid_images, cfg.rfid_max_images)
+    lp = None
+    try:
+        lp = rfid.LPIPSMetric("alex", "auto", "", str(device))
+    except (FileNotFoundError, RuntimeError, ValueError) as e:  # no LPIPS weights at all: time the rest
+        log.warning("rFID bench without LPIPS: %s", e)
+    kw = dict(weights=cfg.rfid_weights, batch_size=cfg.rfid_batch, lpips=lp, cache_dir=None, device=str(device))
+    rfid.run_rfid(enc, paths[: min(len(paths), 2 * cfg.rfid_batch)], tmp / "warm", **kw)
+    t0 = time.perf_counter()
+    r = rfid.run_rfid(enc, paths, tmp / "run", **kw)
+    secs = time.perf_counter() - t0
+    return {"images": len(paths), "seconds": secs, "images_per_s": len(paths) / secs,
+            "encoder": str(cfg.rfid_encoder) if trained else "random tiny export (timing only)",
+            "image_size": r["image_size"], "lpips": "off" if lp is None else r.get("lpips_note", "on"),
+            "rfid": r["rfid"], "psnr": r["psnr"], "ssim": r["ssim"],
+            "pipeline": f"{rfid.__name__}.run_rfid (eval's pipeline as of this run)"}
+
+
+def _r(d: dict) -> str:
+    return f"{d['median']:.3f} [{d['min']:.2f}–{d['max']:.2f}]"
+
+
+def markdown(res: dict) -> str:
+    m = res["machine"]
+    lines = ["## Encoder (`python -m encoder.bench`)", "",
+             f"Training step = forward + loss + backward + AdamW + zero_grad; batch {res['config']['batch']}, "
+             f"{res['config']['resolution']} px images = {res['config']['resolution'] // 8}² 16-channel latents, "
+             f"patch 2. {m['device']} ({m['device_name']}), {m['threads']} threads. `timm` = timm's "
+             "`VisionTransformer` with `timm.optim.create_optimizer_v2(model, 'adamw')` (what a timm user runs); "
+             "`timm+fused` = the same model with our fused AdamW (the models alone).", "",
+             "| size | precision | tokens | FLOP ratio ours/timm | ours ms | timm ms | timm+fused ms | "
+             "**ours/timm** | ours/timm+fused |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for v in res["vs_timm"]:
+        s = v["step_s"]
+        lines.append(f"| {v['size']} | {v['precision']} | {v['tokens']} | {v['flops_ratio_ours_over_timm']:.3f} | "
+                     f"{s['ours'] * 1e3:.0f} | {s.get('timm', math.nan) * 1e3:.0f} | {s['timm_fused'] * 1e3:.0f} | "
+                     f"**{_r(v['ours_over_timm']) if 'ours_over_timm' in v else 'n/a'}** | "
+                     f"{_r(v['ours_over_timm_fused'])} |")
+    mfu = [v for v in res["vs_timm"] if "mfu" in v]
+    if mfu:
+        lines += ["", "**MFU** (matmul FLOPs of the step per second / the best square-matmul FLOP/s of a size "
+                  "sweep, probed inside the same rounds):", "",
+                  "| size | precision | GFLOP/step | achieved GFLOP/s | peak GFLOP/s | **MFU** [range] |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for v in mfu:
+            lines.append(f"| {v['size']} | {v['precision']} | {v['flops_per_step'] / 1e9:.1f} | "
+                         f"{v['achieved_flops'] / 1e9:.1f} | {v['matmul_peak_flops'] / 1e9:.1f} | **{v['mfu']:.2f}** "
+                         f"[{min(v['mfu_rounds']):.2f}–{max(v['mfu_rounds']):.2f}] |")
+    if res.get("compile"):
+        lines += ["", "**torch.compile** (inductor; `nn.Module.compile()` on the model, the optimizer eager):", "",
+                  "| size | precision | compile s (ours / timm) | speed-up ours | speed-up timm | "
+                  "compiled ours / compiled timm |", "| --- | --- | --- | --- | --- | --- |"]
+        for c in res["compile"]:
+            lines.append(f"| {c['size']} | {c['precision']} | {c['compile_s']['ours_compiled']:.0f} / "
+                         f"{c['compile_s']['timm_compiled']:.0f} | {_r(c['speedup_ours'])}× | "
+                         f"{_r(c['speedup_timm'])}× | {_r(c['compiled_ours_over_compiled_timm'])} |")
+    if res.get("frozen_vae"):
+        f = res["frozen_vae"]
+        o = f["ov3_step"]
+        lines += ["", f"**Frozen VAE** ({f['vae']}, {f['resolution']} px, batch {f['batch']}). OV3 training step "
+                  f"({o['model']}, VAE decoder fwd+bwd, LPIPS {o['lpips']}): on-the-fly encoding "
+                  f"{o['step_s']['on_the_fly']:.2f} s, cached latents {o['step_s']['cached']:.2f} s → "
+                  f"**{_r(o['speedup_cached'])}×** with the cache (the default at real scale).", "",
+                  "| VAE variant | encode speed-up | decode fwd+bwd speed-up | latent max abs diff | latent rel. RMS "
+                  "diff | decode max abs diff | decode PSNR vs fp32 (dB) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        vp = f["vae_precision"]
+        for k, e in vp["effect_vs_fp32"].items():
+            lines.append(f"| {k} | {_r(vp['encode_speedup'][k])}× | {_r(vp['decode_speedup'][k])}× | "
+                         f"{e['latent_max_abs']:.2e} | {e['latent_rel_rms']:.2e} | {e['decode_max_abs']:.2e} | "
+                         f"{e['decode_psnr_db']:.1f} |")
+        lines.append(f"\nTimes: {vp['timed_on']} at {f['resolution']} px (decode: forward + backward w.r.t. the "
+                     f"latents, as in training). Output differences: {vp['effect_measured_on']}; PSNR with data "
+                     "range 2 (images in [-1, 1]).")
+    if res.get("rfid"):
+        f = res["rfid"]
+        lines += ["", f"**rFID pipeline** (`{f['pipeline']}`: reconstruct + Inception features + FID + PSNR + SSIM + "
+                  f"LPIPS {f['lpips']}): {f['images']} images at {f['image_size']} px in {f['seconds']:.0f} s = "
+                  f"**{f['images_per_s']:.1f} images/s** (encoder: {f['encoder']}; rFID {f['rfid']:.2f}, PSNR "
+                  f"{f['psnr']:.2f}, SSIM {f['ssim']:.4f})."]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_cli(BenchConfig, argv)
-    log = get_logger("encoder.bench")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     torch.manual_seed(0)
-    res = {"device": str(dev), "threads": torch.get_num_threads(), "bf16": cfg.bf16,
-           "vit": vit_vs_timm(cfg, dev)}
-    v = res["vit"]
-    print(f"[1] ViT {cfg.size}, {v['tokens']} tokens x batch {v['batch']}: ours {v['step_s_ours'] * 1e3:.1f} ms, "
-          f"timm {v['step_s_timm'] * 1e3:.1f} ms per training step -> ratio ours/timm {v['ratio_ours_over_timm']:.3f}"
-          f" (target <= 1.05)")
-    print(f"[2] {v['achieved_flops'] / 1e9:.1f} GFLOP/s achieved vs {v['matmul_peak_flops'] / 1e9:.1f} GFLOP/s "
-          f"measured matmul peak -> MFU {v['mfu']:.1%}")
-    res["latent_cache"] = cached_vs_on_the_fly(cfg, dev)
-    c = res["latent_cache"]
-    print(f"[3] OV3 step at {c['resolution']} px x batch {c['batch']} (VAE decoder fwd+bwd, LPIPS {c['lpips']}): "
-          f"on-the-fly VAE {c['step_s_on_the_fly']:.2f} s, cached latents {c['step_s_cached']:.2f} s -> "
-          f"speed-up {c['speedup_cached']:.2f}x")
+    res: dict = {"machine": machine(dev), "config": {"batch": cfg.batch, "resolution": cfg.resolution},
+                 "command": "python -m encoder.bench", "vs_timm": [], "compile": []}
+    for size in cfg.sizes:
+        for prec in cfg.precisions:
+            v = vs_timm(size, prec, cfg, dev, peak_probe=size == cfg.mfu_size)
+            res["vs_timm"].append(v)
+            msg = (f"{size} {prec}: ours {v['step_s']['ours'] * 1e3:.0f} ms, timm+fused "
+                   f"{v['step_s']['timm_fused'] * 1e3:.0f} ms -> ours/timm+fused {v['ours_over_timm_fused']['median']:.3f}")
+            if "ours_over_timm" in v:
+                msg += f", timm {v['step_s']['timm'] * 1e3:.0f} ms -> ours/timm {v['ours_over_timm']['median']:.3f}"
+            if "mfu" in v:
+                msg += f"; MFU {v['mfu']:.2f} of {v['matmul_peak_flops'] / 1e9:.0f} GFLOP/s"
+            print(msg, flush=True)
+    for size in cfg.compile_sizes:
+        for prec in cfg.precisions:
+            c = compile_speedups(size, prec, cfg, dev)
+            res["compile"].append(c)
+            print(f"compile {size} {prec}: speed-up ours {c['speedup_ours']['median']:.2f}x, timm "
+                  f"{c['speedup_timm']['median']:.2f}x, compiled ours/timm "
+                  f"{c['compiled_ours_over_compiled_timm']['median']:.3f}", flush=True)
+    if cfg.vae:
+        res["frozen_vae"] = frozen_vae(cfg, dev)
+        print(f"frozen VAE: cached latents {res['frozen_vae']['ov3_step']['speedup_cached']['median']:.2f}x; "
+              f"bf16 encode {res['frozen_vae']['vae_precision']['encode_speedup']['bf16']['median']:.2f}x", flush=True)
+    if cfg.rfid:
+        res["rfid"] = rfid_pipeline(cfg, dev)
+        print(f"rFID pipeline: {res['rfid']['images']} images, {res['rfid']['images_per_s']:.1f} images/s", flush=True)
+    res["machine"]["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
+    res["markdown"] = markdown(res)
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(cfg.out, res)
     log.info("wrote %s", cfg.out)

@@ -12,9 +12,10 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from ov3common.attention import attention
 
 # ----------------------------------------------------------------------------- size registry
 VIT_SIZES: dict[str, dict] = {
@@ -145,7 +146,7 @@ def make_act(name: str) -> nn.Module:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection and SDPA."""
+    """Multi-head self-attention: one fused qkv projection, :func:`ov3common.attention.attention` (SDPA)."""
 
     def __init__(self, dim: int, heads: int, qkv_bias: bool = True):
         super().__init__()
@@ -158,7 +159,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        x = attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
 
 

@@ -48,6 +48,8 @@ class VAEConfig:
     scaling_factor: float = 0.0  # 0: the VAE config's value (FLUX.1: 0.3611)
     shift_factor: float = 0.0  # OV3 applies no shift
     random_tiny: bool = False  # tests only: a random tiny VAE, `path` ignored
+    precision: str = "fp32"  # fp32 | bf16: encode/decode under bf16 autocast (effect measured by encoder.bench)
+    channels_last: bool = False  # NHWC weights/inputs for the VAE convolutions
 
 
 @dataclass
@@ -77,6 +79,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     precision: str = choice_field("fp32", ("fp32", "bf16"))  # bf16: autocast, fp32 master weights
+    compile: bool = False  # torch.compile (inductor) the ViT, ViT decoder and text towers (CPU and GPU)
     strategy: str = choice_field("ddp", ("ddp", "fsdp2", "none"))
     device: str = "auto"
     threads: int = 0  # torch intra-op threads (0: leave as is)
@@ -107,10 +110,12 @@ class Config:
 
 def build_vae(vc: VAEConfig, device) -> FrozenVAE:
     if vc.random_tiny:
-        return FrozenVAE(build_random_vae(tiny_vae_config()), scaling_factor=vc.scaling_factor or 1.0).to(device)
+        return FrozenVAE(build_random_vae(tiny_vae_config()), scaling_factor=vc.scaling_factor or 1.0,
+                         precision=vc.precision, channels_last=vc.channels_last).to(device)
     if not vc.path:
         raise FileNotFoundError("vae.path: empty (set a local VAE folder/file, or `make toy-vae`)")
-    return load_frozen_vae(vc.path, vc.config or None, vc.scaling_factor or None, vc.shift_factor).to(device)
+    return load_frozen_vae(vc.path, vc.config or None, vc.scaling_factor or None, vc.shift_factor, vc.precision,
+                           vc.channels_last).to(device)
 
 
 def val_batches(cfg: Config, tokenize: Tokenize, resolution: int) -> list[dict]:
@@ -217,6 +222,9 @@ def train(cfg: Config) -> dict:
     model = OV3Model(cfg.model, cfg.loss, tokenize.vocab_size, tokenize.pad, cfg.data.max_text_len, vae, lpips,
                      seed=cfg.seed).to(info.device)
     wrapped = wrap_model(model, tr.strategy, info)
+    if tr.compile:  # in place: parameter names, checkpoints and the DDP/FSDP2 wrapping are unchanged
+        for part in (model.vit, model.decoder, model.text_encoder, model.text_decoder):
+            part.compile()
     opt = build_adamw(model, tr.lr, (tr.beta1, tr.beta2), tr.weight_decay)
     total = sum(s.steps for s in tr.stages)
     sched = build_schedule(opt, tr)

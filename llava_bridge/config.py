@@ -63,6 +63,7 @@ class TrainConfig:
     precision: str = choice_field("fp32", ("fp32", "bf16"))  # bf16: HF Trainer bf16 mixed precision
     tf32: bool = False
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the model (HF TrainingArguments.torch_compile; inductor on CPU and GPU)
     deepspeed: str = ""  # a DeepSpeed JSON (configs/llava/zero{2,3}.json); "" = plain DDP / single process
     ckpt_every: int = 0  # HF save_steps; 0 = only the final save
     keep_last: int = 2  # HF save_total_limit
@@ -162,6 +163,8 @@ def training_arguments(cfg, use_cpu: bool):
     )
     if t.tf32 and not use_cpu:  # a CUDA matmul setting (HF refuses it without an Ampere GPU)
         kw["tf32"] = True
+    if t.compile:
+        kw["torch_compile"] = True
     if t.gradient_checkpointing:
         kw["activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
            else "gradient_checkpointing"] = True

@@ -84,6 +84,7 @@ class TrainConfig:
     ema_decay: float = 0.9995
     ema_warmup: bool = False  # decay min(ema_decay, (1 + step) / (10 + step)) early on
     precision: str = choice_field("fp32", ("fp32", "bf16"))  # bf16: autocast, fp32 master weights
+    compile: bool = False  # torch.compile (inductor) the DiT-DH (CPU and GPU)
     log_every: int = 20
     tensorboard: bool = False  # also write the metrics as TensorBoard scalars to <out_dir>/tb
     ckpt_every: int = 500

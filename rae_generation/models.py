@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ov3common.attention import attention
+
 __all__ = ["DIT_SIZES", "DiTDHConfig", "DiTDH", "dit_config", "build_model", "count_params"]
 
 _HEAD_XL = dict(head_width=2048, head_depth=2, head_heads=16)
@@ -110,10 +112,16 @@ def rope_2d(grid: int, head_dim: int, theta: float = 10000.0) -> Tensor:
     return torch.stack([ang.cos(), ang.sin()], dim=-1).float()
 
 
-def apply_rope(x: Tensor, rot: Tensor) -> Tensor:
-    """Rotate consecutive pairs of ``x [B, H, N, Dh]`` by ``rot [N, Dh/2, 2]`` (one complex product)."""
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
-    return torch.view_as_real(xc * torch.view_as_complex(rot.float().contiguous())).flatten(-2).type_as(x)
+def apply_rope(x: Tensor, rot: Tensor, token_dim: int = -2) -> Tensor:
+    """Rotate consecutive pairs of ``x`` (tokens on ``token_dim``, head dims last: ``[B, H, N, Dh]`` by default)
+    by ``rot [N, Dh/2, 2]`` (one complex product; an fp32 view of ``x`` is used without a copy when its strides
+    allow, as for q and k sliced together out of the qkv projection)."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    if xf.stride(-1) != 1 or any(st % 2 for st in xf.stride()[:-1]):
+        xf = xf.contiguous()
+    r = torch.view_as_complex(rot.float().contiguous())
+    r = r.view(r.shape[0], *([1] * (-token_dim - 2)), r.shape[1])
+    return torch.view_as_real(torch.view_as_complex(xf) * r).flatten(-2).type_as(x)
 
 
 def sincos_2d(dim: int, grid: int) -> Tensor:
@@ -142,11 +150,16 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, rope: Tensor | None) -> Tensor:
         b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
-        out = F.scaled_dot_product_attention(q, k, v)
+        qkv = self.qkv(x).view(b, n, 3, self.heads, self.head_dim)
+        if rope is not None and isinstance(self.q_norm, nn.Identity):  # q and k rotated in one product
+            qk, v = qkv.split([2, 1], dim=2)  # (backward: one cat, not a zero-filled slice gradient plus an add)
+            (q, k), v = apply_rope(qk, rope, token_dim=-4).permute(2, 0, 3, 1, 4), v.squeeze(2).transpose(1, 2)
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)
+            q, k = self.q_norm(q), self.k_norm(k)
+            if rope is not None:
+                q, k = apply_rope(q, rope), apply_rope(k, rope)
+        out = attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -156,7 +169,9 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with adaLN-Zero; ``c`` is ``[B, W]`` (trunk) or ``[B, N, W]`` (head)."""
+    """Pre-norm transformer block with adaLN-Zero. ``c_act`` is ``SiLU(c)`` of the condition, ``[B, W]`` (trunk)
+    or ``[B, N, W]`` (head): every block of a stack shares it, so :class:`DiTDH` applies the SiLU of
+    ``ada = Sequential(SiLU, Linear)`` once per stack and each block runs only its Linear ``ada[1]``."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float, qk_norm: bool):
         super().__init__()
@@ -166,8 +181,8 @@ class Block(nn.Module):
         self.mlp = SwiGLU(dim, int(2 / 3 * mlp_ratio * dim))
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x: Tensor, c: Tensor, rope: Tensor | None) -> Tensor:
-        mod = self.ada(c)
+    def forward(self, x: Tensor, c_act: Tensor, rope: Tensor | None) -> Tensor:
+        mod = self.ada[1](c_act)
         if mod.ndim == 2:
             mod = mod.unsqueeze(1)
         sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, dim=-1)
@@ -182,8 +197,9 @@ class FinalLayer(nn.Module):
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
         self.linear = nn.Linear(dim, out_dim)
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        shift, scale = self.ada(c).chunk(2, dim=-1)
+    def forward(self, x: Tensor, c_act: Tensor) -> Tensor:
+        """``c_act`` = SiLU of the condition (see :class:`Block`)."""
+        shift, scale = self.ada[1](c_act).chunk(2, dim=-1)
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
@@ -253,6 +269,7 @@ class DiTDH(nn.Module):
             return checkpoint(blk, x, c, rope, use_reentrant=False)
         return blk(x, c, rope)
 
+    @torch.compiler.disable  # eager RNG under torch.compile: compiled and eager runs drop the same labels
     def drop_labels(self, y: Tensor) -> Tensor:
         """Class dropout (training only): each label becomes the null class with probability ``class_dropout``."""
         if not self.training or self.cfg.class_dropout <= 0:
@@ -269,9 +286,10 @@ class DiTDH(nn.Module):
         c = temb + self.y_embed(self.drop_labels(y))
         rope = self.rope if self.cfg.rope else None
         s = self.x_embed(x) + self.pos.to(x.dtype)
+        c_act = F.silu(c)
         for blk in self.blocks:
-            s = self._run(blk, s, c, rope)
-        hc = self.head_cond(s + temb.unsqueeze(1))  # per-token condition for the head (DDT)
+            s = self._run(blk, s, c_act, rope)
+        hc = F.silu(self.head_cond(s + temb.unsqueeze(1)))  # per-token condition for the head (DDT), SiLU'd
         h = self.head_x_embed(x)
         head_rope = self.head_rope if self.cfg.rope else None
         for blk in self.head_blocks:

@@ -178,6 +178,8 @@ def train(cfg, info: D.DistInfo) -> Path:
     model = DiTDH(mcfg).to(info.device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     net = D.wrap_model(model, tc.strategy, info)
+    if tc.compile:  # in place: parameter names, checkpoints, the EMA copy and the DDP wrapping are unchanged
+        model.compile()
     opt = build_adamw(model, tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     sched = (constant_then_linear(opt, tc.constant_steps, tc.decay_end_step, tc.min_lr_ratio, tc.warmup_steps)
              if tc.schedule == "linear" else warmup_cosine(opt, tc.warmup_steps, tc.steps, tc.min_lr_ratio))

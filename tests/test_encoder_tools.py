@@ -45,11 +45,19 @@ def test_bench_smoke(tmp_path):
 
     threads = torch.get_num_threads()
     try:
-        res = main(["size=tiny", "resolution=32", "batch=2", "warmup=1", "iters=1", "vae_resolution=16",
-                    "lpips=false", "threads=1", f"out={tmp_path / 'b.json'}"])
+        res = main(["sizes=[tiny]", "mfu_size=tiny", "resolution=32", "batch=2", "warmup=1", "rounds=2",
+                    "compile_sizes=[]", "vae_arch=tiny", "vae_resolution=16", "vae_rounds=1", "lpips=false", "threads=1",
+                    f"out={tmp_path / 'b.json'}"])
     finally:
         torch.set_num_threads(threads)
-    assert res["vit"]["ratio_ours_over_timm"] > 0 and 0 < res["vit"]["mfu"] < 1
-    assert res["vit"]["params_ours"] == pytest.approx(res["vit"]["params_timm"], rel=0.05)
-    assert res["latent_cache"]["speedup_cached"] > 0
-    assert json.loads((tmp_path / "b.json").read_text())["vit"]["size"] == "tiny"
+    v = res["vs_timm"][0]
+    assert [(r["size"], r["precision"]) for r in res["vs_timm"]] == [("tiny", "fp32"), ("tiny", "bf16")]
+    assert v["ours_over_timm"]["median"] > 0 and v["ours_over_timm_fused"]["rounds"] == 2 and 0 < v["mfu"] < 1
+    assert v["params_ours"] == pytest.approx(v["params_timm"], rel=0.05)
+    assert v["flops_ratio_ours_over_timm"] == pytest.approx(1.0, rel=0.02)  # equal work
+    vae = res["frozen_vae"]
+    assert vae["ov3_step"]["speedup_cached"]["median"] > 0
+    assert vae["vae_precision"]["effect_vs_fp32"]["fp32"]["latent_max_abs"] == 0
+    assert 0 < vae["vae_precision"]["effect_vs_fp32"]["bf16"]["latent_max_abs"] < 1  # bf16 changes outputs a bit
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert saved["vs_timm"][0]["size"] == "tiny" and "| tiny | fp32 |" in saved["markdown"]

@@ -29,7 +29,7 @@ TOY_ONLY = {
     "data": "builds the toy world", "clean-toy": "removes the toy world and toy runs",
     "toy-vae": "the toy world's VAE", "toy-llm": "the toy world's LLM",
     "ablate-encoder": "toy-scale ablations", "rae-classacc": "class accuracy by classifiers trained on the toy split",
-    "demo": "the toy chain", "demo-baselines": "the toy chain's baseline rows",
+    "demo": "the toy chain", "bench": "speed benchmarks (random weights, the toy VAE and its images)", "demo-baselines": "the toy chain's baseline rows",
 }
 TOY = re.compile(r"data/toy|runs/toy|toy[^ /]*\.yaml")
 

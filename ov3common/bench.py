@@ -1,0 +1,108 @@
+"""Benchmark plumbing shared by ``encoder.bench``, ``rae_generation.bench`` and ``make bench``.
+
+* :func:`interleaved` times several step functions in alternating rounds (A B C, C B A, ...), so a machine that
+  speeds up or slows down during the run moves every contender alike; ratios are taken per round.
+* :func:`ratio` summarises two contenders: the median of the per-round ratios (the headline) and its range.
+* :func:`machine` records what the numbers depend on (device, threads, load average, torch version).
+* ``python -m ov3common.bench report OUT.md A.json B.json ...`` joins the markdown fragments that the benches
+  write (key ``"markdown"`` of each JSON) into one report under a header describing the machine.
+
+Tests never assert seconds; they assert that these helpers run and that reports name their sources.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+__all__ = ["sync", "interleaved", "ratio", "machine", "write_report"]
+
+
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
+                device: torch.device | str = "cpu") -> dict[str, list[float]]:
+    """Seconds per call of each function, ``rounds`` rounds, the order reversed every other round."""
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    sync(device)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            t0 = time.perf_counter()
+            fns[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def ratio(a: list[float], b: list[float]) -> dict[str, float]:
+    """``a / b`` per round: median (headline), min and max over rounds, and the ratio of the medians."""
+    per_round = [x / y for x, y in zip(a, b)]
+    return {"median": statistics.median(per_round), "min": min(per_round), "max": max(per_round),
+            "of_medians": statistics.median(a) / statistics.median(b), "rounds": len(per_round)}
+
+
+def machine(device: torch.device | str) -> dict:
+    """What timings depend on: device name, threads, the 1-min load average before/after is the caller's."""
+    dev = torch.device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
+    return {"device": str(dev), "device_name": name, "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2), "torch": torch.__version__,
+            "python": platform.python_version(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def write_report(out: str | Path, parts: list[str | Path], title: str = "Benchmarks") -> Path:
+    """Join the ``markdown`` fragments of the bench JSONs ``parts`` (in order) into ``out``."""
+    blocks, machines = [], []
+    for p in parts:
+        d = json.loads(Path(p).read_text())
+        blocks.append(d["markdown"].rstrip() + f"\n\n_Source: `{p}` (written by `{d.get('command', '?')}`)._\n")
+        if "machine" in d:
+            m = d["machine"]
+            machines.append(f"| `{p}` | {m['device']} ({m['device_name']}) | {m['threads']} | "
+                            f"{m.get('load_avg_1m', '?')} → {m.get('load_avg_1m_end', '?')} | {m['torch']} | "
+                            f"{m['time']} |")
+    head = [f"# {title}", "", "Written by `make bench` (`python -m ov3common.bench report`). Every ratio is the "
+            "median over interleaved rounds of one run (each round times every contender once, the order "
+            "reversed every other round); the range over rounds is in brackets. Seconds on a shared CPU are "
+            "upper bounds; the ratios are the numbers to read.", "",
+            "| part | device | threads | load avg (1 min, start → end) | torch | time |", "| --- | --- | --- | --- | --- | --- |",
+            *machines, ""]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(head) + "\n" + "\n".join(blocks))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ov3common.bench", description="join bench JSON fragments")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    rp = sub.add_parser("report", help="write a markdown report from bench JSONs")
+    rp.add_argument("out")
+    rp.add_argument("parts", nargs="+")
+    args = ap.parse_args(argv)
+    missing = [p for p in args.parts if not Path(p).is_file()]
+    if missing:
+        print(f"ov3common.bench report: missing bench outputs {missing}", file=sys.stderr)
+        return 2
+    print(write_report(args.out, args.parts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

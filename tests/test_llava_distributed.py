@@ -130,14 +130,14 @@ def test_zero2_two_processes_resume_after_sigkill_is_bitwise(llava_world, tmp_pa
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "-m", "llava_bridge.train", *args]
 
-    ref, run = tmp_path / "ref", tmp_path / "run"
+    ref, resumed = tmp_path / "ref", tmp_path / "run"
     r = run(cmd(ref), timeout=500)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    killed = run_with_kills(cmd(run), run / "metrics.jsonl", kills=1, min_step=2, max_step=3, seed=0, timeout=600)
+    killed = run_with_kills(cmd(resumed), resumed / "metrics.jsonl", kills=1, min_step=2, max_step=3, seed=0, timeout=600)
     assert len(killed) == 1 and killed[0] < 5
     # it resumed (step 1 was trained once) from a DeepSpeed checkpoint (partitioned optimizer states)
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r].count(1) == 1
-    assert len(list((run / "checkpoint-5").glob("global_step5/*optim_states.pt"))) == 2  # one partition per rank
-    a, b = load_file(ref / "model.safetensors"), load_file(run / "model.safetensors")
+    assert len(list((resumed / "checkpoint-5").glob("global_step5/*optim_states.pt"))) == 2  # one partition per rank
+    a, b = load_file(ref / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -62,22 +62,6 @@ def choice_field(default: str, choices: Sequence[str]) -> Any:
     return dataclasses.field(default=default, metadata={"choices": tuple(choices)})
 
 
-def _walk_choices(schema: Any, node: Any, prefix: str):
-    if not dataclasses.is_dataclass(schema):
-        return
-    for f in dataclasses.fields(schema):
-        key = f"{prefix}{f.name}"
-        value = node[f.name] if isinstance(node, DictConfig) and f.name in node else None
-        if "choices" in f.metadata:
-            yield key, f.metadata["choices"], value
-        elif isinstance(value, DictConfig):
-            yield from _walk_choices(OmegaConf.get_type(value), value, key + ".")
-        elif isinstance(value, ListConfig):
-            for i, item in enumerate(value):
-                if isinstance(item, DictConfig):
-                    yield from _walk_choices(OmegaConf.get_type(item), item, f"{key}.{i}.")
-
-
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     """Read a YAML file, resolving ``_base_`` inheritance (relative to the file)."""
     path = path.resolve()
@@ -198,34 +182,34 @@ def load_config(schema: type, path: str | os.PathLike | None = None, overrides: 
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as e:
         raise _explain(e, str(path or "config")) from e
-    for key, choices, value in _walk_choices(schema, cfg, ""):
+    for key, choices, value in _walk_fields(schema, cfg, "", "choices"):
         if value not in choices:
             raise ConfigError(f"{path or 'config'}: bad value for key '{key}': {value!r} is not one of "
                               f"{' | '.join(choices)}")
     return cfg
 
 
-def _walk_paths(schema: Any, node: Any, prefix: str):
-    """Yield (dotted key, kind, value) for every path_field in a structured config."""
+def _walk_fields(schema: Any, node: Any, prefix: str, tag: str):
+    """Yield (dotted key, field metadata[tag], value) for every field tagged ``tag`` ("path" or "choices") in a
+    structured config, through nested configs and lists of them."""
     if not dataclasses.is_dataclass(schema):
         return
     for f in dataclasses.fields(schema):
         key = f"{prefix}{f.name}"
         value = node[f.name] if isinstance(node, DictConfig) and f.name in node else None
-        if "path" in f.metadata:
-            yield key, f.metadata["path"], value
+        if tag in f.metadata:
+            yield key, f.metadata[tag], value
         elif isinstance(value, DictConfig):
-            sub = OmegaConf.get_type(value)
-            yield from _walk_paths(sub, value, key + ".")
+            yield from _walk_fields(OmegaConf.get_type(value), value, key + ".", tag)
         elif isinstance(value, ListConfig):
             for i, item in enumerate(value):
                 if isinstance(item, DictConfig):
-                    yield from _walk_paths(OmegaConf.get_type(item), item, f"{key}.{i}.")
+                    yield from _walk_fields(OmegaConf.get_type(item), item, f"{key}.{i}.", tag)
 
 
 def check_paths(cfg: DictConfig) -> None:
     """Check every non-empty :func:`path_field` exists (as file / dir). Raises :class:`ConfigError`."""
-    for key, kind, value in _walk_paths(OmegaConf.get_type(cfg), cfg, ""):
+    for key, kind, value in _walk_fields(OmegaConf.get_type(cfg), cfg, "", "path"):
         if not value:
             continue
         p = Path(str(value)).expanduser()

@@ -86,7 +86,12 @@ def test_real_configs_through_make_on_standins(world):
          ENC_CFG="configs/encoder/ov3_b2.yaml")
     enc = saved(run / "encoder" / "config.yaml")
     assert enc["vae"]["path"] == f"{a}/FLUX.1-dev/vae" and enc["data"]["tokenizer"] == f"{a}/tok"
-    assert enc["data"]["train_shards"].startswith(f"{a}/recap/train/") and enc["data"]["recap_field"] == "json:re_caption"
+    assert enc["data"]["train_shards"].startswith(f"{a}/recap/train/") and enc["data"]["preset"] == "recap_datacomp"
+    from encoder.data import DataConfig, fields  # the preset resolves to Recap-DataComp's field names
+    assert fields(DataConfig(**{k: v for k, v in enc["data"].items() if k in DataConfig.__dataclass_fields__})) == (
+        "txt;json:org_caption", "json:re_caption")
+    rows = [json.loads(x) for x in (run / "encoder" / "metrics.jsonl").read_text().splitlines()]
+    assert not any(r.get("data/recap_from_alt", 0) for r in rows), "the stand-in shards carry re_caption: none fall back"
     assert enc["loss"]["lpips_backbone_path"] == f"{a}/vgg16-397923af.pth" and enc["loss"]["w_lpips"] == 1.0
     assert (enc["train"]["schedule"], enc["train"]["strategy"], enc["train"]["precision"]) == ("per_stage", "fsdp2", "bf16")
     export = json.loads((run / "encoder" / "export" / "config.json").read_text())

@@ -251,10 +251,10 @@ eval-all: setup $(FID_WEIGHTS) ## score every available run of EVAL_CONFIG -> <o
 
 ##@ real scale (the configs in configs/**/ov3_*.yaml, real_*.yaml, imagenet_*.yaml)
 smoke-real: setup ## CPU: every real config at full size: params, FLOPs, memory per GPU, one step -> reports/smoke_real.md
-	$(PY) -m tools.smoke_real $(call goal_args,$@)
+	$(PY) -m eval.smoke_real $(call goal_args,$@)
 
 gpu-smoke: setup ## GPU: the real configs ~20 steps each (bf16): step time, samples/s, MFU -> reports/gpu_smoke.md
-	$(PY) -m tools.gpu_smoke $(call goal_args,$@)
+	$(PY) -m eval.gpu_smoke $(call goal_args,$@)
 
 # ---------------------------------------------------------------- demo: the whole chain on the toy world
 # Each line is one `make` run (ARGS are not passed down); its wall time goes to reports/demo_timings.tsv.

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from eval.inception import DEFAULT_WEIGHTS
-from ov3common.config import choice_field, path_field
+from ov3common.config import ConfigError, choice_field, path_field
 
 
 @dataclass
@@ -77,7 +77,7 @@ class LpipsConfig:
 
 @dataclass
 class PopeConfig:
-    path: str = path_field("data/toy/pope/pope.jsonl")
+    path: str = path_field("")  # required with piece pope
     image_root: str = ""
     split: str = "test"
     parser: str = "llava"
@@ -86,7 +86,7 @@ class PopeConfig:
 
 @dataclass
 class SeedConfig:
-    path: str = path_field("data/toy/seedbench/seedbench.jsonl")
+    path: str = path_field("")  # required with pieces seedbench*
     image_root: str = ""
     split: str = "test"
     data_type: str = "image"
@@ -103,7 +103,7 @@ class LlavaConfig:
 
 @dataclass
 class RfidConfig:
-    images: str = path_field("data/toy/images/val", "dir")
+    images: str = path_field("", "dir")  # required with piece rfid
     max_images: int = 128     # the protocol's set size (0: every image of the folder)
     batch_size: int = 32
     allow_partial: bool = False   # score a folder with fewer images than max_images, marking the cell
@@ -128,13 +128,6 @@ class CompareConfig:
     allow_protocol_mismatch: bool = False   # compare rows whose sampling manifests differ in a protocol field
 
 
-def _default_rows() -> list[RowConfig]:
-    return [
-        RowConfig("OV3 (ours)", "runs/toy/encoder/export", "runs/toy/encoder", "runs/toy/llava/ov3", "runs/toy/rae/ov3"),
-        RowConfig("baseline (contrastive + caption, no recon)", "runs/toy/encoder_baseline/export",
-                  "runs/toy/encoder_baseline", "runs/toy/llava/baseline", "runs/toy/rae/baseline"),
-    ]
-
 
 @dataclass
 class EvalAllConfig:
@@ -144,7 +137,7 @@ class EvalAllConfig:
     out_dir: str = "reports"
     device: str = "auto"
     toy: bool = True
-    rows: list[RowConfig] = field(default_factory=_default_rows)
+    rows: list[RowConfig] = field(default_factory=list)  # configs/eval/toy.yaml: the toy rows
     pieces: list[str] = field(default_factory=lambda: ["seedbench", "seedbench_rank", "pope", "gfid", "rfid"])
     fid: FidConfig = field(default_factory=FidConfig)
     lpips: LpipsConfig = field(default_factory=LpipsConfig)
@@ -488,6 +481,13 @@ def evaluate(cfg) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0, caches, lpips_cache = time.perf_counter(), {}, {}
+    needs = {"pope": "pope.path", "seedbench": "seedbench.path", "seedbench_rank": "seedbench.path", "rfid": "rfid.images"}
+    for piece in cfg.pieces:
+        key = needs.get(piece)
+        if key and not getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]):
+            raise ConfigError(f"{key}: required for piece {piece!r} (the benchmark's local path; no default)")
+    if not cfg.rows:
+        raise ConfigError("rows: empty (one row per encoder: name, encoder, encoder_run, llava, rae)")
     rows = []
     for row in cfg.rows:
         rout = out / slug(row.name)

@@ -36,8 +36,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: list[str] = field(default_factory=lambda: ["data/toy/llava/pretrain.json"])  # .json/.jsonl/.tar/dirs
-    image_root: str = "data/toy/images"
+    train: list[str] = field(default_factory=list)  # required: .json/.jsonl/.tar/dirs
+    image_root: str = ""  # images of .json/.jsonl data (relative paths); required with them
     shard_caption: str = "txt"  # for tar shards: txt | json.<field>
     num_workers: int = 0
     group_by_modality_length: bool = False

@@ -45,14 +45,17 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the key (and the file or path involved)."""
 
 
-def path_field(default: str = "", kind: str = "exists") -> Any:
+def path_field(default: str = "", kind: str = "exists", required: bool = False) -> Any:
     """A string field holding a filesystem path. Non-empty values are checked by :func:`check_paths`.
 
     ``kind``: ``"file"`` (must be a file), ``"dir"`` (must be a directory), ``"exists"`` (either).
+    ``required``: an empty value is an error (an input with no sensible default: no toy path stands in for it).
     """
     if kind not in _PATH_KINDS:
         raise ValueError(f"path_field kind must be one of {_PATH_KINDS}, got {kind!r}")
-    return dataclasses.field(default=default, metadata={"path": kind})
+    if required and default:
+        raise ValueError("a required path_field has no default")
+    return dataclasses.field(default=default, metadata={"path": kind + ("!" if required else "")})
 
 
 def choice_field(default: str, choices: Sequence[str]) -> Any:
@@ -150,6 +153,8 @@ def _apply_override(cfg: DictConfig, key: str, text: str) -> None:
             raise ConfigError(f"command line: key '{key}': bad list index '{last}' (the list has {len(node)} items)")
     try:
         value = OmegaConf.from_dotlist([f"v={text}"])["v"]
+        if value is None and text == "":
+            value = ""  # `key=` blanks a string (YAML would read it as null)
         if OmegaConf.is_config(value):
             value = OmegaConf.to_container(value)
         OmegaConf.update(cfg, key, value, merge=True)
@@ -210,7 +215,10 @@ def _walk_fields(schema: Any, node: Any, prefix: str, tag: str):
 def check_paths(cfg: DictConfig) -> None:
     """Check every non-empty :func:`path_field` exists (as file / dir). Raises :class:`ConfigError`."""
     for key, kind, value in _walk_fields(OmegaConf.get_type(cfg), cfg, "", "path"):
+        kind, required = kind.rstrip("!"), kind.endswith("!")
         if not value:
+            if required:
+                raise ConfigError(f"{key}: required (a {'folder' if kind == 'dir' else 'path'}; it has no default)")
             continue
         p = Path(str(value)).expanduser()
         if kind == "file" and not p.is_file():

@@ -13,8 +13,8 @@ class CacheConfig:
 
     RENAMED = {"out": "out_dir"}
 
-    source: str = path_field("data/toy/classes/train", "exists")  # ImageFolder dir, dir of .tar shards, or a .tar
-    encoder: str = path_field("runs/toy/encoder/export", "dir")
+    source: str = path_field("", "exists", required=True)  # ImageFolder dir, dir of .tar shards, or a .tar
+    encoder: str = path_field("", "dir", required=True)
     out_dir: str = "runs/toy/rae/latents/train"
     image_size: int = 64
     batch_size: int = 64
@@ -141,7 +141,7 @@ class RAETrainConfig:
 class SampleConfig:
     """``python -m rae_generation.sample``: class-conditional samples → ADM npz + labelled PNG grid."""
 
-    run: str = path_field("runs/toy/rae", "dir")
+    run: str = path_field("", "dir", required=True)
     checkpoint: str = "latest"  # latest | a step folder name | a path
     weights: str = "ema"  # ema | model
     encoder: str = path_field("", "dir")  # default: the encoder recorded by the run

@@ -32,7 +32,7 @@ TINY_ENCODER = ("model.size=tiny model.text_width=32 model.text_depth=1 model.te
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
-    from tools import standins as S
+    from eval import standins as S
 
     pytest.importorskip("mistral_common")
     ws = tmp_path_factory.mktemp("real_e2e")

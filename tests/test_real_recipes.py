@@ -143,7 +143,7 @@ def test_micro_batches_accumulate_to_the_whole_batch():
     from encoder.ov3 import OV3Model
     from encoder.train import Config, StageConfig, forward_backward, micro_parts, split_batch
     from encoder.vae import FrozenVAE, build_random_vae, tiny_vae_config
-    from tools.profile import encoder_batch
+    from eval.profile import encoder_batch
 
     cfg = load_config(Config, None, ["model.size=tiny", "model.text_width=32", "model.text_depth=1",
                                      "model.text_heads=2", "model.text_decoder_width=32", "model.text_decoder_depth=1",

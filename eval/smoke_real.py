@@ -2,7 +2,7 @@
 
 For each config (encoder B/2 and L/2, LLaVA-1.5 stage 1 / stage 2 / LoRA on a 7B LM, RAE DiT-DH S/B/L/XL):
 
-* the model at full size on the meta device (``tools.profile``): parameters, FLOPs per sample of one training step
+* the model at full size on the meta device (``eval.profile``): parameters, FLOPs per sample of one training step
   (forward + backward, ``FlopCounterMode``) and the activation bytes autograd saves per sample;
 * memory per GPU on 8 x 80 GB with the config's sharding plan, **projected** (not measured): parameters + gradients
   + optimizer states as the plan stores them (FSDP2 / ZeRO-3: sharded over the 8 GPUs; DDP / ZeRO-2 frozen weights:
@@ -69,7 +69,7 @@ def hours(flops: float, ckpt: bool = False) -> float:
 
 def encoder_rows(ratio: float) -> list[dict]:
     from encoder.train import Config
-    from tools import profile as P
+    from eval import profile as P
 
     rows = []
     for name, path in ENCODERS.items():
@@ -93,7 +93,7 @@ def encoder_rows(ratio: float) -> list[dict]:
 def llava_rows() -> list[dict]:
     from encoder.train import Config
     from llava_bridge.config import LlavaTrainConfig
-    from tools import profile as P
+    from eval import profile as P
 
     tower = P.profile_tower(load(Config, ENCODERS["encoder B/2"]))
     rows = []
@@ -128,7 +128,7 @@ def llava_rows() -> list[dict]:
 
 def rae_rows(ratio: float) -> list[dict]:
     from rae_generation.config import RAETrainConfig
-    from tools import profile as P
+    from eval import profile as P
 
     rows = []
     for name, path in RAE.items():
@@ -157,7 +157,7 @@ def mem_available() -> float:
 def step_encoder() -> dict:
     from encoder.train import Config
     from ov3common.optim import build_adamw
-    from tools import profile as P
+    from eval import profile as P
 
     cfg = load(Config, ENCODERS["encoder B/2"], ["loss.lpips_backbone=random"])
     torch.manual_seed(0)
@@ -185,7 +185,7 @@ def step_rae() -> dict:
     from rae_generation.config import RAETrainConfig
     from rae_generation.flow import flow_loss, sample_t, shift_factor
     from rae_generation.train import update_ema
-    from tools import profile as P
+    from eval import profile as P
 
     cfg = load(RAETrainConfig, RAE["RAE DiT-DH XL"])
     torch.manual_seed(0)
@@ -209,7 +209,7 @@ def step_llava(work: Path) -> dict:
     from encoder.export import export_encoder
     from encoder.models import LatentViT, ViTDecoder, decoder_config_for, vit_config
     from encoder.vae import FLUX_VAE_CONFIG, FrozenVAE, build_random_vae
-    from tools import standins as S
+    from eval import standins as S
 
     S.llama(work / "llm", hidden=4096, intermediate=11008, layers=2, heads=32)
     vae = FrozenVAE(build_random_vae(FLUX_VAE_CONFIG), scaling_factor=0.3611)
@@ -243,7 +243,7 @@ def run_step(name: str) -> dict:
     have = mem_available()
     if have < need:
         return {"skipped": f"needs ~{need / GB:.0f} GB, {have / GB:.1f} GB available now"}
-    cmd = [sys.executable, "-m", "tools.smoke_real", "--step", name]
+    cmd = [sys.executable, "-m", "eval.smoke_real", "--step", name]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     line = next((x for x in r.stdout.splitlines()[::-1] if x.startswith("SMOKE ")), None)
@@ -317,7 +317,7 @@ def main(argv=None) -> int:
         res["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
         print("SMOKE " + json.dumps(res))
         return 0
-    from tools.profile import autocast_ratio
+    from eval.profile import autocast_ratio
 
     t0 = time.time()
     ratios = {k: autocast_ratio(k) for k in ("encoder", "dit")}
@@ -340,7 +340,10 @@ def main(argv=None) -> int:
                                                      "rows": rows}, indent=1))
     print(table(rows))
     print(f"-> {out / 'smoke_real.md'}")
-    return 0
+    failed = [r["name"] for r in rows if "failed" in (r.get("step") or {})]
+    if failed:
+        print(f"smoke-real: the real step failed for {', '.join(failed)} (the table says why)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ samples/s and MFU against the GPU's dense bf16 peak. One prepared script, a few 
 Per model: the config's full-size model, a per-GPU batch that fits one 80 GB GPU (given in the table; the real runs
 shard or micro-batch, ``make smoke-real`` projects their memory), ``--warmup`` untimed steps, then ``--steps``
 timed steps (``torch.cuda.synchronize`` around them). FLOPs per sample come from ``FlopCounterMode`` on the meta
-device (``tools.profile``, forward + backward), so MFU = FLOPs/sample x samples/s / peak. LLaVA: the Llama-7B-width
+device (``eval.profile``, forward + backward), so MFU = FLOPs/sample x samples/s / peak. LLaVA: the Llama-7B-width
 LM cut to ``--llm-layers`` layers (a full 7B with AdamW does not fit one GPU without ZeRO), 2048 tokens, frozen OV3
 tower included. One GPU, no communication: what it measures is the kernels, not the scaling.
 
@@ -60,7 +60,7 @@ def build(kind: str, config: str, batch: int, size: int, device: torch.device, t
           llm_layers: int):
     """(model, step function, FLOPs per sample) for one model of the table."""
     from ov3common.config import load_config
-    from tools import profile as P
+    from eval import profile as P
 
     if kind == "encoder":
         from encoder.train import Config

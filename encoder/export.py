@@ -1,4 +1,4 @@
-"""The frozen-encoder folder (DESIGN.md §5) and its ONE loader.
+"""The frozen-encoder folder (docs/design.md §5) and its ONE loader.
 
 Folder layout::
 
@@ -315,7 +315,7 @@ def open_clip_source(encoder_dir: str | None = None, run_dir: str | None = None,
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    ap = argparse.ArgumentParser(description="Write a frozen-encoder export folder (DESIGN.md §5), or with "
+    ap = argparse.ArgumentParser(description="Write a frozen-encoder export folder (docs/design.md §5), or with "
                                              "--open-clip the visual tower in the official open_clip layout.")
     ap.add_argument("--run", help="training run folder (runs/toy/encoder): export its latest checkpoint")
     ap.add_argument("--checkpoint", default=None, help="a specific checkpoint folder of that run")

@@ -29,7 +29,7 @@ VIT_SIZES: dict[str, dict] = {
 
 @dataclass
 class ViTConfig:
-    """Encoder hyper-parameters; defaults are OUR design (DESIGN.md §1), switches cover the open_clip layout."""
+    """Encoder hyper-parameters; defaults are OUR design (docs/design.md §1), switches cover the open_clip layout."""
 
     width: int = 768
     depth: int = 12

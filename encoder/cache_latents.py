@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from encoder.data import CACHE_FORMAT, ImageTextDecoder, Tokenize, shard_list, tokenizer_dir, vae_identity
-from encoder.train import Config, build_vae
+from encoder.train import Config
+from encoder.vae import build_vae
 from ov3common.checkpoint import atomic_write_json, save_safetensors
 from ov3common.config import parse_cli
 from ov3common.dist import barrier, cleanup, init_distributed

@@ -21,7 +21,7 @@ command exits with status 1 after writing the report. Outputs: ``<out>/summary.j
 per-row folders (predictions, grids, JSON) and training-curve PNGs from the runs' ``metrics.jsonl``.
 
 Protocol (issue 14): a samples npz is scored only when it holds the number of samples the config asks for
-(``gfid.per_class`` x classes) and its sampling manifest (:mod:`eval.manifest`) matches the config's protocol
+(``gfid.per_class`` x classes) and its sampling manifest (:mod:`rae_generation.manifest`) matches the config's protocol
 (seed, and steps / cfg_scale when set); otherwise it is regenerated through ``gfid.sampler`` when the run can
 sample (``gfid.regenerate``), else refused with the reason — or scored and marked partial when
 ``gfid.allow_partial=true``. rFID likewise refuses a set smaller than ``rfid.max_images`` unless
@@ -32,7 +32,6 @@ says so) unless ``compare.allow_protocol_mismatch=true``. Every accuracy / F1 / 
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 import sys
@@ -45,7 +44,7 @@ from pathlib import Path
 import torch
 
 from eval.inception import DEFAULT_WEIGHTS
-from ov3common.config import ConfigError, choice_field, path_field
+from ov3common.config import ConfigError, choice_field, import_object, path_field
 
 
 @dataclass
@@ -161,13 +160,6 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "row"
 
 
-def _import(spec: str, what: str):
-    if ":" not in spec:
-        raise ValueError(f"{what}: expected 'module:function', got {spec!r}")
-    mod, fn = spec.split(":", 1)
-    return getattr(importlib.import_module(mod), fn)
-
-
 # ---------------------------------------------------------------------------------------------------- pieces
 def _records(bench: str, cfg, cache: dict) -> list[dict]:
     """The benchmark's records as configured (data type, limit); the whole file is identified once
@@ -199,8 +191,8 @@ def run_understanding(bench: str, cfg, row: RowConfig, out: Path, device: str, c
             raise Missing(f"no LLaVA run at {row.llava or '(row.llava not set)'}")
         what, spec = ("llava.ranker", cfg.llava.ranker) if rank else ("llava.predictor", cfg.llava.predictor)
         try:
-            factory = _import(spec, what)
-        except (ImportError, AttributeError) as e:
+            factory = import_object(spec, what)
+        except (ImportError, ConfigError) as e:
             raise Missing(f"{what} {spec} is not available ({e})") from e
     try:  # identifies the benchmark file (sha256, rows, variant) even when predictions exist
         records = _records(bench, cfg, cache)
@@ -296,7 +288,7 @@ def _check_samples(npz: Path, expected: dict) -> tuple[list[str], dict | None]:
     """Why a found samples file cannot be scored under the protocol ([] = it can), and its manifest."""
     import numpy as np
 
-    from eval.manifest import ManifestError, mismatches, read_manifest
+    from rae_generation.manifest import ManifestError, mismatches, read_manifest
 
     with np.load(npz, allow_pickle=False) as z:
         n = int(z["arr_0"].shape[0]) if "arr_0" in z.files else 0
@@ -342,7 +334,7 @@ def run_gfid_piece(cfg, row: RowConfig, out: Path, device: str, cache: dict) -> 
             spec = Path(row.rae) / "generator.json"
             n_cls = len(json.loads(spec.read_text())["classes"]) if spec.is_file() else None
         if n_cls is None:
-            from eval.manifest import read_manifest
+            from rae_generation.manifest import read_manifest
 
             n_cls = (read_manifest(samples) or {}).get("num_classes") or 0
         problems, _ = _check_samples(samples, _gfid_protocol(cfg, n_cls))
@@ -381,7 +373,7 @@ def compare_rows(rows: list[dict], allow_mismatch: bool = False) -> list[dict]:
     """Every pair (first row vs each other row) for every metric with an interval: "no measurable difference" when
     the 95% intervals overlap; gFID pairs whose sampling manifests differ in a protocol field are refused."""
     from eval.intervals import Interval, compare
-    from eval.manifest import differences
+    from rae_generation.manifest import differences
 
     metrics = [("SeedBench (img)", "seedbench", ("intervals", "image"), True),
                ("SeedBench rank", "seedbench_rank", ("intervals", "image"), True),

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import functools
 import hashlib
 import json
@@ -50,7 +49,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval.inception import DEFAULT_WEIGHTS, SPATIAL_CHANNELS, FidWeightsError, tf_extractor, weights_note
+from eval.inception import (
+    DEFAULT_WEIGHTS,
+    FidWeightsError,
+    InceptionExtractor,
+    weights_note,
+)
+from ov3common.checkpoint import sha256_file
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 EXTRACTOR_VERSION = 2  # bump when features change (cache keys)
@@ -185,11 +190,7 @@ def iter_uint8_batches(images: list[Path] | np.ndarray, batch_size: int):
 # ---------------------------------------------------------------------------------------------------- features
 @functools.lru_cache(maxsize=8)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -222,60 +223,6 @@ def exact_kernels():
     finally:
         for obj, attr, value in saved:
             setattr(obj, attr, value)
-
-
-def fold_batch_norms(net: torch.nn.Module) -> torch.nn.Module:
-    """Fold every BasicConv2d's batch norm into its convolution (torch's ``fuse_conv_bn_eval``), in place."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-    from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d
-
-    for m in net.modules():
-        if isinstance(m, BasicConv2d) and isinstance(m.bn, torch.nn.BatchNorm2d):
-            m.conv, m.bn = fuse_conv_bn_eval(m.conv.eval(), m.bn.eval()), torch.nn.Identity()
-    return net
-
-
-class InceptionExtractor(torch.nn.Module):
-    """One forward of torch-fidelity's ``inception-v3-compat`` returning {'pool', 'spatial'[, 'logits']} (float32).
-
-    The spatial features are read by a forward hook on ``Mixed_6d.branch1x1`` (ADM's ``mixed_6/conv``); the resize,
-    normalisation and layers are torch-fidelity's. ``fused``: batch norms folded into the convolutions, channels_last
-    (same features within ~1e-5). ``precision``: fp32 (default) or bf16 (autocast; measurements only)."""
-
-    def __init__(self, weights: str | Path, with_logits: bool = False, fused: bool = True, precision: str = "fp32",
-                 compile: bool = False):
-        super().__init__()
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision: fp32 | bf16, got {precision!r}")
-        self.net = tf_extractor(weights, ("2048", "logits_unbiased") if with_logits else ("2048",))
-        if fused:
-            self.net = fold_batch_norms(copy.deepcopy(self.net)).to(memory_format=torch.channels_last)
-        self.with_logits, self.fused, self.precision, self.compiled = with_logits, fused, precision, compile
-        self._spatial: torch.Tensor | None = None
-        self.net.Mixed_6d.branch1x1.register_forward_hook(self._grab)
-        # compile: inductor with frozen weights, one static batch shape (extract pads the last batch)
-        self._run = torch.compile(self.net, dynamic=False, options={"freezing": True}) if compile else self.net
-
-    def _grab(self, module, inputs, output: torch.Tensor) -> None:
-        s = output[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1)
-        self._spatial = s.reshape(len(s), -1).float()
-
-    @property
-    def name(self) -> str:
-        kind = ("BN folded, channels_last" if self.fused else "reference module") + (", compiled" if self.compiled
-                                                                                     else "")
-        return (f"torch-fidelity inception-v3-compat (pool3 2048, mixed_6/conv[:7] 2023"
-                f"{', logits' if self.with_logits else ''}; {kind}, {self.precision})")
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            out = self._run(images)
-        feats = {"pool": out[0].float(), "spatial": self._spatial}
-        if self.with_logits:
-            feats["logits"] = out[1].float()
-        self._spatial = None
-        return feats
 
 
 @functools.lru_cache(maxsize=4)

@@ -59,8 +59,8 @@ def peak_flops(device: torch.device) -> tuple[float, str]:
 def build(kind: str, config: str, batch: int, size: int, device: torch.device, tiny: bool, attn: str,
           llm_layers: int):
     """(model, step function, FLOPs per sample) for one model of the table."""
-    from ov3common.config import load_config
     from eval import profile as P
+    from ov3common.config import load_config
 
     if kind == "encoder":
         from encoder.train import Config

@@ -47,7 +47,8 @@ def encoder_checkpoint_eval(run_dir: str | Path, checkpoint: str | None = None, 
     from encoder.data import Tokenize, tokenizer_dir
     from encoder.evaluate import evaluate
     from encoder.ov3 import OV3Model
-    from encoder.train import Config, build_vae, val_batches
+    from encoder.train import Config, val_batches
+    from encoder.vae import build_vae
     from ov3common import checkpoint as C
     from ov3common.config import load_config
 

@@ -27,6 +27,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from ov3common.checkpoint import sha256_file
+
 DATA_EXTS = (".jsonl", ".json", ".parquet", ".arrow", ".npz")
 
 KNOWN_VARIANTS: dict[str, list[dict]] = {
@@ -40,14 +42,6 @@ KNOWN_VARIANTS: dict[str, list[dict]] = {
     ],
     "seedbench": [],
 }
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def sha256_path(path: str | Path, exts: tuple[str, ...] = DATA_EXTS) -> tuple[str, list[str]]:

@@ -144,7 +144,7 @@ def _benchmarks(summary: dict) -> list[str]:
 
 
 def _manifests(summary: dict) -> list[str]:
-    from eval.manifest import PROTOCOL_FIELDS
+    from rae_generation.manifest import PROTOCOL_FIELDS
 
     out = []
     for row in summary.get("rows", []):

@@ -92,8 +92,8 @@ def encoder_rows(ratio: float) -> list[dict]:
 
 def llava_rows() -> list[dict]:
     from encoder.train import Config
-    from llava_bridge.config import LlavaTrainConfig
     from eval import profile as P
+    from llava_bridge.config import LlavaTrainConfig
 
     tower = P.profile_tower(load(Config, ENCODERS["encoder B/2"]))
     rows = []
@@ -127,8 +127,8 @@ def llava_rows() -> list[dict]:
 
 
 def rae_rows(ratio: float) -> list[dict]:
-    from rae_generation.config import RAETrainConfig
     from eval import profile as P
+    from rae_generation.config import RAETrainConfig
 
     rows = []
     for name, path in RAE.items():
@@ -156,8 +156,8 @@ def mem_available() -> float:
 
 def step_encoder() -> dict:
     from encoder.train import Config
-    from ov3common.optim import build_adamw
     from eval import profile as P
+    from ov3common.optim import build_adamw
 
     cfg = load(Config, ENCODERS["encoder B/2"], ["loss.lpips_backbone=random"])
     torch.manual_seed(0)
@@ -181,11 +181,11 @@ def step_encoder() -> dict:
 def step_rae() -> dict:
     import copy
 
+    from eval import profile as P
     from ov3common.optim import build_adamw
     from rae_generation.config import RAETrainConfig
     from rae_generation.flow import flow_loss, sample_t, shift_factor
     from rae_generation.train import update_ema
-    from eval import profile as P
 
     cfg = load(RAETrainConfig, RAE["RAE DiT-DH XL"])
     torch.manual_seed(0)

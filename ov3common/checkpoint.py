@@ -228,7 +228,8 @@ def load_optim_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, s
 
 
 # ------------------------------------------------------------------------------------------------- manager
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (the one hash of files in the project: checkpoints, manifests, provenance)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -292,7 +293,7 @@ class CheckpointManager:
             for f in sorted(tmp.iterdir()):
                 with open(f, "rb+") as fh:
                     os.fsync(fh.fileno())
-                files[f.name] = {"size": f.stat().st_size, "sha256": _sha256(f) if self.verify == "sha256" else None}
+                files[f.name] = {"size": f.stat().st_size, "sha256": sha256_file(f) if self.verify == "sha256" else None}
             meta = {"format": FORMAT_VERSION, "step": step, "world_size": world, "files": files, "tree": tree}
             (tmp / "state.json").write_text(json.dumps(meta, sort_keys=True))
             with open(tmp / "state.json", "rb+") as fh:
@@ -327,7 +328,7 @@ class CheckpointManager:
                 return f"{name} is missing"
             if f.stat().st_size != info["size"]:
                 return f"{name} has {f.stat().st_size} bytes, expected {info['size']} (truncated?)"
-            if self.verify == "sha256" and info.get("sha256") and _sha256(f) != info["sha256"]:
+            if self.verify == "sha256" and info.get("sha256") and sha256_file(f) != info["sha256"]:
                 return f"{name} fails its sha256 check (corrupt)"
         return None
 

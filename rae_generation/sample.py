@@ -13,7 +13,7 @@ API (what ``eval``'s gFID runner calls)::
 ``gen.sample(..., method="euler"|"heun", interval=(lo, hi), batch_size=64)``: guidance only for t in [lo, hi].
 Samples are a pure function of (weights, labels, seed, settings): the noise of sample i does not depend on the
 batch size. ``make rae-sample`` writes a sampling manifest beside the npz (``<stem>.manifest.json``,
-:mod:`eval.manifest`: checkpoint hash, EMA/raw, sampler, steps, CFG scale and interval, guidance, class balance,
+:mod:`rae_generation.manifest`: checkpoint hash, EMA/raw, sampler, steps, CFG scale and interval, guidance, class balance,
 seed, precision, encoder export hash, decoder settings); :func:`manifest_fields` gives its generator part.
 """
 
@@ -171,8 +171,8 @@ def load_generator(run_dir: str | Path, encoder_export: str | Path | None = None
 def manifest_fields(gen: Generator, steps: int | None = None, cfg_scale: float | None = None,
                     method: str | None = None, interval: tuple[float, float] | None = None,
                     precision: str = "fp32") -> dict:
-    """The generator's part of a sampling manifest (:mod:`eval.manifest`), with the run's defaults filled in."""
-    from eval.manifest import checkpoint_file_sha256, export_sha256, guidance_kind
+    """The generator's part of a sampling manifest (:mod:`rae_generation.manifest`), with the run's defaults filled in."""
+    from rae_generation.manifest import checkpoint_file_sha256, export_sha256, guidance_kind
 
     scale = gen.defaults["cfg_scale"] if cfg_scale is None else cfg_scale
     enc = gen.encoder
@@ -267,7 +267,7 @@ def main(argv=None) -> None:
         "npz": str(out), "grid": str(grid), "num_samples": len(labels), "per_class": cfg.per_class,
         "classes": [gen.class_names[c] for c in classes], "guidance": "autoguidance" if guide else "cfg",
         "steps": g.steps, "method": g.method, "cfg_scale": g.cfg_scale, "interval": list(g.interval)})
-    from eval.manifest import class_balance, write_manifest
+    from rae_generation.manifest import class_balance, write_manifest
 
     balance, per = class_balance(labels.tolist())
     write_manifest(out, {**manifest_fields(gen, g.steps, g.cfg_scale, g.method, tuple(g.interval)),

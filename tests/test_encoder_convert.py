@@ -237,9 +237,8 @@ def test_export_refuses_what_open_clip_cannot_express():
         open_clip_from_vit(learned, 16)
 
 
-def test_file_loading_and_convert_cli(tmp_path):
-    from encoder.convert import main
-    from encoder.export import load_encoder
+def test_file_loading_and_from_open_clip_cli(tmp_path):
+    from encoder.export import load_encoder, main
     from encoder.vae import build_random_vae, tiny_vae_config
 
     oc = oc_config(no_ln_pre=True, pool_type="avg", final_ln_after_pool=True, norm_kwargs={"eps": 1e-6})
@@ -256,7 +255,7 @@ def test_file_loading_and_convert_cli(tmp_path):
         load_open_clip_checkpoint(ck)
     save_file(sd, str(ck / "open_clip_model.safetensors"))
     build_random_vae(tiny_vae_config()).save_pretrained(str(tmp_path / "vae"))
-    main(["--checkpoint", str(ck), "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "exp")])
+    main(["--from-open-clip", str(ck), "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "exp")])
     enc = load_encoder(tmp_path / "exp")
     assert enc.image_size == 64 and enc.num_tokens == 16 and enc.vae.scaling_factor == 0.3611
     assert enc.decoder is None and enc.config["conversion_notes"]
@@ -273,7 +272,7 @@ def test_file_loading_and_convert_cli(tmp_path):
     (ck3 / "open_clip_config.json").write_text(json.dumps(rgb))
     save_file(reference(rgb)[1], str(ck3 / "open_clip_model.safetensors"))
     with pytest.raises(SystemExit, match="reads 3 channels, the VAE gives 16"):
-        main(["--checkpoint", str(ck3), "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "exp3")])
+        main(["--from-open-clip", str(ck3), "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "exp3")])
 
 
 def test_new_head_options_validate():

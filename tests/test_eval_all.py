@@ -177,7 +177,7 @@ def test_unavailable_predictor_and_sampler_are_missing_not_errors(tmp_path):
 
 
 def _npz(path: Path, n: int, manifest: dict | None = None) -> Path:
-    from eval.manifest import write_manifest
+    from rae_generation.manifest import write_manifest
 
     path.parent.mkdir(parents=True, exist_ok=True)
     gen, _ = fake_sampler("", "cpu")

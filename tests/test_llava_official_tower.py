@@ -21,8 +21,8 @@ from tests.test_llava_model import overrides  # noqa: E402
 @pytest.fixture(scope="module")
 def official(tmp_path_factory):
     """An official-layout checkpoint (no ln_pre, avg pool, LN after pool, eps 1e-6, 16 channels; 32 px images →
-    a 4×4 latent → 2×2 tokens) converted by ``python -m encoder.convert`` with a tiny VAE."""
-    from encoder.convert import main as convert
+    a 4×4 latent → 2×2 tokens) converted by ``python -m encoder.export --from-open-clip`` with a tiny VAE."""
+    from encoder.export import main as convert
     from encoder.vae import build_random_vae, tiny_vae_config
 
     d = tmp_path_factory.mktemp("official")
@@ -33,7 +33,7 @@ def official(tmp_path_factory):
     (d / "ck" / "open_clip_config.json").write_text(json.dumps(oc))
     save_file(sd, str(d / "ck" / "open_clip_model.safetensors"))
     build_random_vae(tiny_vae_config()).save_pretrained(str(d / "vae"))
-    convert(["--checkpoint", str(d / "ck"), "--vae", str(d / "vae"), "--out", str(d / "export")])
+    convert(["--from-open-clip", str(d / "ck"), "--vae", str(d / "vae"), "--out", str(d / "export")])
     return d / "export", ref
 
 

@@ -58,8 +58,8 @@ def test_sample_cli_writes_adm_npz_and_grid(run, tmp_path):
     assert arr.dtype == np.uint8 and arr.shape == (9, 32, 32, 3)
     assert lab.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert (tmp_path / "s" / "samples_grid.png").is_file() and (tmp_path / "s" / "samples_info.json").is_file()
-    from eval.manifest import export_sha256, read_manifest
     from ov3common.checkpoint import CheckpointManager
+    from rae_generation.manifest import export_sha256, read_manifest
 
     m = read_manifest(out)  # the manifest beside the npz, checked against the file's sha256
     ckpt = CheckpointManager(run / "checkpoints").latest()
@@ -83,7 +83,7 @@ def test_autoguidance_with_an_earlier_checkpoint(run, tmp_path):
     torch.testing.assert_close(gen.sample_latents(y, steps=2, cfg_scale=1.0), plain.sample_latents(y, steps=2))
     with np.load(out) as f:
         assert f["arr_0"].shape == (3, 32, 32, 3)
-    from eval.manifest import manifest_path
+    from rae_generation.manifest import manifest_path
 
     m = json.loads(manifest_path(out).read_text())
     assert m["guidance"] == "autoguidance" and len(m["guide_checkpoint_sha256"]) == 64

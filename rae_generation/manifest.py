@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from eval.provenance import sha256_file
+from ov3common.checkpoint import sha256_file
 
 FORMAT = "ov3-sampling-manifest-1"
 PROTOCOL_FIELDS = ("weights", "sampler", "steps", "cfg_scale", "cfg_interval", "guidance", "per_class",

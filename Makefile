@@ -159,7 +159,7 @@ llava-predict: setup ## POPE + SeedBench (letter; answer ranking) of LLAVA_STAGE
 	pope="$(call cfg_get,$(EVAL_CONFIG),pope.path)"; seed="$(call cfg_get,$(EVAL_CONFIG),seedbench.path)"; \
 	for spec in "pope $$pope pope generate" "seedbench $$seed seedbench generate" "seedbench $$seed seedbench_rank rank"; do \
 		set -- $$spec; echo "== $$3 ($$1, $$2)"; \
-		$(PY) -m llava_bridge.predict --model "$$run" --benchmark $$1 --data "$$2" --protocol $$4 \
+		$(PY) -m eval.adapters --model "$$run" --benchmark $$1 --data "$$2" --protocol $$4 \
 			--out "$$run/$$3_predictions.jsonl" $(LLAVA_PRED) $(call goal_args,$@); \
 		$(PY) -m eval.score $$1 --predictions "$$run/$$3_predictions.jsonl" --out "$$run/$$3_scores.json"; done
 

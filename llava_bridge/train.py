@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 
-from llava_bridge import live_eval
 from llava_bridge.config import LlavaTrainConfig, check_inputs, training_arguments
 from llava_bridge.data import Collator, LlavaDataset
 from llava_bridge.feature_cache import build_feature_cache
@@ -20,7 +19,7 @@ from llava_bridge.model import MMSettings, attach_vision, load_lm, load_tokenize
 from llava_bridge.trainer import LlavaTrainer, find_resumable_checkpoint
 from llava_bridge.vision import build_vision_tower
 from ov3common.checkpoint import atomic_write_json
-from ov3common.config import ConfigError, parse_cli, save_config
+from ov3common.config import ConfigError, import_object, parse_cli, save_config
 from ov3common.dist import barrier, cleanup
 from ov3common.guard import TrainingDiverged
 from ov3common.images import SkipStats
@@ -150,8 +149,7 @@ def build(cfg):
     trainer.remove_callback(ProgressCallback)  # TrainProgress shows step / total, loss, samples/s and ETA instead
     trainer.remove_callback(PrinterCallback)  # the logs go to metrics.jsonl (and the progress line)
     if cfg.train.eval_every > 0:
-        trainer.add_callback(live_eval.callback(trainer, live_eval.load_subsets(cfg.eval), cfg.eval,
-                                                cfg.train.eval_every))
+        trainer.add_callback(import_object(cfg.eval.hook, "eval.hook")(trainer, cfg.eval, cfg.train.eval_every))
     resume = None
     if cfg.train.resume == "auto":
         resume = find_resumable_checkpoint(cfg.out_dir, quarantine=args.process_index == 0)

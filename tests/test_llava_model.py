@@ -187,7 +187,7 @@ def test_clip_tower_through_the_bridge(llava_world, clip_dir, tmp_path):
 
 def test_predict_writes_what_eval_score_reads(stage2, llava_world, tmp_path):
     from eval.score import score_file
-    from llava_bridge.predict import main as predict_main
+    from eval.adapters import main as predict_main
 
     rows = [{"question_id": str(i), "question": f"Is there a {s['shape']} in the image?", "answer": "yes",
              "image": s["image"], "category": c} for i, (s, c) in

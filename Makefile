@@ -122,7 +122,7 @@ bench-encoder: setup ## ViT step vs timm (S/2, B/2; fp32, bf16), MFU, compile, f
 	$(PY) -m encoder.bench $(call goal_args,$@)
 
 bench-data: setup ## streaming shards: samples/s vs open_clip's webdataset pipeline, start-up/RSS 10-1,000 shards, resume -> runs/bench_data/bench_data.md
-	$(PY) -m encoder.bench_data $(call goal_args,$@)
+	$(PY) -m eval.bench_data $(call goal_args,$@)
 
 rae-decoder: setup $(FID_WEIGHTS) ## a ViT decoder for a decoder-less encoder (DEC_CFG; RAE stage 1 on frozen noised z_u) -> <out_dir>/{export,summary.json}
 	$(NEED) $@ $(DEC_CFG) $(call goal_args,$@)

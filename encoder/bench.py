@@ -33,7 +33,7 @@ import torch
 from encoder.models import LatentViT, vit_config
 from ov3common.bench import interleaved, machine, ratio
 from ov3common.checkpoint import atomic_write_json
-from ov3common.config import parse_cli
+from ov3common.config import import_object, parse_cli
 from ov3common.log import count_flops, get_logger, measure_matmul_peak
 from ov3common.optim import build_adamw
 
@@ -69,6 +69,7 @@ class BenchConfig:
     rfid_max_images: int = 1000
     rfid_batch: int = 16
     rfid_weights: str = "weights/inception_fid/inception-2015-12-05-fidhelper.pth"
+    rfid_bench: str = "eval.bench_fid:encoder_bench_rfid"  # function(this config, device) -> the row (by name: eval)
     out: str = "runs/bench/encoder.json"
 
 
@@ -268,38 +269,6 @@ def frozen_vae(cfg: BenchConfig, device: torch.device) -> dict:
     return res
 
 
-def rfid_pipeline(cfg: BenchConfig, device: torch.device) -> dict:
-    """Images/s of eval's rFID pipeline (reconstruct, Inception features, FID, PSNR, SSIM, LPIPS), called through
-    its public ``eval.rfid.run_rfid``; one timed run after a warm-up call on a few images."""
-    import tempfile
-    import time
-
-    import eval.rfid as rfid
-    from encoder.export import write_random_export
-
-    tmp = Path(tempfile.mkdtemp(prefix="ov3_bench_rfid_"))
-    enc = Path(cfg.rfid_encoder)
-    trained = (enc / "config.json").is_file()
-    if not trained:
-        enc = write_random_export(tmp / "export", image_size=64)
-    paths = rfid.select_images(cfg.rfid_images, cfg.rfid_max_images)
-    lp = None
-    try:
-        lp = rfid.LPIPSMetric("alex", "auto", "", str(device))
-    except (FileNotFoundError, RuntimeError, ValueError) as e:  # no LPIPS weights at all: time the rest
-        log.warning("rFID bench without LPIPS: %s", e)
-    kw = dict(weights=cfg.rfid_weights, batch_size=cfg.rfid_batch, lpips=lp, cache_dir=None, device=str(device))
-    rfid.run_rfid(enc, paths[: min(len(paths), 2 * cfg.rfid_batch)], tmp / "warm", **kw)
-    t0 = time.perf_counter()
-    r = rfid.run_rfid(enc, paths, tmp / "run", **kw)
-    secs = time.perf_counter() - t0
-    return {"images": len(paths), "seconds": secs, "images_per_s": len(paths) / secs,
-            "encoder": str(cfg.rfid_encoder) if trained else "random tiny export (timing only)",
-            "image_size": r["image_size"], "lpips": "off" if lp is None else r.get("lpips_note", "on"),
-            "rfid": r["rfid"], "psnr": r["psnr"], "ssim": r["ssim"],
-            "pipeline": f"{rfid.__name__}.run_rfid (eval's pipeline as of this run)"}
-
-
 def _r(d: dict) -> str:
     return f"{d['median']:.3f} [{d['min']:.2f}–{d['max']:.2f}]"
 
@@ -395,7 +364,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"frozen VAE: cached latents {res['frozen_vae']['ov3_step']['speedup_cached']['median']:.2f}x; "
               f"bf16 encode {res['frozen_vae']['vae_precision']['encode_speedup']['bf16']['median']:.2f}x", flush=True)
     if cfg.rfid:
-        res["rfid"] = rfid_pipeline(cfg, dev)
+        res["rfid"] = import_object(cfg.rfid_bench, "rfid_bench")(cfg, dev)
         print(f"rFID pipeline: {res['rfid']['images']} images, {res['rfid']['images_per_s']:.1f} images/s", flush=True)
     res["machine"]["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
     res["markdown"] = markdown(res)

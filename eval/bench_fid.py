@@ -28,6 +28,9 @@ import numpy as np
 import torch
 
 from eval.inception import DEFAULT_WEIGHTS
+from ov3common.log import get_logger
+
+log = get_logger("eval.bench_fid")
 
 
 def photo_set(n: int, size: int = 256, seed: int = 0) -> np.ndarray:
@@ -168,6 +171,39 @@ def bench_bf16(n: int = 300, size: int = 96, weights: str | Path = DEFAULT_WEIGH
     out["shift"] = out["bf16"]["fid"] - out["fp32"]["fid"]
     out["bf16_allowed"] = abs(out["shift"]) < 0.01
     return out
+
+
+def encoder_bench_rfid(cfg, device: torch.device) -> dict:
+    """``make bench-encoder rfid=true``'s row (``encoder.bench`` calls it by name; ``cfg``: its ``BenchConfig``):
+    images/s of eval's rFID pipeline (reconstruct, Inception features, FID, PSNR, SSIM, LPIPS), called through its
+    public ``eval.rfid.run_rfid``; one timed run after a warm-up call on a few images."""
+    import tempfile
+    import time
+
+    import eval.rfid as rfid
+    from encoder.export import write_random_export
+
+    tmp = Path(tempfile.mkdtemp(prefix="ov3_bench_rfid_"))
+    enc = Path(cfg.rfid_encoder)
+    trained = (enc / "config.json").is_file()
+    if not trained:
+        enc = write_random_export(tmp / "export", image_size=64)
+    paths = rfid.select_images(cfg.rfid_images, cfg.rfid_max_images)
+    lp = None
+    try:
+        lp = rfid.LPIPSMetric("alex", "auto", "", str(device))
+    except (FileNotFoundError, RuntimeError, ValueError) as e:  # no LPIPS weights at all: time the rest
+        log.warning("rFID bench without LPIPS: %s", e)
+    kw = dict(weights=cfg.rfid_weights, batch_size=cfg.rfid_batch, lpips=lp, cache_dir=None, device=str(device))
+    rfid.run_rfid(enc, paths[: min(len(paths), 2 * cfg.rfid_batch)], tmp / "warm", **kw)
+    t0 = time.perf_counter()
+    r = rfid.run_rfid(enc, paths, tmp / "run", **kw)
+    secs = time.perf_counter() - t0
+    return {"images": len(paths), "seconds": secs, "images_per_s": len(paths) / secs,
+            "encoder": str(cfg.rfid_encoder) if trained else "random tiny export (timing only)",
+            "image_size": r["image_size"], "lpips": "off" if lp is None else r.get("lpips_note", "on"),
+            "rfid": r["rfid"], "psnr": r["psnr"], "ssim": r["ssim"],
+            "pipeline": f"{rfid.__name__}.run_rfid (eval's pipeline as of this run)"}
 
 
 def main(argv=None) -> int:

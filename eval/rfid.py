@@ -91,6 +91,23 @@ def run_rfid(encoder_dir: str | Path, images: str | Path | list[Path], out_dir: 
     return result
 
 
+def compare_decoders(cfg, export_dir: str | Path, source_dir: str | Path, source_has_decoder: bool,
+                     out: str | Path, device) -> dict:
+    """rFID + PSNR/SSIM (the harness's protocol) of a new decoder's export and of the source export's own decoder
+    (when it has one): ``make rae-decoder``'s comparison (``encoder.train_decoder`` calls it by name; ``cfg``: its
+    ``rfid`` section)."""
+    paths = select_images(cfg.images, cfg.max_images)
+    res = {}
+    for name, src in (("", export_dir), ("source/", source_dir)):
+        if name and not source_has_decoder:
+            continue
+        r = run_rfid(src, paths, Path(out) / f"rfid{'_source' if name else ''}", weights=cfg.weights or DEFAULT_WEIGHTS,
+                     batch_size=cfg.batch_size, cache_dir=cfg.cache_dir or None, device=str(device))
+        res.update({f"{name}rfid": r["rfid"], f"{name}rfid/psnr": r["psnr"], f"{name}rfid/ssim": r["ssim"],
+                    f"{name}rfid/n": r["n"]})
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m eval.rfid", description=__doc__.split("\n")[0])
     ap.add_argument("--encoder", required=True, help="encoder export folder")

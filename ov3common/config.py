@@ -259,9 +259,9 @@ def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:
 
 
 def import_object(spec: str, key: str = "spec"):
-    """The object a ``module:name`` string names (a hook in a config: ``eval.adapters:llava_predictor``); a
-    malformed spec or a missing name is a :class:`ConfigError` naming ``key``. This is how a lower layer calls
-    code of a higher one (a trainer's in-training evaluation in ``eval``) without importing it."""
+    """The object a ``module:name`` string names (a hook in a config: ``eval.adapters:llava_predictor``). This is how a
+    lower layer calls code of a higher one (a trainer's in-training evaluation in ``eval``) without importing it. A
+    malformed spec is a :class:`ConfigError`, a missing module or name an ``ImportError``; both name ``key``."""
     if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
         raise ConfigError(f"{key}: expected 'module:name', got {spec!r}")
     mod, name = spec.split(":")
@@ -269,8 +269,8 @@ def import_object(spec: str, key: str = "spec"):
         module = importlib.import_module(mod)
     except ModuleNotFoundError as e:
         if e.name and mod.startswith(e.name):  # the named module itself is missing (not one it imports)
-            raise ConfigError(f"{key}: no module {mod!r} (from {spec!r})") from e
+            raise ModuleNotFoundError(f"{key}: no module {mod!r} (from {spec!r})", name=e.name) from e
         raise
     if not hasattr(module, name):
-        raise ConfigError(f"{key}: module {mod!r} has no {name!r}")
+        raise ImportError(f"{key}: module {mod!r} has no {name!r}", name=mod)
     return getattr(module, name)

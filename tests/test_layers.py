@@ -132,3 +132,29 @@ def test_checker_finds_a_cycle_and_an_upward_import(tmp_path, late):
     g = graph(tmp_path, layers)
     assert cycles(g) == [["low.a", "low.b", "low.c"]]
     assert upward(g, layers) == [f"low.d:{2 if late else 1} imports top.e (top is not below low)"]
+
+
+def test_every_subprocess_a_test_starts_has_a_timeout():
+    """A hung child (torchrun, make) fails its test instead of stalling the suite: ``subprocess.run`` and friends get
+    ``timeout=``; a ``Popen`` is waited on with ``communicate(timeout=)`` or a deadline loop (tests/helpers.py)."""
+    bare = []
+    for f in sorted((ROOT / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "subprocess"
+                    and node.func.attr in ("run", "call", "check_call", "check_output")
+                    and not any(k.arg == "timeout" for k in node.keywords)):
+                bare.append(f"{f.relative_to(ROOT)}:{node.lineno}")
+    assert bare == []
+
+
+def test_no_test_skips_on_a_project_module():
+    """``pytest.importorskip`` is for optional third-party packages: a broken project module must fail, not skip."""
+    skips = []
+    for f in sorted((ROOT / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "importorskip" and node.args and isinstance(node.args[0], ast.Constant)
+                    and str(node.args[0].value).split(".")[0] in LAYERS):
+                skips.append(f"{f.relative_to(ROOT)}:{node.lineno}: {node.args[0].value}")
+    assert skips == []

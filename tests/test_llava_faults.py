@@ -17,6 +17,7 @@ from llava_bridge.trainer import find_resumable_checkpoint
 from ov3common.config import ConfigError, load_config
 from ov3common.guard import TrainingDiverged
 from ov3common.images import SkipStats
+from ov3common.toyworld import poison
 from tests.helpers import python_module, run_with_kills
 from tests.llava_fixtures import *  # noqa: F403 (pytest fixtures)
 from tests.test_llava_model import overrides
@@ -129,7 +130,6 @@ def test_main_returns_nonzero_on_divergence(llava_world, tmp_path, monkeypatch):
 
 
 def test_poisoned_llava_json_and_shard(word_tokenizer, llava_world, tmp_path):
-    poison = pytest.importorskip("ov3common.toyworld.poison")
     root = tmp_path / "images"
     manifest = poison.write_poisoned_llava(str(tmp_path / "poison.json"), str(root))
     shard_manifest = poison.write_poisoned_shard(str(tmp_path / "shard" / "shard-000000.tar"))

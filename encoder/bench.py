@@ -25,15 +25,22 @@ from __future__ import annotations
 import math
 import os
 import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import timm.models.vision_transformer as tv
+import timm.optim
 import torch
 
+from encoder.losses import LPIPSLoss, find_lpips_backbone
 from encoder.models import LatentViT, vit_config
+from encoder.ov3 import LossConfig, ModelConfig, OV3Model
+from encoder.vae import FLUX_VAE_CONFIG, FrozenVAE, build_random_vae, load_frozen_vae, tiny_vae_config
 from ov3common.bench import interleaved, machine, ratio
 from ov3common.checkpoint import atomic_write_json
 from ov3common.config import import_object, parse_cli
+from ov3common.images import center_crop_resize, decode_image, to_tensor_pm1
 from ov3common.log import count_flops, get_logger, measure_matmul_peak
 from ov3common.optim import build_adamw
 
@@ -87,7 +94,6 @@ def make_step(model: torch.nn.Module, forward, bf16: bool, device: torch.device,
 
 def timm_vit(vcfg, lat_side: int, device: torch.device) -> torch.nn.Module:
     """timm's ViT at our shape: patch 2 on 16-channel latents, no class token, mean pool → LayerNorm → Linear."""
-    import timm.models.vision_transformer as tv
 
     return tv.VisionTransformer(img_size=lat_side, patch_size=vcfg.patch_size, in_chans=vcfg.in_channels,
                                 num_classes=vcfg.embed_dim, global_pool="avg", embed_dim=vcfg.width,
@@ -117,8 +123,6 @@ def contenders(size: str, cfg: BenchConfig, device: torch.device, bf16: bool, co
 
 
 def vs_timm(size: str, precision: str, cfg: BenchConfig, device: torch.device, peak_probe: bool) -> dict:
-    import timm.optim
-
     bf16 = precision == "bf16"
     vcfg, ours, ref, f_ours, f_ref = contenders(size, cfg, device, bf16)
     steps = {"ours": make_step(ours, f_ours, bf16, device)}
@@ -151,8 +155,6 @@ def vs_timm(size: str, precision: str, cfg: BenchConfig, device: torch.device, p
 
 
 def compile_speedups(size: str, precision: str, cfg: BenchConfig, device: torch.device) -> dict:
-    import time
-
     bf16 = precision == "bf16"
     _, ours, ref, f_ours, f_ref = contenders(size, cfg, device, bf16)
     _, c_ours, c_ref, fc_ours, fc_ref = contenders(size, cfg, device, bf16, compiled=True)
@@ -178,10 +180,6 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def frozen_vae(cfg: BenchConfig, device: torch.device) -> dict:
-    from encoder.losses import LPIPSLoss, find_lpips_backbone
-    from encoder.ov3 import LossConfig, ModelConfig, OV3Model
-    from encoder.vae import FLUX_VAE_CONFIG, FrozenVAE, build_random_vae, load_frozen_vae, tiny_vae_config
-
     arch = {"flux": FLUX_VAE_CONFIG, "tiny": tiny_vae_config()}[cfg.vae_arch]
 
     def build(precision="fp32", channels_last=False):
@@ -240,8 +238,6 @@ def frozen_vae(cfg: BenchConfig, device: torch.device) -> dict:
     effect_on = (f"{res['vae']} on a random image" + ("" if cfg.vae_path else
                  " (random weights: not representative of a trained VAE)"))
     if cfg.vae_effect_path:  # the effect on outputs, measured on a trained VAE and real images
-        from ov3common.images import center_crop_resize, decode_image, to_tensor_pm1
-
         files = sorted(p for p in Path(cfg.vae_effect_images).iterdir() if p.suffix.lower() in (".png", ".jpg"))[:8]
         img = torch.stack([to_tensor_pm1(center_crop_resize(decode_image(p.read_bytes(), min_side=1), 64))
                            for p in files]).to(device)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from encoder.data import CACHE_FORMAT, ImageTextDecoder, Tokenize, shard_list, tokenizer_dir, vae_identity
 from encoder.train import Config
@@ -45,7 +46,6 @@ class CacheConfig(Config):
 
 def _done(path: Path, resolutions: list[int], ident: dict) -> dict | None:
     """The stored counts of a finished shard file written with the same VAE and resolutions, else None."""
-    from safetensors import safe_open
 
     if not path.is_file():
         return None

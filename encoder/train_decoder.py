@@ -32,7 +32,7 @@ from ov3common.data import ResumableSampler
 from ov3common.dist import all_reduce_mean, barrier, cleanup, init_distributed, step_seed, wrap_model
 from ov3common.guard import NonFiniteGuard
 from ov3common.images import BadSample, center_crop_resize, decode_image, save_image_grid, to_tensor_pm1
-from ov3common.log import MetricLogger, get_logger, progress
+from ov3common.log import MetricLogger, get_logger, progress, read_jsonl
 from ov3common.optim import build_adamw, warmup_cosine
 from ov3common.shards import expand_urls, index_tar, read_member
 
@@ -258,8 +258,6 @@ def train(cfg: Config) -> dict:
     if info.is_main:  # rows a killed attempt logged past the checkpoint we continue from (or all of them)
         keep = prog["step"] if loaded is not None else -1
         if metrics.path.is_file():
-            from ov3common.log import read_jsonl
-
             rows = [r for r in read_jsonl(metrics.path) if int(r.get("step", 0)) <= keep]
             C.atomic_write_text(metrics.path, "".join(json.dumps(r) + "\n" for r in rows))
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
+from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -82,7 +83,6 @@ def _is_diffusers_layout(sd: dict) -> bool:
 
 def convert_flux_vae_state_dict(sd: dict[str, Tensor], config: dict) -> dict[str, Tensor]:
     """FLUX ``ae.safetensors`` / LDM VAE keys → diffusers keys (diffusers' own single-file helper)."""
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
     return convert_ldm_vae_checkpoint(sd, config)
 

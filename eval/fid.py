@@ -48,6 +48,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch_fidelity.metric_fid import fid_features_to_statistics
+from torch_fidelity.metric_kid import kid_features_to_metric
+from torch_fidelity.metric_prc import prc_features_to_metric
 
 from eval.inception import (
     DEFAULT_WEIGHTS,
@@ -55,7 +58,10 @@ from eval.inception import (
     InceptionExtractor,
     weights_note,
 )
-from ov3common.checkpoint import sha256_file
+from eval.intervals import bootstrap
+from ov3common.checkpoint import atomic_write, atomic_write_json, sha256_file
+from ov3common.images import BadSample, decode_image
+from ov3common.log import progress
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 EXTRACTOR_VERSION = 2  # bump when features change (cache keys)
@@ -125,7 +131,6 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance (float64) of [N, D] features, by torch-fidelity."""
-    from torch_fidelity.metric_fid import fid_features_to_statistics
 
     if features.ndim != 2 or len(features) < 2:
         raise FidInputError(f"need at least 2 feature vectors for a covariance, got shape {features.shape}")
@@ -166,8 +171,6 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def _read_rgb(path: Path) -> np.ndarray:
-    from ov3common.images import BadSample, decode_image
-
     try:
         return np.asarray(decode_image(path.read_bytes(), min_side=1, max_aspect=1e9))
     except BadSample as e:
@@ -238,7 +241,6 @@ def extract(images: list[Path] | np.ndarray, weights: str | Path, batch_size: in
     'logits'?: [N, 1008]} from one pass; the same at any ``batch_size``. ``compile``: torch.compile (inductor,
     frozen weights; ~1.25x on this CPU after a ~20 s compile) — short batches are padded to ``batch_size`` with
     copies of their last image (features do not depend on the batch) and the copies dropped."""
-    from ov3common.log import progress
 
     ext = _extractor(str(weights), with_logits, str(device), fused, precision, compile)
     out: dict[str, list[np.ndarray]] = {}
@@ -271,8 +273,6 @@ def input_key(src: Path | list[Path] | np.ndarray, weights: str | Path, variant:
 
 
 def _save_cache(cache: Path, st: Stats) -> None:
-    from ov3common.checkpoint import atomic_write
-
     def write(tmp: str) -> None:
         with open(tmp, "wb") as fh:  # a file object: np.savez would append '.npz' to a path
             np.savez(fh, features=st.features, spatial=st.spatial, mu=st.mu, sigma=st.sigma, mu_s=st.mu_s,
@@ -381,7 +381,6 @@ def fid_interval(features: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray
     """Percentile bootstrap interval of FID over the samples (resampled with replacement; reference statistics
     fixed). Resampling duplicates images, which raises FID (its small-sample bias), so the interval can sit above
     the point value; compare rows by overlap, with the same n and n_boot."""
-    from eval.intervals import bootstrap
 
     f = np.asarray(features, np.float64)
 
@@ -400,8 +399,6 @@ def compute_metrics(fake: str | Path | list[Path] | np.ndarray, real: str | Path
                     bootstrap: int = 0, seed: int = 0) -> dict:
     """FID, sFID, IS, precision / recall (the ADM suite) and KID of ``fake`` vs ``real``; a JSON-able dict.
     ``bootstrap`` > 0: also a 95% bootstrap interval of FID over the fake samples (``fid_interval``)."""
-    from torch_fidelity.metric_kid import kid_features_to_metric
-    from torch_fidelity.metric_prc import prc_features_to_metric
 
     if not Path(weights).is_file():
         raise FidWeightsError(f"Inception weights not found: {weights} (build them with `make fid-weights`)")
@@ -478,8 +475,6 @@ def main(argv=None) -> int:
         return 2
     print(json.dumps(result, indent=2))
     if args.out:
-        from ov3common.checkpoint import atomic_write_json
-
         atomic_write_json(args.out, result)
     return 0
 

@@ -33,6 +33,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d
+from torch_fidelity.utils import create_feature_extractor
 
 from ov3common.checkpoint import sha256_file
 
@@ -159,7 +162,6 @@ def torchscript_features(ts: torch.jit.ScriptModule, images: torch.Tensor) -> tu
 
 def tf_extractor(weights_path: str | Path, features: tuple[str, ...] = ("2048",)):
     """torch-fidelity's ``inception-v3-compat`` extractor (CPU) loaded from a local weights file."""
-    from torch_fidelity.utils import create_feature_extractor
 
     if not Path(weights_path).is_file():
         raise FidWeightsError(f"Inception weights not found: {weights_path} (build them with `make fid-weights`)")
@@ -169,8 +171,6 @@ def tf_extractor(weights_path: str | Path, features: tuple[str, ...] = ("2048",)
 
 def fold_batch_norms(net: torch.nn.Module) -> torch.nn.Module:
     """Fold every BasicConv2d's batch norm into its convolution (torch's ``fuse_conv_bn_eval``), in place."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-    from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d
 
     for m in net.modules():
         if isinstance(m, BasicConv2d) and isinstance(m.bn, torch.nn.BatchNorm2d):

@@ -27,6 +27,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 from ov3common.checkpoint import sha256_file
 
 DATA_EXTS = (".jsonl", ".json", ".parquet", ".arrow", ".npz")
@@ -96,7 +98,6 @@ def identify(kind: str, path: str | Path, records: list[dict]) -> dict:
 
 def identify_reference(path: str | Path) -> dict:
     """Identity of a reference-statistics input (an ADM npz or an image folder): sha256 and image count."""
-    import numpy as np
 
     p = Path(path)
     if p.is_file() and p.suffix == ".npz":

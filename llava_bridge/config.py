@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transformers import TrainingArguments
+
 from ov3common.config import ConfigError, choice_field, path_field
 
 TUNES = ("projector", "full", "lora")
@@ -159,7 +161,6 @@ def check_attn(attn: str, key: str = "model.attn_implementation") -> None:
 def training_arguments(cfg, use_cpu: bool):
     """``TrainingArguments`` for ``cfg.train`` (create it BEFORE loading the LM: under ZeRO-3 it switches
     ``from_pretrained`` to partitioned loading)."""
-    from transformers import TrainingArguments
 
     t = cfg.train
     kw = dict(

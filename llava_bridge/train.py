@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback, set_seed
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from llava_bridge.config import LlavaTrainConfig, check_inputs, training_arguments
 from llava_bridge.data import Collator, LlavaDataset
@@ -75,8 +77,6 @@ class _MetricsCallback:
     progress (ov3common.log.TrainProgress: step / total, loss, samples/s, ETA) in place of the Trainer's bar."""
 
     def __init__(self, out_dir: str, log_every: int):
-        from transformers import TrainerCallback
-
         logger = MetricLogger(out_dir)
 
         class CB(TrainerCallback):
@@ -112,7 +112,6 @@ def build(cfg):
 
         deepspeed.init_distributed(dist_backend="gloo" if use_cpu else "nccl")
     args = training_arguments(cfg, use_cpu)
-    from transformers import set_seed
 
     set_seed(args.seed)
     m = cfg.model
@@ -144,7 +143,6 @@ def build(cfg):
         modality_lengths=ds.modality_lengths if cfg.data.group_by_modality_length else None,
         callbacks=[_MetricsCallback(cfg.out_dir, cfg.train.log_every).callback],
         sample_log=str(Path(cfg.out_dir) / "samples.jsonl") if cfg.train.log_indices else None)
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(ProgressCallback)  # TrainProgress shows step / total, loss, samples/s and ETA instead
     trainer.remove_callback(PrinterCallback)  # the logs go to metrics.jsonl (and the progress line)

@@ -27,6 +27,13 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from ov3common import dist as D
 from ov3common.log import get_logger
@@ -196,34 +203,26 @@ def _as_tuple(x: Any) -> Any:
 
 
 def _sd_options():
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
     return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Full (unsharded) CPU state dict with plain parameter names; works for plain, DDP and FSDP2 modules."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     return get_model_state_dict(model, options=_sd_options())
 
 
 def load_model_state(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
     set_model_state_dict(model, sd, options=_sd_options())
 
 
 def optim_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Optimizer state keyed by parameter names (portable across DDP/FSDP2 and world sizes)."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     return get_optimizer_state_dict(model, optimizer, options=_sd_options())
 
 
 def load_optim_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sd: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
     set_optimizer_state_dict(model, optimizer, sd, options=_sd_options())
 
 

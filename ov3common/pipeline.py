@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from ov3common.config import ConfigError, _read_yaml
+from ov3common.config import ConfigError, _read_yaml, check_paths, import_object, load_config
 
 __all__ = ["Stage", "STAGES", "read", "outputs", "missing_inputs", "main"]
 
@@ -223,7 +223,6 @@ def need(target: str, config: str, overrides: list[str], env: dict | None = None
 
 def check_config(target: str, config: str, overrides: list[str]) -> int:
     """Load ``config`` with its program's schema and check its paths; one line naming the key on failure."""
-    from ov3common.config import check_paths, import_object, load_config
 
     if target not in SCHEMAS:
         return 0

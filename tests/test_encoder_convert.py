@@ -10,15 +10,23 @@ from safetensors.torch import save_file
 
 pytest.importorskip("open_clip")  # dev extra: open_clip_torch==3.3.0
 
+from pathlib import Path
+
 from encoder.convert import (  # noqa: E402
     build_converted_vit,
     load_open_clip_checkpoint,
     load_open_clip_visual,
     open_clip_from_vit,
     open_clip_visual,
+    vit_config_from_open_clip,
 )
-from encoder.export import export_open_clip  # noqa: E402
+from encoder.export import (
+    export_open_clip,  # noqa: E402
+    load_encoder,
+    main,
+)
 from encoder.models import LatentViT, vit_config  # noqa: E402
+from encoder.vae import build_random_vae, tiny_vae_config
 
 TOL = 1e-5
 
@@ -238,9 +246,6 @@ def test_export_refuses_what_open_clip_cannot_express():
 
 
 def test_file_loading_and_from_open_clip_cli(tmp_path):
-    from encoder.export import load_encoder, main
-    from encoder.vae import build_random_vae, tiny_vae_config
-
     oc = oc_config(no_ln_pre=True, pool_type="avg", final_ln_after_pool=True, norm_kwargs={"eps": 1e-6})
     ref, sd = reference(oc)
     sd = {**sd, "logit_scale": torch.tensor(4.6), "text.token_embedding.weight": torch.zeros(10, 8)}
@@ -288,11 +293,9 @@ def test_new_head_options_validate():
 def test_every_clipa_config_open_clip_ships_is_accepted():
     """The lineage's configs as open_clip 3.3.0 ships them (CLIPA L/H/bigG, 224/336): tensor shapes from open_clip's
     own tower built on the meta device, the config read without a refusal."""
-    from pathlib import Path
 
     import open_clip
 
-    from encoder.convert import vit_config_from_open_clip
 
     files = sorted((Path(open_clip.__file__).parent / "model_configs").glob("*CLIPA*.json"))
     assert len(files) >= 6

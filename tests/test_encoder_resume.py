@@ -10,7 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from encoder.train import Config, train
 from ov3common.checkpoint import CheckpointManager
+from ov3common.config import load_config
 from ov3common.log import read_jsonl
 from tests.helpers import REPO, python_module, run_with_kills, subprocess_env
 from tests.test_encoder_train import TINY, stages, toy_root  # noqa: F401 (session fixture)
@@ -25,8 +27,6 @@ def args(root, out, *extra):
 
 def train_in_process(*argv):
     """The reference run in this process (imports already paid), single-threaded like the subprocesses."""
-    from encoder.train import Config, train
-    from ov3common.config import load_config
 
     threads = torch.get_num_threads()
     try:

@@ -8,12 +8,17 @@ import pytest
 import torch
 
 from eval import eval_all
+from eval.adapters import main as predict_main
 from eval.adapters import predict_answers, rank_answers
+from eval.benchmarks import load_image
 from eval.llava_live import load_subsets
+from eval.score import main as score_main
 from llava_bridge.config import LiveEvalConfig
-from llava_bridge.generate import generate_ids, rank_choices, score_continuations, tokenize_prompt
-from llava_bridge.model import load_llava
+from llava_bridge.conversation import generation_prompt
+from llava_bridge.generate import generate_ids, left_pad, rank_choices, score_continuations, tokenize_prompt
+from llava_bridge.model import MMSettings, attach_vision, load_llava, load_lm, load_tokenizer
 from llava_bridge.train import main
+from llava_bridge.vision import build_vision_tower
 from ov3common.config import ConfigError, load_config
 from ov3common.log import read_jsonl
 from tests.llava_fixtures import *  # noqa: F403 (pytest fixtures)
@@ -43,8 +48,6 @@ def live_run(llava_world, tmp_path_factory):
 def random_llava(llava_world, tmp_path_factory):
     """The tiny random LM + a random projector, saved as a stage-2 folder: untrained, so its answers vary from
     question to question (a trained toy model answers everything alike, which would make a comparison vacuous)."""
-    from llava_bridge.model import MMSettings, attach_vision, load_lm, load_tokenizer
-    from llava_bridge.vision import build_vision_tower
 
     out = tmp_path_factory.mktemp("random_llava")
     torch.manual_seed(0)
@@ -62,9 +65,6 @@ def subsets(llava_world):
 
 
 def test_in_training_eval_equals_offline_predict_and_score(live_run, llava_world, tmp_path):
-    from eval.adapters import main as predict_main
-    from eval.score import main as score_main
-
     logged = [r for r in read_jsonl(live_run / "metrics.jsonl") if "eval/pope_f1" in r]
     assert [r["step"] for r in logged] == [2, 4]
     for row in logged:
@@ -104,8 +104,6 @@ def test_eval_every_needs_a_benchmark(llava_world, tmp_path):
 
 def generation_scores(model, tok, images, prompts, batch_size, steps=3):
     """Greedy generation's per-step scores ``[n, steps, vocab]``, batched as ``generate_ids`` batches."""
-    from llava_bridge.conversation import generation_prompt
-    from llava_bridge.generate import left_pad
 
     out = []
     for s in range(0, len(prompts), batch_size):
@@ -122,7 +120,6 @@ def generation_scores(model, tok, images, prompts, batch_size, steps=3):
 def test_predictions_do_not_depend_on_batch_size(random_llava, subsets):
     """Batch 1 vs 8, left padding: POPE and SeedBench answers (generated letters) and answer ranking agree, and
     so do the numbers behind them (generation scores, choice log-likelihoods), which differ between questions."""
-    from eval.benchmarks import load_image
 
     model, tok = load_llava(random_llava)
     pope, seed = subsets["pope"][:8], subsets["seedbench"][:4]  # 4 questions x 4 choices = 16 continuations

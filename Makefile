@@ -149,7 +149,7 @@ llava-stage2: setup ## LLaVA stage 2 (LLAVA_STAGE2): LLM + projector on instruct
 	$(NEED) $@ $(LLAVA_STAGE2) $(call goal_args,$@)
 	$(TORCHRUN) -m llava_bridge.train --config $(LLAVA_STAGE2) $(call goal_args,$@)
 
-llava-lora: setup ## LLaVA stage 2 as LoRA (LLAVA_LORA; r 128, alpha 256; projector LR apart)
+llava-lora: setup ## LLaVA stage 2 as LoRA (LLAVA_LORA; r 128, alpha 256; projector LR train.mm_projector_lr)
 	$(NEED) $@ $(LLAVA_LORA) $(call goal_args,$@)
 	$(TORCHRUN) -m llava_bridge.train --config $(LLAVA_LORA) $(call goal_args,$@)
 
@@ -227,7 +227,7 @@ bench-rae: setup ## DiT-DH step vs RAE's own (RAE_SRC=...), vs diffusers DiT, sa
 BENCH_DIR ?= runs/bench
 RAE_SRC   ?=
 .PHONY: bench
-bench: data toy-vae fid-weights ## every bench in one go -> reports/bench.md (~40 min on 2 idle cores)
+bench: data toy-vae fid-weights ## every bench in one go -> reports/bench.md
 	$(PY) -m encoder.bench rfid=true vae_effect_path="$(call cfg_get,$(TOY_VAE_CFG),out_dir)" \
 		vae_effect_images=$(DATA)/images/val rfid_images=$(DATA)/images/val out=$(BENCH_DIR)/encoder.json $(call goal_args,$@)
 	RAE_SRC=$(RAE_SRC) $(PY) -m rae_generation.bench out=$(BENCH_DIR)/rae.json
@@ -273,7 +273,7 @@ BASELINE_RAE   := RAE_CACHE_CFG=configs/rae/cache_toy_baseline.yaml RAE_CFG=conf
 .PHONY: demo demo-baselines
 
 ##@ demo
-demo: setup ## install, build the toy world, run the whole chain on CPU (~26 min on 2 cores), write reports/
+demo: setup ## install, build the toy world, run the whole chain on CPU, write reports/ (step times: reports/demo_timings.tsv)
 	@mkdir -p reports && printf 'step\tseconds\n' > reports/demo_timings.tsv
 	@set -e; for step in $(DEMO_STEPS); do \
 		t0=$$(date +%s); echo "== make $$step"; $(MAKE) --no-print-directory $$step ARGS=; \
@@ -282,7 +282,7 @@ demo: setup ## install, build the toy world, run the whole chain on CPU (~26 min
 	@echo "demo done: reports/summary.md, reports/toyworld.md, step times in reports/demo_timings.tsv"
 	@echo "the baseline row's LLaVA / gFID columns: make demo-baselines"
 
-demo-baselines: setup ## after `make demo`: LLaVA + RAE on the baseline encoder (~16 min on 2 cores), then eval-all
+demo-baselines: setup ## after `make demo`: LLaVA + RAE on the baseline encoder, then eval-all
 	$(MAKE) --no-print-directory $(LLAVA_DEMO) NPROC=$(DEMO_NPROC) $(BASELINE_LLAVA) ARGS=
 	$(MAKE) --no-print-directory $(RAE_DEMO) NPROC=$(DEMO_NPROC) $(BASELINE_RAE) ARGS=
 	$(MAKE) --no-print-directory eval-all ARGS=

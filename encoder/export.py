@@ -1,4 +1,4 @@
-"""The frozen-encoder folder (DESIGN.md §5) and its ONE loader.
+"""The frozen-encoder folder (docs/design.md §5) and its ONE loader.
 
 Folder layout::
 
@@ -364,8 +364,8 @@ def import_open_clip(checkpoint: str | os.PathLike, vae_source: str, out_dir: st
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Write a frozen-encoder export folder (from a run, --random, or from an "
-                                             "official open_clip checkpoint with --from-open-clip), or with "
+    ap = argparse.ArgumentParser(description="Write a frozen-encoder export folder (docs/design.md §5) from a run, "
+                                             "--random, or an official open_clip checkpoint (--from-open-clip), or with "
                                              "--open-clip the visual tower in the official open_clip layout.")
     ap.add_argument("--run", help="training run folder (runs/toy/encoder): export its latest checkpoint")
     ap.add_argument("--checkpoint", default=None, help="a specific checkpoint folder of that run")

@@ -8,7 +8,7 @@ Checkpoint folder ``output_dir/checkpoint-N/`` (plain / DDP path):
   RNG        ``rng_state[_RANK].safetensors`` + ``.json``
   state      ``trainer_state.json`` (HF: step, epoch, log history) — written last, so its presence marks a
              complete checkpoint; ``skip_stats.json``.
-Under DeepSpeed the optimizer and RNG go to DeepSpeed's own ``global_stepN/`` files (torch pickles, see README).
+Under DeepSpeed the optimizer and RNG go to DeepSpeed's own ``global_stepN/`` files (torch pickles, see llava_bridge/README.md).
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ov3common.attention import ATTN_IMPLS
 from ov3common.config import choice_field, path_field
 
 
@@ -42,6 +43,7 @@ class ModelConfig:
     pos_embed: bool = True
     qk_norm: bool = False
     grad_ckpt: bool = False
+    attn: str = choice_field("sdpa", ATTN_IMPLS)  # sdpa | flash (flash-attn; CUDA bf16)
 
 
 @dataclass

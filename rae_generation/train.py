@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from ov3common import dist as D
+from ov3common.attention import set_attention_impl
 from ov3common.checkpoint import (
     CheckpointManager,
     atomic_write_json,
@@ -176,6 +177,7 @@ def train(cfg, info: D.DistInfo) -> Path:
     out, norm, mcfg, shift = prepare_run(cfg, data, info)
     torch.manual_seed(cfg.seed)
     model = DiTDH(mcfg).to(info.device)
+    set_attention_impl(model, cfg.model.attn)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     net = D.wrap_model(model, tc.strategy, info)
     if tc.compile:  # in place: parameter names, checkpoints, the EMA copy and the DDP wrapping are unchanged

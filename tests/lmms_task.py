@@ -85,7 +85,7 @@ def write_tasks(world: dict, out: Path) -> Path:
 def run_tiny_task(model_dir: str, world: dict, tmp: Path) -> dict:
     """Evaluate ``model_dir`` through lmms-eval's registry (model name ``openvision3_llava``): the generate_until
     task end to end with ``simple_evaluate``; loglikelihood with the requests lmms-eval builds for the
-    multiple-choice task (its evaluator stringifies tuple results in 0.7.3, see README)."""
+    multiple-choice task (its evaluator stringifies tuple results in 0.7.3, see llava_bridge/README.md)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_CACHE", str(tmp / "hf_datasets"))

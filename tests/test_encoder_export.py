@@ -1,4 +1,4 @@
-"""Export folder contract (DESIGN.md §5): export → load → identical outputs; clear errors."""
+"""Export folder contract (docs/design.md §5): export → load → identical outputs; clear errors."""
 
 import json
 import shutil

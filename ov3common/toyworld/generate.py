@@ -1,4 +1,4 @@
-"""Build the whole toy world under one directory (see BRIEF/README for the layout).
+"""Build the whole toy world under one directory (see ov3common/toyworld/README.md for the layout).
 
 Work is split into index ranges run by a process pool: workers render and write the image files, the parent
 writes the shards and JSONs in index order, so the output is byte-identical for any worker count, any chunk

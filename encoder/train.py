@@ -28,28 +28,18 @@ from encoder.data import (
     val_items,
 )
 from encoder.evaluate import evaluate
+from encoder.export import export_from_state
 from encoder.losses import LPIPSLoss
 from encoder.ov3 import LossConfig, ModelConfig, OV3Model
-from encoder.vae import FrozenVAE, build_random_vae, load_frozen_vae, tiny_vae_config
+from encoder.vae import VAEConfig, build_vae
 from ov3common import checkpoint as C
-from ov3common.config import choice_field, parse_cli, path_field, save_config, to_dict
+from ov3common.config import choice_field, parse_cli, save_config
 from ov3common.data import lockstep
 from ov3common.dist import all_reduce_mean, barrier, cleanup, init_distributed, step_seed, wrap_model
 from ov3common.guard import NonFiniteGuard
 from ov3common.images import SkipStats
 from ov3common.log import MetricLogger, TrainProgress, get_logger, read_jsonl
 from ov3common.optim import build_adamw, staged_warmup_cosine, warmup_cosine
-
-
-@dataclass
-class VAEConfig:
-    path: str = path_field("runs/toy/vae", "exists")  # diffusers folder or FLUX ae.safetensors
-    config: str = path_field("", "file")  # diffusers config.json for a single file (default: FLUX.1)
-    scaling_factor: float = 0.0  # 0: the VAE config's value (FLUX.1: 0.3611)
-    shift_factor: float = 0.0  # OV3 applies no shift
-    random_tiny: bool = False  # tests only: a random tiny VAE, `path` ignored
-    precision: str = "fp32"  # fp32 | bf16: encode/decode under bf16 autocast (effect measured by encoder.bench)
-    channels_last: bool = False  # NHWC weights/inputs for the VAE convolutions
 
 
 @dataclass
@@ -106,16 +96,6 @@ class Config:
     vae: VAEConfig = field(default_factory=VAEConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-
-
-def build_vae(vc: VAEConfig, device) -> FrozenVAE:
-    if vc.random_tiny:
-        return FrozenVAE(build_random_vae(tiny_vae_config()), scaling_factor=vc.scaling_factor or 1.0,
-                         precision=vc.precision, channels_last=vc.channels_last).to(device)
-    if not vc.path:
-        raise FileNotFoundError("vae.path: empty (set a local VAE folder/file, or `make toy-vae`)")
-    return load_frozen_vae(vc.path, vc.config or None, vc.scaling_factor or None, vc.shift_factor, vc.precision,
-                           vc.channels_last).to(device)
 
 
 def val_batches(cfg: Config, tokenize: Tokenize, resolution: int) -> list[dict]:
@@ -369,19 +349,6 @@ def train(cfg: Config) -> dict:
     metrics.close()
     barrier()
     return summary
-
-
-def export_from_state(sd: dict, cfg: Config, vae: FrozenVAE, export_dir: str) -> Path:
-    from encoder.export import export_encoder
-    from encoder.ov3 import build_vit
-
-    _, vit, dec = build_vit(cfg.model, vae.latent_channels)
-    vit.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("vit.")})
-    dec.load_state_dict({k[8:]: v for k, v in sd.items() if k.startswith("decoder.")})
-    copy = cfg.vae.random_tiny or Path(cfg.vae.path).is_dir()
-    return export_encoder(export_dir, vit, dec, vae.to("cpu"), cfg.train.stages[-1].resolution, cfg.loss.tau,
-                          copy_vae=copy, vae_source=None if copy else str(Path(cfg.vae.path).resolve()),
-                          vae_config=cfg.vae.config or None, extra={"trained_config": to_dict(cfg)})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,12 +27,12 @@ from encoder.export import FrozenEncoder, export_encoder, load_encoder
 from encoder.losses import LPIPSLoss, reconstruction_rows, token_noise
 from encoder.models import ViTDecoder, decoder_config_for
 from ov3common import checkpoint as C
-from ov3common.config import choice_field, parse_cli, path_field, save_config
+from ov3common.config import choice_field, import_object, parse_cli, path_field, save_config
 from ov3common.data import ResumableSampler
 from ov3common.dist import all_reduce_mean, barrier, cleanup, init_distributed, step_seed, wrap_model
 from ov3common.guard import NonFiniteGuard
 from ov3common.images import BadSample, center_crop_resize, decode_image, save_image_grid, to_tensor_pm1
-from ov3common.log import MetricLogger, get_logger, progress
+from ov3common.log import MetricLogger, get_logger, progress, read_jsonl
 from ov3common.optim import build_adamw, warmup_cosine
 from ov3common.shards import expand_urls, index_tar, read_member
 
@@ -100,6 +100,9 @@ class RFIDConfig:
     weights: str = ""  # FID Inception weights; empty: eval.fid's default (make fid-weights)
     cache_dir: str = "runs/fid_cache"  # Inception statistics of the originals, shared by both rFIDs ("": none)
     batch_size: int = 16
+    # the comparison, by name (encoder imports nothing of eval): function(this config, new export, source export,
+    # source has a decoder, out_dir, device) -> {"rfid": ..., "rfid/psnr": ..., "source/rfid": ...}
+    hook: str = "eval.rfid:compare_decoders"
 
 
 @dataclass
@@ -255,8 +258,6 @@ def train(cfg: Config) -> dict:
     if info.is_main:  # rows a killed attempt logged past the checkpoint we continue from (or all of them)
         keep = prog["step"] if loaded is not None else -1
         if metrics.path.is_file():
-            from ov3common.log import read_jsonl
-
             rows = [r for r in read_jsonl(metrics.path) if int(r.get("step", 0)) <= keep]
             C.atomic_write_text(metrics.path, "".join(json.dumps(r) + "\n" for r in rows))
 
@@ -360,31 +361,14 @@ def train(cfg: Config) -> dict:
         log.info("exported the encoder with the new decoder to %s", export_dir)
         C.atomic_write_json(out / "summary.json", summary)
         if cfg.rfid.images:
-            summary.update(compare_rfid(cfg, export_dir, enc.decoder is not None, out, info.device))
+            compare = import_object(cfg.rfid.hook, "rfid.hook")
+            summary.update(compare(cfg.rfid, export_dir, Path(cfg.encoder), enc.decoder is not None, out, info.device))
             C.atomic_write_json(out / "summary.json", summary)
         log.info("final: %s", summary)
     metrics.log(tr.steps, summary)
     metrics.close()
     barrier()
     return summary
-
-
-def compare_rfid(cfg: Config, export_dir: Path, source_has_decoder: bool, out: Path, device) -> dict:
-    """rFID + PSNR/SSIM (eval.rfid, the harness's protocol) of the new decoder and of the source export's."""
-    from eval.fid import DEFAULT_WEIGHTS
-    from eval.rfid import run_rfid, select_images
-
-    paths = select_images(cfg.rfid.images, cfg.rfid.max_images)
-    weights = cfg.rfid.weights or DEFAULT_WEIGHTS
-    res = {}
-    for name, src in (("", export_dir), ("source/", Path(cfg.encoder))):
-        if name and not source_has_decoder:
-            continue
-        r = run_rfid(src, paths, out / f"rfid{'_source' if name else ''}", weights=weights,
-                     batch_size=cfg.rfid.batch_size, cache_dir=cfg.rfid.cache_dir or None, device=str(device))
-        res.update({f"{name}rfid": r["rfid"], f"{name}rfid/psnr": r["psnr"], f"{name}rfid/ssim": r["ssim"],
-                    f"{name}rfid/n": r["n"]})
-    return res
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,7 +21,7 @@ command exits with status 1 after writing the report. Outputs: ``<out>/summary.j
 per-row folders (predictions, grids, JSON) and training-curve PNGs from the runs' ``metrics.jsonl``.
 
 Protocol (issue 14): a samples npz is scored only when it holds the number of samples the config asks for
-(``gfid.per_class`` x classes) and its sampling manifest (:mod:`eval.manifest`) matches the config's protocol
+(``gfid.per_class`` x classes) and its sampling manifest (:mod:`rae_generation.manifest`) matches the config's protocol
 (seed, and steps / cfg_scale when set); otherwise it is regenerated through ``gfid.sampler`` when the run can
 sample (``gfid.regenerate``), else refused with the reason — or scored and marked partial when
 ``gfid.allow_partial=true``. rFID likewise refuses a set smaller than ``rfid.max_images`` unless
@@ -32,7 +32,6 @@ says so) unless ``compare.allow_protocol_mismatch=true``. Every accuracy / F1 / 
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 import sys
@@ -42,10 +41,20 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from eval import benchmarks, gfid, provenance, score
 from eval.inception import DEFAULT_WEIGHTS
-from ov3common.config import ConfigError, choice_field, path_field
+from eval.intervals import Interval, compare
+from eval.provenance import identify_reference, sha256_file
+from eval.recon import LPIPSMetric
+from eval.report import TOY_DISCLAIMER, plot_curves, render_markdown
+from eval.rfid import run_rfid, select_images
+from ov3common.checkpoint import atomic_write_json, atomic_write_text
+from ov3common.config import ConfigError, choice_field, import_object, parse_cli, path_field, to_dict
+from ov3common.log import get_logger, read_jsonl
+from rae_generation.manifest import ManifestError, differences, mismatches, read_manifest
 
 
 @dataclass
@@ -161,18 +170,10 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "row"
 
 
-def _import(spec: str, what: str):
-    if ":" not in spec:
-        raise ValueError(f"{what}: expected 'module:function', got {spec!r}")
-    mod, fn = spec.split(":", 1)
-    return getattr(importlib.import_module(mod), fn)
-
-
 # ---------------------------------------------------------------------------------------------------- pieces
 def _records(bench: str, cfg, cache: dict) -> list[dict]:
     """The benchmark's records as configured (data type, limit); the whole file is identified once
     (:func:`eval.provenance.identify`: sha256, row counts, variant) into ``cache['identity'][bench]``."""
-    from eval import benchmarks, provenance
 
     bench = "seedbench" if bench == "seedbench_rank" else bench
     bc = getattr(cfg, bench)
@@ -188,8 +189,6 @@ def _records(bench: str, cfg, cache: dict) -> list[dict]:
 
 
 def run_understanding(bench: str, cfg, row: RowConfig, out: Path, device: str, cache: dict) -> dict:
-    from eval import benchmarks, score
-
     found = Path(row.llava) / f"{bench}_predictions.jsonl" if row.llava else None
     have_preds = found is not None and found.is_file()
     factory = None
@@ -199,8 +198,8 @@ def run_understanding(bench: str, cfg, row: RowConfig, out: Path, device: str, c
             raise Missing(f"no LLaVA run at {row.llava or '(row.llava not set)'}")
         what, spec = ("llava.ranker", cfg.llava.ranker) if rank else ("llava.predictor", cfg.llava.predictor)
         try:
-            factory = _import(spec, what)
-        except (ImportError, AttributeError) as e:
+            factory = import_object(spec, what)
+        except (ImportError, ConfigError) as e:
             raise Missing(f"{what} {spec} is not available ({e})") from e
     try:  # identifies the benchmark file (sha256, rows, variant) even when predictions exist
         records = _records(bench, cfg, cache)
@@ -232,7 +231,6 @@ def run_understanding(bench: str, cfg, row: RowConfig, out: Path, device: str, c
             result["question_mismatch"] = (f"{preds}: {len(scored)} questions, the configured benchmark has "
                                            f"{len(expected)} ({len(expected - scored)} missing, "
                                            f"{len(scored - expected)} not in it)")
-    from ov3common.checkpoint import atomic_write_json
 
     atomic_write_json(out / f"{bench}_scores.json", result)
     return result
@@ -252,10 +250,6 @@ def _export_has_decoder(path: str) -> None:
 
 
 def run_rfid_piece(cfg, row: RowConfig, out: Path, device: str, lpips_cache: dict, cache: dict) -> dict:
-    from eval.provenance import identify_reference
-    from eval.recon import LPIPSMetric
-    from eval.rfid import run_rfid, select_images
-
     _export_has_decoder(row.encoder)
     _need_weights(cfg)
     rc = cfg.rfid
@@ -294,9 +288,7 @@ def _gfid_protocol(cfg, num_classes: int) -> dict:
 
 def _check_samples(npz: Path, expected: dict) -> tuple[list[str], dict | None]:
     """Why a found samples file cannot be scored under the protocol ([] = it can), and its manifest."""
-    import numpy as np
 
-    from eval.manifest import ManifestError, mismatches, read_manifest
 
     with np.load(npz, allow_pickle=False) as z:
         n = int(z["arr_0"].shape[0]) if "arr_0" in z.files else 0
@@ -319,9 +311,6 @@ def _check_samples(npz: Path, expected: dict) -> tuple[list[str], dict | None]:
 
 
 def run_gfid_piece(cfg, row: RowConfig, out: Path, device: str, cache: dict) -> dict:
-    from eval import gfid
-    from eval.provenance import identify_reference
-
     _need_weights(cfg)
     g = cfg.gfid
     names, real = None, g.real
@@ -342,8 +331,6 @@ def run_gfid_piece(cfg, row: RowConfig, out: Path, device: str, cache: dict) -> 
             spec = Path(row.rae) / "generator.json"
             n_cls = len(json.loads(spec.read_text())["classes"]) if spec.is_file() else None
         if n_cls is None:
-            from eval.manifest import read_manifest
-
             n_cls = (read_manifest(samples) or {}).get("num_classes") or 0
         problems, _ = _check_samples(samples, _gfid_protocol(cfg, n_cls))
         if not n_cls:
@@ -380,8 +367,6 @@ def run_gfid_piece(cfg, row: RowConfig, out: Path, device: str, cache: dict) -> 
 def compare_rows(rows: list[dict], allow_mismatch: bool = False) -> list[dict]:
     """Every pair (first row vs each other row) for every metric with an interval: "no measurable difference" when
     the 95% intervals overlap; gFID pairs whose sampling manifests differ in a protocol field are refused."""
-    from eval.intervals import Interval, compare
-    from eval.manifest import differences
 
     metrics = [("SeedBench (img)", "seedbench", ("intervals", "image"), True),
                ("SeedBench rank", "seedbench_rank", ("intervals", "image"), True),
@@ -431,8 +416,6 @@ def _metrics_files(run_dir: str) -> list[Path]:
 
 def figures(cfg, out: Path) -> list[str]:
     """Training curves (one PNG per run kind, rows overlaid) + links to the grids."""
-    from eval.report import plot_curves
-    from ov3common.log import read_jsonl
 
     figs = []
     for kind, attr in (("encoder", "encoder_run"), ("llava", "llava"), ("rae", "rae")):
@@ -453,7 +436,6 @@ def figures(cfg, out: Path) -> list[str]:
 def run_manifest(summary: dict, cfg) -> dict:
     """What this evaluation read: benchmark files (sha256, rows, variant), the Inception weights, and every row's
     sampling manifest and reference-statistics hashes."""
-    from eval.provenance import sha256_file
 
     w = Path(cfg.fid.weights)
     rows = {}
@@ -471,10 +453,6 @@ def run_manifest(summary: dict, cfg) -> dict:
 
 def evaluate(cfg) -> dict:
     """Run everything available; returns the summary dict (also written to <out>/summary.{json,md})."""
-    from eval.report import TOY_DISCLAIMER, render_markdown
-    from ov3common.checkpoint import atomic_write_json, atomic_write_text
-    from ov3common.config import to_dict
-    from ov3common.log import get_logger
 
     log = get_logger("eval.eval_all")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
@@ -535,8 +513,6 @@ def evaluate(cfg) -> dict:
 
 
 def main(argv=None) -> int:
-    from ov3common.config import ConfigError, parse_cli
-
     try:
         cfg = parse_cli(EvalAllConfig, argv, default_config="configs/eval/toy.yaml")
     except ConfigError as e:

@@ -6,7 +6,10 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from eval.intervals import Interval
 from eval.recon import RANDOM_LABEL
+from ov3common.checkpoint import atomic_write
+from rae_generation.manifest import PROTOCOL_FIELDS
 
 TOY_DISCLAIMER = ("Toy-world numbers: they check that the pipeline runs end to end on tiny models and tiny sets; "
                   "they are not, and must never be presented as, paper numbers.")
@@ -22,7 +25,6 @@ def _num(v: object, digits: int, scale: float = 1.0) -> str | None:
 
 def _with_interval(v: object, iv: object, digits: int, scale: float = 1.0) -> str | None:
     """``12.3 [10.1, 14.5]`` when the 95% interval is known, else the point value."""
-    from eval.intervals import Interval
 
     point = _num(v, digits, scale)
     i = Interval.from_dict(iv if isinstance(iv, dict) else None)
@@ -144,8 +146,6 @@ def _benchmarks(summary: dict) -> list[str]:
 
 
 def _manifests(summary: dict) -> list[str]:
-    from eval.manifest import PROTOCOL_FIELDS
-
     out = []
     for row in summary.get("rows", []):
         g = (row.get("results", {}).get("gfid") or {})
@@ -256,7 +256,6 @@ def plot_curves(series: Sequence[tuple[str, list[dict]]], path: str | Path, titl
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ov3common.checkpoint import atomic_write
 
     keys = curve_keys(series, max_panels)
     if not keys:

@@ -23,9 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from llava_bridge import IMAGE_PLACEHOLDER
-from llava_bridge.conversation import BadRecord, normalize_turns, render
+from llava_bridge.conversation import BadRecord, normalize_turns, render, tokenize_rendered
+from llava_bridge.data import Collator
 from ov3common.config import parse_cli, path_field, save_config
 from ov3common.dist import seed_all
 from ov3common.log import MetricLogger, TrainProgress, get_logger
@@ -106,7 +108,6 @@ def corpus(paths: list[str], tokenizer, max_docs: int, captions: str = "") -> li
 
 def sft_samples(paths: list[str], tokenizer, captions: str, max_answer_words: int) -> list[dict]:
     """One sample per short-answer turn: ``[caption \n] question`` → answer, labels on the answer and ``</s>`` only."""
-    from llava_bridge.conversation import tokenize_rendered
 
     out = []
     for rec, context in _with_captions(paths, captions):
@@ -127,8 +128,6 @@ def sft_samples(paths: list[str], tokenizer, captions: str, max_answer_words: in
 
 
 def build_model(size: str, vocab: int, tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
     hidden, layers, heads, inter = SIZES[size]
@@ -171,7 +170,6 @@ def main(argv=None) -> int:
             raise FileNotFoundError(f"data.{i}: {p} does not exist — run `make data`")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    from transformers import AutoTokenizer
 
     seed_all(cfg.seed)
     tok = AutoTokenizer.from_pretrained(cfg.tokenizer)
@@ -194,8 +192,6 @@ def main(argv=None) -> int:
 
     fit(model, lm_batch, cfg.steps, cfg.lr, cfg.weight_decay, cfg.warmup, metrics, "loss", 0, "toy LLM")
     if cfg.sft_steps:
-        from llava_bridge.data import Collator
-
         samples = sft_samples(list(cfg.data), tok, cfg.captions, cfg.sft_max_answer_words)
         if not samples:
             raise ValueError(f"sft_steps={cfg.sft_steps} but {list(cfg.data)} hold no answers of at most "

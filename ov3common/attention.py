@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ov3common.config import ConfigError
+
 __all__ = ["ATTN_IMPLS", "FLASH_INSTALL", "attention", "check_attn_impl", "set_attention_impl", "uses_explicit_path"]
 
 ATTN_IMPLS = ("sdpa", "flash")
@@ -31,7 +33,6 @@ FLASH_INSTALL = "pip install flash-attn --no-build-isolation (or the project's e
 
 def check_attn_impl(impl: str, key: str = "model.attn") -> None:
     """``sdpa`` always; ``flash`` only where flash-attn imports (a :class:`ConfigError` naming ``key`` otherwise)."""
-    from ov3common.config import ConfigError
 
     if impl not in ATTN_IMPLS:
         raise ConfigError(f"{key}: {impl!r} is not one of {ATTN_IMPLS}")

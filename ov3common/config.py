@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +26,8 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf, read_write
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from ov3common.checkpoint import atomic_write_text
 
 __all__ = [
     "ConfigError",
@@ -35,6 +38,7 @@ __all__ = [
     "check_paths",
     "save_config",
     "to_dict",
+    "import_object",
 ]
 
 _PATH_KINDS = ("file", "dir", "exists")
@@ -251,6 +255,23 @@ def to_dict(cfg: DictConfig) -> dict:
 
 def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomically) beside the outputs."""
-    from ov3common.checkpoint import atomic_write_text
 
     atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def import_object(spec: str, key: str = "spec"):
+    """The object a ``module:name`` string names (a hook in a config: ``eval.adapters:llava_predictor``). This is how a
+    lower layer calls code of a higher one (a trainer's in-training evaluation in ``eval``) without importing it. A
+    malformed spec is a :class:`ConfigError`, a missing module or name an ``ImportError``; both name ``key``."""
+    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
+        raise ConfigError(f"{key}: expected 'module:name', got {spec!r}")
+    mod, name = spec.split(":")
+    try:
+        module = importlib.import_module(mod)
+    except ModuleNotFoundError as e:
+        if e.name and mod.startswith(e.name):  # the named module itself is missing (not one it imports)
+            raise ModuleNotFoundError(f"{key}: no module {mod!r} (from {spec!r})", name=e.name) from e
+        raise
+    if not hasattr(module, name):
+        raise ImportError(f"{key}: module {mod!r} has no {name!r}", name=mod)
+    return getattr(module, name)

@@ -16,7 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+from torchvision.utils import make_grid
+
+from ov3common.checkpoint import atomic_write
+from ov3common.dist import get_world_size
 
 __all__ = [
     "BadSample",
@@ -158,13 +163,11 @@ class SkipStats:
 
     def reduce(self) -> SkipStats:
         """Sum over ranks (a collective under torchrun)."""
-        from ov3common.dist import get_world_size
 
         out = SkipStats()
         if get_world_size() == 1:
             out.update(self)
             return out
-        import torch.distributed as dist
 
         parts: list = [None] * get_world_size()
         dist.all_gather_object(parts, (dict(self.skipped), dict(self.converted)))
@@ -242,10 +245,6 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8
                     min_tile: int = 96) -> None:
     """Save a PNG grid of images in [-1, 1]; optional text under each tile (``labels``) and at the left of each
     row (``row_labels``). Tiles smaller than ``min_tile`` px are enlarged (nearest neighbour) so they read."""
-    from torchvision.utils import make_grid
-
-    from ov3common.checkpoint import atomic_write
-
     images = images.detach().float().cpu()
     n, _, h, w = images.shape
     if min(h, w) < min_tile:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 __all__ = ["get_logger", "MetricLogger", "progress", "TrainProgress", "Throughput", "measure_matmul_peak", "matmul_rate",
@@ -233,7 +234,6 @@ def measure_matmul_peak(dtype: torch.dtype = torch.bfloat16, device: str | torch
 
 def count_flops(fn: Callable, *args, **kwargs) -> int:
     """Total FLOPs of one call (forward, and backward if ``fn`` runs it), counted by torch's FlopCounterMode."""
-    from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
         fn(*args, **kwargs)

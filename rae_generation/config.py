@@ -113,6 +113,9 @@ class InTrainEvalConfig:
     """gFID of K samples of the live EMA model every ``every`` steps (eval.intraining; = the offline number)."""
 
     every: int = 0  # 0: off
+    # the evaluator, by name (rae_generation imports nothing of eval): class(cfg.eval, ema, norm, shift, data,
+    # cfg.sample, device), called with no argument -> {"eval/...": number}
+    hook: str = "eval.intraining:RAEInTrainEval"
     real: str = path_field("", "exists")  # class-split folder, folder or npz of real images
     weights: str = path_field("", "file")  # FID Inception weights; "": make fid-weights' file
     per_class: int = 2  # K = per_class x classes

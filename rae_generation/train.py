@@ -36,7 +36,7 @@ from ov3common.checkpoint import (
     optim_state,
     restore_rng,
 )
-from ov3common.config import parse_cli, save_config, to_dict
+from ov3common.config import import_object, parse_cli, save_config, to_dict
 from ov3common.data import ResumableSampler
 from ov3common.guard import NonFiniteGuard, TrainingDiverged
 from ov3common.images import SkipStats
@@ -221,9 +221,8 @@ def train(cfg, info: D.DistInfo) -> Path:
     inject = set(tc.inject_nan_steps)
     in_train_eval = None
     if cfg.eval.every > 0 and info.is_main:  # gFID of the live EMA (eval.intraining: equals the offline number)
-        from eval.intraining import RAEInTrainEval
-
-        in_train_eval = RAEInTrainEval(cfg.eval, ema, norm, shift, data, cfg.sample, info.device)
+        in_train_eval = import_object(cfg.eval.hook, "eval.hook")(cfg.eval, ema, norm, shift, data, cfg.sample,
+                                                                  info.device)
     net.train()
     while step < tc.steps:
         sampler.set_epoch(epoch, consumed)

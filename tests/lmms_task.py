@@ -10,6 +10,8 @@ import json
 import os
 from pathlib import Path
 
+from llava_bridge.lmms_plugin import MODEL_ID, manifest
+
 UTILS = '''
 from PIL import Image
 
@@ -92,7 +94,6 @@ def run_tiny_task(model_dir: str, world: dict, tmp: Path) -> dict:
     from lmms_eval.models import MODEL_REGISTRY_V2, get_model
     from lmms_eval.tasks import TaskManager, get_task_dict
 
-    from llava_bridge.lmms_plugin import MODEL_ID, manifest
 
     via_entry_point = MODEL_ID in MODEL_REGISTRY_V2.list_model_names()
     if not via_entry_point:  # the project is not pip-installed in this interpreter: register by hand

@@ -1,3 +1,4 @@
+import importlib
 from dataclasses import dataclass, field
 
 import pytest
@@ -168,7 +169,6 @@ def test_empty_override_blanks_a_string():
     ("rae_generation.config:CacheConfig", "source", []), ("rae_generation.config:CacheConfig", "encoder", ["source"]),
     ("rae_generation.config:SampleConfig", "run", [])])
 def test_real_inputs_have_no_toy_default(schema, key, others, tmp_path):
-    import importlib
     mod, name = schema.split(":")
     cfg = load_config(getattr(importlib.import_module(mod), name), overrides=[f"{k}={tmp_path}" for k in others])
     with pytest.raises(ConfigError, match=rf"^{key}: required"):

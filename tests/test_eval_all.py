@@ -8,7 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
+from encoder.export import write_random_export
 from eval import eval_all, inception, report
+from ov3common.config import load_config
+from rae_generation.manifest import write_manifest
 
 PALETTE = torch.tensor([[1.0, -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, -1]])
 
@@ -61,7 +64,6 @@ def world(tmp_path_factory, request):
     (data / "seedbench").mkdir()
     (data / "seedbench" / "seedbench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in seed))
     runs = root / "runs"
-    from encoder.export import write_random_export
 
     write_random_export(runs / "enc" / "export", image_size=64)
     with open(runs / "enc" / "metrics.jsonl", "w") as f:
@@ -86,8 +88,6 @@ def world(tmp_path_factory, request):
 
 @pytest.mark.slow
 def test_eval_all_on_a_miniature_toy_world(world):
-    from ov3common.config import load_config
-
     root, weights = world
     d, r = root / "data", root / "runs"
     cfg = load_config(eval_all.EvalAllConfig, None, [
@@ -159,8 +159,6 @@ def test_config_errors(tmp_path, capsys):
 
 
 def test_unavailable_predictor_and_sampler_are_missing_not_errors(tmp_path):
-    from ov3common.config import load_config
-
     (tmp_path / "llava").mkdir()
     (tmp_path / "rae").mkdir()
     (tmp_path / "pope.jsonl").write_text(json.dumps(dict(question_id="1", question="q?", answer="yes",
@@ -177,8 +175,6 @@ def test_unavailable_predictor_and_sampler_are_missing_not_errors(tmp_path):
 
 
 def _npz(path: Path, n: int, manifest: dict | None = None) -> Path:
-    from eval.manifest import write_manifest
-
     path.parent.mkdir(parents=True, exist_ok=True)
     gen, _ = fake_sampler("", "cpu")
     labels = torch.arange(n) % 4
@@ -192,7 +188,6 @@ def _npz(path: Path, n: int, manifest: dict | None = None) -> Path:
 def test_gfid_refuses_too_few_samples_or_a_wrong_manifest(tmp_path):
     """No sampler for the run (no generator.json): a set below the protocol, without a manifest, or with a manifest
     that differs from the config is refused with the reason; with allow_partial it is scored and marked."""
-    from ov3common.config import load_config
 
     real = tmp_path / "classes"
     for i in range(4):
@@ -219,8 +214,6 @@ def test_gfid_refuses_too_few_samples_or_a_wrong_manifest(tmp_path):
 
 @pytest.mark.slow
 def test_gfid_allow_partial_scores_and_marks(tmp_path, world):
-    from ov3common.config import load_config
-
     root, weights = world
     _npz(tmp_path / "rae" / "samples.npz", 4)
     cfg = load_config(eval_all.EvalAllConfig, None, [

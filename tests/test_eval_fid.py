@@ -7,6 +7,8 @@ import pytest
 import scipy.linalg
 import torch
 from PIL import Image
+from skimage import data
+from torch_fidelity.metric_fid import fid_statistics_to_metric
 
 from eval import fid as F
 from eval import inception as I
@@ -79,8 +81,6 @@ def test_frechet_distance_equals_gaussian_closed_form(dim):
 
 
 def test_frechet_distance_parity_with_torch_fidelity_and_low_rank_path():
-    from torch_fidelity.metric_fid import fid_statistics_to_metric
-
     g = np.random.default_rng(1)
     f1 = g.normal(size=(20, 64)) * g.uniform(0.5, 2, 64)  # N < D: singular covariance
     f2 = g.normal(size=(300, 64)) + 0.3
@@ -195,8 +195,6 @@ def test_inception_score_is_adms_rule():
 
 
 def _photo_crops(n: int, size: int = 48, seed: int = 0) -> np.ndarray:
-    from skimage import data
-
     photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
     g = np.random.default_rng(seed)
     out = []

@@ -8,6 +8,7 @@ import inspect
 import re
 
 import pytest
+import transformers
 from packaging.requirements import Requirement
 from packaging.version import Version
 from transformers import Trainer, TrainingArguments
@@ -99,8 +100,6 @@ def compat_versions() -> tuple[str, str]:
 
 
 def test_pin_compat_versions_and_readme_agree():
-    import transformers
-
     spec = transformers_pin().specifier
     low, high = compat_versions()
     assert spec.contains(transformers.__version__), f"installed transformers {transformers.__version__} vs {spec}"

@@ -18,6 +18,9 @@ from dataclasses import asdict, dataclass
 from functools import partial
 
 import numpy as np
+from tqdm import tqdm
+
+from ov3common.log import progress
 
 from . import world
 from .evalsets import build_pope, build_seedbench
@@ -138,10 +141,7 @@ def _train_stats(cfg: ToyConfig, pool) -> ObjectStats:
 
 def _progress_bar(total: int, enabled: bool):
     if not enabled:
-        from tqdm import tqdm
-
         return tqdm(total=total, disable=True)
-    from ov3common.log import progress  # imported here: it imports torch, which workers do not need
 
     return progress(total=total, desc="toy world", unit="img", mininterval=1.0)
 

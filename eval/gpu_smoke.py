@@ -26,6 +26,7 @@ import torch
 
 from encoder.train import Config
 from eval import profile as P
+from ov3common.attention import set_attention_impl
 from ov3common.config import load_config
 from ov3common.log import measure_matmul_peak
 from ov3common.optim import build_adamw
@@ -84,6 +85,7 @@ def build(kind: str, config: str, batch: int, size: int, device: torch.device, t
         chans = 32 if tiny else 768
         flops = P.profile_dit(cfg, size, chans).flops
         model = P.dit_model(cfg, size, chans, device=device).train()
+        set_attention_impl(model, cfg.model.attn)
         x, y = torch.randn(batch, size, chans, device=device), torch.randint(0, 1000, (batch,), device=device)
         t = torch.rand(batch, device=device)
 

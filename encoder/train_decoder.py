@@ -188,7 +188,7 @@ def val_psnr(enc: FrozenEncoder, decoder: ViTDecoder | None, batches: list[Tenso
     if grid is not None:
         n = min(grid_n, len(rec0))
         save_image_grid(torch.cat([batches[0][:n].cpu(), rec0[:n]]), grid, nrow=n,
-                        labels=["original"] * n + ["reconstruction"] * n)
+                        row_labels=["original", "reconstruction"])
     return float(torch.cat(ps).mean())
 
 

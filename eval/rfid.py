@@ -79,7 +79,8 @@ def run_rfid(encoder_dir: str | Path, images: str | Path | list[Path], out_dir: 
                           precision=precision)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_image_grid(grid, out / "recon_grid.png", nrow=8)
+    save_image_grid(grid, out / "recon_grid.png", nrow=8,
+                    row_labels=["original", "reconstruction"] * (-(-len(grid) // 16)))
     result = {"rfid": fid["fid"], "sfid": fid.get("sfid"), "psnr": rm["psnr"], "ssim": rm["ssim"],
               "lpips": rm["lpips"], "lpips_note": rm["lpips_note"],
               "lpips_random_backbone": rm.get("lpips_random_backbone", False), "intervals": rm["intervals"],

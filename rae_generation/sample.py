@@ -209,17 +209,15 @@ def write_npz(path: str | Path, images: Tensor | np.ndarray, labels: Tensor | np
 
 def class_grid(images: Tensor, labels: Tensor, class_names: list[str], path: str | Path, columns: int = 8,
                max_classes: int = 64) -> None:
-    """PNG grid, one row per class (up to ``columns`` samples), the class name written under the row's first
-    tiles (one word per tile)."""
+    """PNG grid, one row per class (up to ``columns`` samples), the class name at the left of its row."""
     rows, names = [], []
     for c in sorted(set(labels.tolist()))[:max_classes]:
         sel = images[labels == c][:columns]
         if len(sel) < columns:
             sel = torch.cat([sel, torch.ones(columns - len(sel), *sel.shape[1:])])
         rows.append(sel)
-        words = class_names[c].replace("_", " ").split()
-        names += [words[i] if i < len(words) else "" for i in range(columns)]
-    save_image_grid(torch.cat(rows), path, nrow=columns, labels=names)
+        names.append(class_names[c].replace("_", " "))
+    save_image_grid(torch.cat(rows), path, nrow=columns, row_labels=names)
 
 
 def write_preview(out: Path, ema: DiTDH, norm: Normalizer, shift: float, data, scfg, device) -> None:

@@ -31,6 +31,8 @@ def test_encoder_in_training_eval_equals_checkpoint_eval(toy_root, tmp_path):  #
     assert offline["step"] == 2
     for k in ("val/psnr", "val/r1_i2t", "val/latent_l1", "val/n"):
         assert offline[k] == live[0][k], k  # the same function on the same weights and batches: exactly equal
+    print(f"encoder step 2: in-training {[live[0][k] for k in ('val/psnr', 'val/r1_i2t')]} "
+          f"offline {[offline[k] for k in ('val/psnr', 'val/r1_i2t')]}")
     final = encoder_checkpoint_eval(out)  # latest = step 4: the trainer's own final evaluation
     summary = [r for r in read_jsonl(out / "metrics.jsonl") if "psnr_gain_db" in r][0]
     assert final["step"] == 4 and final["val/psnr"] == summary["val/psnr"]
@@ -62,10 +64,12 @@ def test_rae_in_training_gfid_equals_checkpoint_and_eval_all(weights, tmp_path):
     assert live[2]["eval/gfid"] != live[4]["eval/gfid"]  # the model moved
     offline = rae_checkpoint_gfid(run, "step_00000002")
     assert offline["gfid"] == live[2]["eval/gfid"] and offline["n"] == 3
+    print(f"RAE step 2: in-training gFID {live[2]['eval/gfid']} offline {offline['gfid']}")
     ev = load_config(eval_all.EvalAllConfig, None, [
         f"out_dir={tmp_path / 'report'}", "pieces=[gfid]", "device=cpu", f"fid.weights={weights}",
         f"fid.cache_dir={cache}", "fid.bootstrap=0", f"gfid.real={imgs}", "gfid.real_per_class=0",
         "gfid.per_class=1", "gfid.seed=0", f"rows=[{{name: r, rae: {run}}}]"])
     row = eval_all.evaluate(ev)["rows"][0]
     assert row["results"]["gfid"]["gfid"] == live[4]["eval/gfid"]  # make eval-all on the latest checkpoint
+    print(f"RAE step 4: in-training gFID {live[4]['eval/gfid']} eval-all {row['results']['gfid']['gfid']}")
     assert row["results"]["gfid"]["manifest"]["checkpoint"].endswith("step_00000004/ema.safetensors")

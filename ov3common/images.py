@@ -147,6 +147,11 @@ class SkipStats:
         self.skipped: Counter = Counter()
         self.converted: Counter = Counter()
 
+    def reset(self) -> None:
+        """Zero every count (a new epoch)."""
+        self.skipped.clear()
+        self.converted.clear()
+
     def add(self, reason: str) -> None:
         self.skipped[reason] += 1
 

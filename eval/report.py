@@ -210,15 +210,16 @@ def _points(rows: list[dict], key: str) -> list[tuple[float, float]]:
 
 
 def curve_keys(series: Sequence[tuple[str, list[dict]]], max_panels: int = 12) -> list[str]:
-    """Metric keys worth a panel: numeric, with at least two points in one series (a one-off summary value draws
-    an empty panel), ordered by :data:`CURVE_ORDER` then by name."""
-    keys: set[str] = set()
+    """Metric keys worth a panel: numeric, with at least two points in one series (a one-off summary value next to
+    curves would draw a near-empty panel; when no key has two points, as after a one-step run, those single points
+    are drawn), ordered by :data:`CURVE_ORDER` then by name."""
+    counts: dict[str, int] = {}
     for _, rows in series:
         for k in {k for r in rows for k in r}:
-            if k in CURVE_SKIP or k in CURVE_HIDE or k in CURVE_MARKERS:
-                continue
-            if len(_points(rows, k)) >= 2:
-                keys.add(k)
+            if k not in CURVE_SKIP and k not in CURVE_HIDE and k not in CURVE_MARKERS:
+                counts[k] = max(counts.get(k, 0), len(_points(rows, k)))
+    least = 2 if any(n >= 2 for n in counts.values()) else 1
+    keys = {k for k, n in counts.items() if n >= least}
     rank = {k: i for i, k in enumerate(CURVE_ORDER)}
     return sorted(keys, key=lambda k: (rank.get(k, len(rank)), k))[:max_panels]
 

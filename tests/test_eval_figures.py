@@ -39,4 +39,5 @@ def test_smoothing_is_a_debiased_moving_average():
 def test_plot_writes_a_png(tmp_path):
     out = plot_curves([("OV3", encoder_rows()), ("baseline", encoder_rows()[:20])], tmp_path / "c.png", "encoder")
     assert out is not None and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert plot_curves([("x", [{"step": 1, "once": 1.0}])], tmp_path / "n.png", "t") is None
+    assert curve_keys([("x", [{"step": 1, "once": 1.0}])]) == ["once"]  # a one-step run: its point, drawn
+    assert plot_curves([("x", [{"step": 1, "note": "text"}])], tmp_path / "n.png", "t") is None

@@ -26,7 +26,7 @@ import torch
 
 from encoder.train import Config
 from eval import profile as P
-from ov3common.attention import set_attention_impl
+from ov3common.attention import check_attn_impl, set_attention_impl
 from ov3common.config import load_config
 from ov3common.log import measure_matmul_peak
 from ov3common.optim import build_adamw
@@ -180,6 +180,7 @@ def main(argv=None) -> int:
         print("make gpu-smoke: no CUDA GPU here (torch.cuda.is_available() is False); nothing was measured. "
               "Run it on a GPU machine (make setup TORCH=\"torch==X+cuXXX ...\").", file=sys.stderr)
         return 2
+    check_attn_impl(a.attn, "--attn")  # flash without flash-attn: one line naming the flag, before any model
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     peak, where = peak_flops(device)

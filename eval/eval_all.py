@@ -8,7 +8,7 @@ reconstruction weight 0) it runs, when the inputs exist:
     predictor ``llava.predictor = "module:function"`` (default :func:`eval.adapters.llava_predictor`) as
     ``function(run_dir, device, batch_size=, max_new_tokens=) -> predict`` with ``predict(records) -> list[str]``
     on the records of :mod:`eval.benchmarks`;
-  * SeedBench by answer ranking (piece ``seedbench_rank``, SEED-Bench's own protocol): scores
+  * SeedBench by likelihood ranking (ours; piece ``seedbench_rank``): scores
     ``<llava>/seedbench_rank_predictions.jsonl`` if present, else calls ``llava.ranker`` (default
     :func:`eval.adapters.llava_ranker`) as ``function(run_dir, device, batch_size=) -> predict``;
   * gFID: ``<rae>/samples/samples.npz`` (``make rae-sample``) or ``<rae>/samples.npz`` if present, else the
@@ -145,7 +145,8 @@ class EvalAllConfig:
     device: str = "auto"
     toy: bool = True
     rows: list[RowConfig] = field(default_factory=_default_rows)
-    pieces: list[str] = field(default_factory=lambda: ["seedbench", "seedbench_rank", "pope", "gfid", "rfid"])
+    pieces: list[str] = field(default_factory=lambda: ["seedbench", "seedbench_blind", "seedbench_rank", "pope",
+                                                                  "gfid", "toygen", "rfid"])
     fid: FidConfig = field(default_factory=FidConfig)
     lpips: LpipsConfig = field(default_factory=LpipsConfig)
     pope: PopeConfig = field(default_factory=PopeConfig)
@@ -181,7 +182,7 @@ def _records(bench: str, cfg, cache: dict) -> list[dict]:
     (:func:`eval.provenance.identify`: sha256, row counts, variant) into ``cache['identity'][bench]``."""
     from eval import benchmarks, provenance
 
-    bench = "seedbench" if bench == "seedbench_rank" else bench
+    bench = "seedbench" if bench.startswith("seedbench") else bench
     bc = getattr(cfg, bench)
     if bench not in cache:
         kw = dict(image_root=bc.image_root or None, split=bc.split)
@@ -201,6 +202,9 @@ def run_understanding(bench: str, cfg, row: RowConfig, out: Path, device: str, c
     have_preds = found is not None and found.is_file()
     factory = None
     rank = bench == "seedbench_rank"
+    base = "seedbench" if bench.startswith("seedbench") else bench
+    if not have_preds and bench == "seedbench_blind":  # the blind control: predictions on blank images only
+        raise Missing(f"no {found} (make llava-predict writes it: --blank-image)")
     if not have_preds:
         if not row.llava or not Path(row.llava).is_dir():
             raise Missing(f"no LLaVA run at {row.llava or '(row.llava not set)'}")
@@ -215,7 +219,7 @@ def run_understanding(bench: str, cfg, row: RowConfig, out: Path, device: str, c
         if not have_preds:
             raise
         records, cache.setdefault("identity", {})[bench.replace("_rank", "")] = None, {
-            "kind": bench, "path": str(getattr(cfg, bench.replace("_rank", "")).path), "warning":
+            "kind": bench, "path": str(getattr(cfg, base).path), "warning":
             f"the benchmark file could not be read, so the scored predictions are not identified: {e}"}
     if have_preds:
         preds = found
@@ -230,7 +234,7 @@ def run_understanding(bench: str, cfg, row: RowConfig, out: Path, device: str, c
         preds = benchmarks.write_predictions(records, cache[key](records), out / f"{bench}_predictions.jsonl")
     result = (score.score_file(bench, preds, cfg.pope.parser) if bench == "pope"
               else score.score_file("seedbench", preds))
-    identity = cache["identity"][bench.replace("_rank", "")]
+    identity = cache["identity"][base]
     result["benchmark_file"] = {k: identity.get(k) for k in ("path", "sha256", "rows", "variant", "warning")}
     if records is not None:
         expected = {r["question_id"] for r in records}
@@ -384,6 +388,22 @@ def run_gfid_piece(cfg, row: RowConfig, out: Path, device: str, cache: dict) -> 
     return res
 
 
+def run_toygen_piece(row: RowConfig) -> dict:
+    """The toy generation metrics of ``make rae-classacc`` (``<rae>/samples/samples_class_accuracy.json``): the toy
+    FID (in the feature space of a classifier trained on the toy world's classes) and the pixel classifier's class
+    accuracy of the decoded samples, each with its 95% interval. Read, not recomputed."""
+    path = Path(row.rae or ".") / "samples" / "samples_class_accuracy.json"
+    if not row.rae or not path.is_file():
+        raise Missing(f"no {path} (make rae-classacc)")
+    d = json.loads(path.read_text())
+    pix, tf = d.get("pixels") or {}, d.get("toy_fid")
+    if not tf or "sample_accuracy_interval" not in pix:
+        raise Missing(f"{path} has no toy FID / class-accuracy interval (rerun make rae-classacc)")
+    return {"toy_fid": tf["fid"], "toy_fid_interval": tf["interval"], "class_acc": pix["sample_accuracy"],
+            "class_acc_interval": pix["sample_accuracy_interval"], "n": d.get("num_samples"),
+            "num_real": tf.get("num_real"), "features": tf.get("features"), "source": str(path)}
+
+
 def compare_rows(rows: list[dict], allow_mismatch: bool = False) -> list[dict]:
     """Every pair (first row vs each other row) for every metric with an interval: "no measurable difference" when
     the 95% intervals overlap; gFID pairs whose sampling manifests differ in a protocol field are refused."""
@@ -391,11 +411,16 @@ def compare_rows(rows: list[dict], allow_mismatch: bool = False) -> list[dict]:
     from eval.manifest import differences
 
     metrics = [("SeedBench (img)", "seedbench", ("intervals", "image"), True),
+               ("SeedBench blind control (blank image)", "seedbench_blind", ("intervals", "image"), True),
                ("SeedBench rank", "seedbench_rank", ("intervals", "image"), True),
                ("POPE F1 (mean of categories)", "pope", ("intervals", "mean_f1"), True),
                ("POPE acc (mean of categories)", "pope", ("intervals", "mean_accuracy"), True),
-               ("gFID", "gfid", ("fid_interval",), False), ("rFID", "rfid", ("fid_interval",), False),
-               ("PSNR", "rfid", ("intervals", "psnr"), True), ("SSIM", "rfid", ("intervals", "ssim"), True)]
+               ("gFID", "gfid", ("fid_interval",), False),
+               ("toy FID (classifier features)", "toygen", ("toy_fid_interval",), False),
+               ("class accuracy of samples", "toygen", ("class_acc_interval",), True),
+               ("rFID", "rfid", ("fid_interval",), False),
+               ("PSNR", "rfid", ("intervals", "psnr"), True), ("SSIM", "rfid", ("intervals", "ssim"), True),
+               ("LPIPS", "rfid", ("intervals", "lpips"), False)]
 
     def interval(row: dict, piece: str, path: tuple[str, ...]) -> Interval | None:
         d = row.get("results", {}).get(piece)
@@ -497,14 +522,17 @@ def evaluate(cfg) -> dict:
         for piece in cfg.pieces:
             t = time.perf_counter()
             try:
-                if piece in ("pope", "seedbench", "seedbench_rank"):
+                if piece in ("pope", "seedbench", "seedbench_rank", "seedbench_blind"):
                     res = run_understanding(piece, cfg, row, rout, device, caches)
                 elif piece == "rfid":
                     res = run_rfid_piece(cfg, row, rout, device, lpips_cache, caches)
                 elif piece == "gfid":
                     res = run_gfid_piece(cfg, row, rout, device, caches)
+                elif piece == "toygen":
+                    res = run_toygen_piece(row)
                 else:
-                    raise ValueError(f"pieces: unknown piece {piece!r} (seedbench | seedbench_rank | pope | gfid | rfid)")
+                    raise ValueError(f"pieces: unknown piece {piece!r} "
+                                     "(seedbench | seedbench_rank | seedbench_blind | pope | gfid | toygen | rfid)")
                 entry["results"][piece] = res
                 log.info("%s / %s: done in %.0f s", row.name, piece, time.perf_counter() - t)
             except Missing as e:

@@ -64,6 +64,11 @@ class ToyLLMConfig:
     sft_batch_size: int = 64
     sft_lr: float = 3e-3
     sft_max_answer_words: int = 3
+    # synthetic 4-choice SFT samples: the toy world's SeedBench question generators on the scenes of these shards
+    # (webdataset folder; each sample's json has "scene" + the descriptions), with a description in the user turn
+    sft_mc_scenes: str = ""
+    sft_mc_samples: int = 0  # how many (0 = none); letters uniform
+    sft_mc_context: str = "recaption"  # the description in the user turn: recaption (detailed) | short_caption
 
 
 def _captions(path: str) -> dict[str, str]:
@@ -106,9 +111,7 @@ def corpus(paths: list[str], tokenizer, max_docs: int, captions: str = "") -> li
 
 def sft_samples(paths: list[str], tokenizer, captions: str, max_answer_words: int) -> list[dict]:
     """One sample per short-answer turn: ``[caption \n] question`` → answer, labels on the answer and ``</s>`` only."""
-    from llava_bridge.conversation import tokenize_rendered
-
-    out = []
+    keys, rendered = [], []
     for rec, context in _with_captions(paths, captions):
         try:
             turns = normalize_turns(rec["conversations"], has_image=bool(context))
@@ -119,11 +122,50 @@ def sft_samples(paths: list[str], tokenizer, captions: str, max_answer_words: in
                 continue
             q = q.replace(IMAGE_PLACEHOLDER, "").strip()
             user = f"{context}\n{q}" if context else q
-            ids, labels = tokenize_rendered(tokenizer, render("vicuna_v1", [("human", user), ("gpt", a)],
-                                                              tokenizer), str(rec.get("id")), 10_000)
-            out.append({"id": str(rec.get("id")), "input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
-                        "image": None})
+            keys.append(str(rec.get("id")))
+            rendered.append(render("vicuna_v1", [("human", user), ("gpt", a)], tokenizer))
+    return _tokenized(tokenizer, keys, rendered)
+
+
+def _tokenized(tokenizer, keys: list[str], rendered: list) -> list[dict]:
+    """SFT samples (labels on the answers only) of rendered one-turn conversations, tokenized in one batch."""
+    from llava_bridge.conversation import encode_chunks, tokenize_rendered
+
+    out = []
+    for key, r, enc in zip(keys, rendered, encode_chunks(tokenizer, rendered)):
+        ids, labels = tokenize_rendered(tokenizer, r, key, 10_000, encoded=enc)
+        out.append({"id": key, "input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "image": None})
     return out
+
+
+def mc_samples(scenes: str, tokenizer, n: int, context: str, seed: int = 0) -> list[dict]:
+    """``n`` 4-choice samples ``description \n question + lettered choices`` → letter, from the toy world's own
+    SeedBench generators (:mod:`ov3common.toyworld.questions`) on the scenes of the shards in ``scenes``."""
+    import glob
+
+    import numpy as np
+
+    from ov3common.shards import iter_tar
+    from ov3common.toyworld.questions import LETTERS, MC_GENERATORS, arrange, mc_prompt
+
+    urls = sorted(glob.glob(str(Path(scenes) / "*.tar")))
+    metas = [json.loads(s.members["json"]) for u in urls for s in iter_tar(u)]
+    if not metas:
+        raise FileNotFoundError(f"sft_mc_scenes: no webdataset shards with scenes under {scenes}")
+    rng = np.random.default_rng(seed)
+    gens = list(MC_GENERATORS.values())
+    keys, rendered = [], []
+    while len(keys) < n:
+        meta = metas[int(rng.integers(len(metas)))]
+        mc = gens[int(rng.integers(len(gens)))](meta["scene"], rng)
+        if mc is None:
+            continue
+        question, correct, wrong = mc
+        letter = int(rng.integers(4))
+        user = f"{meta[context]}\n{mc_prompt(question, arrange(correct, wrong, letter, rng))}"
+        keys.append(meta["key"])
+        rendered.append(render("vicuna_v1", [("human", user), ("gpt", LETTERS[letter])], tokenizer))
+    return _tokenized(tokenizer, keys, rendered)
 
 
 def build_model(size: str, vocab: int, tokenizer):
@@ -197,6 +239,8 @@ def main(argv=None) -> int:
         from llava_bridge.data import Collator
 
         samples = sft_samples(list(cfg.data), tok, cfg.captions, cfg.sft_max_answer_words)
+        if cfg.sft_mc_samples:
+            samples += mc_samples(cfg.sft_mc_scenes, tok, cfg.sft_mc_samples, cfg.sft_mc_context, cfg.seed)
         if not samples:
             raise ValueError(f"sft_steps={cfg.sft_steps} but {list(cfg.data)} hold no answers of at most "
                              f"{cfg.sft_max_answer_words} words")

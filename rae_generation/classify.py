@@ -40,6 +40,7 @@ class ClassifyConfig:
     npz: str = path_field("", "file")  # samples to score (arr_0 / arr_1); tokens: <stem>_tokens.safetensors
     RENAMED = {"out": "out_dir"}
     out_dir: str = "runs/toy/rae/classifier"
+    pixel_dir: str = ""  # where the pixel classifier is trained once and shared by every row ("" = out_dir)
     image_size: int = 64
     epochs: int = 4
     token_epochs: int = 15
@@ -49,6 +50,7 @@ class ClassifyConfig:
     retrain: bool = False
     # class names "<a>_<b>" (toy: colour_shape): also report how often each part is right, named by these
     factors: list[str] = field(default_factory=list)
+    fid_bootstrap: int = 200  # resamples of the toy FID's interval (0 = no toy FID)
 
 
 class ToyClassifier(nn.Module):
@@ -65,9 +67,13 @@ class ToyClassifier(nn.Module):
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(8 * w, num_classes)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def embed(self, x: Tensor) -> Tensor:
+        """The pooled features the head reads ``[B, 8 * width]`` (the toy FID's feature space)."""
         f = self.features(x)
-        return self.head(torch.cat([f.amax((2, 3)), f.mean((2, 3))], dim=1))
+        return torch.cat([f.amax((2, 3)), f.mean((2, 3))], dim=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.embed(x))
 
 
 class TokenClassifier(nn.Module):
@@ -136,6 +142,27 @@ def fit(model: nn.Module, x: Tensor, y: Tensor, epochs: int, cfg, augment, desc:
     return model.eval()
 
 
+@torch.no_grad()
+def embed(model: ToyClassifier, x: Tensor, batch: int = 256) -> np.ndarray:
+    model.eval()
+    return torch.cat([model.embed(_float(x[i:i + batch])) for i in range(0, len(x), batch)]).double().numpy()
+
+
+def classifier_fid(model: ToyClassifier, samples: Tensor, real: Tensor, n_boot: int, seed: int = 0) -> dict:
+    """"Toy FID": the Fréchet distance between the samples and the real val class split in the pooled feature space
+    of the pixel classifier (trained on the toy world's own classes, so its features see colour and shape where
+    Inception, trained on ImageNet photos, sees 64 px flat shapes as noise), with a bootstrap interval over the
+    samples (:func:`eval.fid.fid_interval`)."""
+    from eval.fid import fid_interval, frechet_distance, gaussian_stats
+
+    f, r = embed(model, samples), embed(model, real)
+    mu_r, sigma_r = gaussian_stats(r)
+    mu, sigma = gaussian_stats(f)
+    point = frechet_distance(mu, sigma, mu_r, sigma_r, features1=f)
+    return {"fid": point, "interval": fid_interval(f, mu_r, sigma_r, n_boot=n_boot, seed=seed, point=point),
+            "num_real": len(r), "features": f"ToyClassifier.embed ({f.shape[1]}-d)"}
+
+
 def _hflip(xb: Tensor, g: torch.Generator) -> Tensor:
     flip = torch.rand(len(xb), generator=g) < 0.5  # every toy shape is left-right symmetric
     return torch.where(flip[:, None, None, None], xb.flip(-1), xb)
@@ -160,7 +187,10 @@ def factor_accuracy(pred: Tensor, labels: Tensor, classes: list[str], factors: l
 
 
 def pixel_classifier(cfg, out: Path) -> tuple[ToyClassifier, dict]:
-    weights, info_path = out / "pixels.safetensors", out / "pixels.json"
+    """The pixel CNN (trained once in ``pixel_dir``, shared by every row so their toy FIDs share one feature space)
+    and its info; the encoder's reconstruction ceiling is kept per row in ``out``."""
+    shared = Path(cfg.pixel_dir) if cfg.pixel_dir else out
+    weights, info_path = shared / "pixels.safetensors", shared / "pixels.json"
     if weights.is_file() and info_path.is_file() and not cfg.retrain:
         info = json.loads(info_path.read_text())
         model = ToyClassifier(len(info["classes"]))
@@ -172,17 +202,19 @@ def pixel_classifier(cfg, out: Path) -> tuple[ToyClassifier, dict]:
         info = {"classes": classes, "val_accuracy_real": accuracy(model, vx, vy)[0], "epochs": cfg.epochs}
         save_safetensors(weights, model.state_dict())
         atomic_write_json(info_path, info)
-    if cfg.encoder and info.get("encoder") != str(Path(cfg.encoder).resolve()):
+    recon_path = out / "pixels_reconstructed.json"
+    rec = json.loads(recon_path.read_text()) if recon_path.is_file() else {}
+    if cfg.encoder and (rec.get("encoder") != str(Path(cfg.encoder).resolve()) or cfg.retrain):
         from encoder.export import load_encoder
 
         enc = load_encoder(cfg.encoder)
         vx, vy, _ = load_folder(cfg.val, cfg.image_size)
         recon = torch.cat([enc.decode(enc.encode(_float(vx[i:i + 128]))[0]) for i in range(0, len(vx), 128)])
-        info.update(val_accuracy_reconstructed=accuracy(model, recon, vy)[0], encoder=str(Path(cfg.encoder).resolve()),
-                    val_factor_accuracy_reconstructed=factor_accuracy(predict(model, recon), vy, info["classes"],
-                                                                      list(cfg.factors)))
-        atomic_write_json(info_path, info)
-    return model, info
+        rec = {"val_accuracy_reconstructed": accuracy(model, recon, vy)[0], "encoder": str(Path(cfg.encoder).resolve()),
+               "val_factor_accuracy_reconstructed": factor_accuracy(predict(model, recon), vy, info["classes"],
+                                                                    list(cfg.factors))}
+        atomic_write_json(recon_path, rec)
+    return model, {**info, **rec} if cfg.encoder else info
 
 
 def token_classifier(cfg, out: Path) -> tuple[TokenClassifier, Normalizer, dict]:
@@ -235,8 +267,18 @@ def main(argv=None) -> dict:
             imgs = imgs.round().clamp(0, 255).to(torch.uint8)
         acc, per_class = accuracy(pix, imgs, labels)
         parts = factor_accuracy(predict(pix, imgs), labels, classes, list(cfg.factors))
-        result["pixels"].update(sample_accuracy=acc, factor_accuracy=parts,
+        from eval.intervals import wilson
+
+        hits = int(round(acc * len(labels)))
+        result["pixels"].update(sample_accuracy=acc, sample_accuracy_interval=wilson(hits, len(labels)).to_dict(),
+                                factor_accuracy=parts,
                                 per_class={classes[c]: round(float(a), 3) for c, a in enumerate(per_class)})
+        if cfg.fid_bootstrap:
+            vx, _, _ = load_folder(cfg.val, cfg.image_size)
+            result["toy_fid"] = classifier_fid(pix, imgs, vx, cfg.fid_bootstrap, cfg.seed)
+            iv = result["toy_fid"]["interval"]
+            log.info("toy FID (pixel classifier features) of %d samples vs %d real val images: %.2f [%.2f, %.2f]",
+                     len(labels), len(vx), result["toy_fid"]["fid"], iv["low"], iv["high"])
         log.info("class accuracy of %d decoded samples (pixel classifier): %.3f (chance %.3f)%s", len(labels), acc,
                  1 / len(classes), "".join(f"; {k} right {v:.3f}" for k, v in parts.items()))
         tok_file = npz.with_name(npz.stem + "_tokens.safetensors")

@@ -36,3 +36,49 @@ def test_toy_llm_pretrain_then_sft_writes_a_loadable_model(llava_world, tmp_path
     assert model.config.hidden_size == 64
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("sft_loss" in r and torch.isfinite(torch.tensor(r["sft_loss"])) for r in rows)
+
+
+def test_batched_chunk_encoding_equals_one_by_one(word_tokenizer):
+    from llava_bridge.conversation import encode_chunks, render, tokenize_rendered
+
+    convs = [render("vicuna_v1", [("human", "<image>\nis it red ?"), ("gpt", "yes")], word_tokenizer),
+             render("vicuna_v1", [("human", "what color ?"), ("gpt", "red")], word_tokenizer)]
+    for r, enc in zip(convs, encode_chunks(word_tokenizer, convs)):
+        assert tokenize_rendered(word_tokenizer, r, "s", encoded=enc) == tokenize_rendered(word_tokenizer, r, "s")
+
+
+def test_mc_samples_ask_the_toy_worlds_questions_about_a_described_scene(tmp_path):
+    import io
+    import tarfile
+
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from llava_bridge.toy_llm import mc_samples
+    from ov3common.toyworld.text import recaption, short_caption
+    from ov3common.toyworld.tokenizer import save_tokenizer
+    from ov3common.toyworld.world import sample_scene
+
+    rng = np.random.default_rng(0)
+    shards = tmp_path / "wds"
+    shards.mkdir()
+    with tarfile.open(shards / "shard-000000.tar", "w") as tf:
+        for i in range(4):
+            scene = sample_scene(rng)
+            meta = json.dumps({"key": f"k{i}", "scene": scene, "short_caption": short_caption(scene),
+                               "recaption": recaption(scene, rng)}).encode()
+            info = tarfile.TarInfo(f"k{i}.json")
+            info.size = len(meta)
+            tf.addfile(info, io.BytesIO(meta))
+    save_tokenizer(str(tmp_path / "tok"))
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    samples = mc_samples(str(shards), tok, 40, "recaption")
+    assert len(samples) == 40 and {s["id"] for s in samples} <= {f"k{i}" for i in range(4)}
+    answers = []
+    for s in samples:
+        text = tok.decode(s["input_ids"])
+        assert "the image shows" in text and "answer with the option" in text and tok.unk_token not in text
+        learned = tok.decode([t for t in s["labels"].tolist() if t != IGNORE_INDEX])
+        assert learned.split()[0] in "ABCD" and learned.endswith("</s>")
+        answers.append(learned.split()[0])
+    assert len(set(answers)) == 4  # the right letter is uniform over A-D

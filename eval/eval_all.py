@@ -124,6 +124,15 @@ class GfidConfig:
 
 
 @dataclass
+class ToygenConfig:
+    """The toy world's generation metrics (piece ``toygen``, :mod:`eval.toygen`): samples <rae>/samples/samples.npz,
+    real images gfid.real (every image of the class split)."""
+    classifier: str = "runs/toy/rae/pixel_classifier"   # make rae-classacc's pixel classifier (its pixel_dir)
+    image_size: int = 64
+    bootstrap: int = 200      # resamples of the toy FID's interval
+
+
+@dataclass
 class CompareConfig:
     allow_protocol_mismatch: bool = False   # compare rows whose sampling manifests differ in a protocol field
 
@@ -154,6 +163,7 @@ class EvalAllConfig:
     llava: LlavaConfig = field(default_factory=LlavaConfig)
     rfid: RfidConfig = field(default_factory=RfidConfig)
     gfid: GfidConfig = field(default_factory=GfidConfig)
+    toygen: ToygenConfig = field(default_factory=ToygenConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
 
 
@@ -388,20 +398,21 @@ def run_gfid_piece(cfg, row: RowConfig, out: Path, device: str, cache: dict) -> 
     return res
 
 
-def run_toygen_piece(row: RowConfig) -> dict:
-    """The toy generation metrics of ``make rae-classacc`` (``<rae>/samples/samples_class_accuracy.json``): the toy
-    FID (in the feature space of a classifier trained on the toy world's classes) and the pixel classifier's class
-    accuracy of the decoded samples, each with its 95% interval. Read, not recomputed."""
-    path = Path(row.rae or ".") / "samples" / "samples_class_accuracy.json"
-    if not row.rae or not path.is_file():
-        raise Missing(f"no {path} (make rae-classacc)")
-    d = json.loads(path.read_text())
-    pix, tf = d.get("pixels") or {}, d.get("toy_fid")
-    if not tf or "sample_accuracy_interval" not in pix:
-        raise Missing(f"{path} has no toy FID / class-accuracy interval (rerun make rae-classacc)")
-    return {"toy_fid": tf["fid"], "toy_fid_interval": tf["interval"], "class_acc": pix["sample_accuracy"],
-            "class_acc_interval": pix["sample_accuracy_interval"], "n": d.get("num_samples"),
-            "num_real": tf.get("num_real"), "features": tf.get("features"), "source": str(path)}
+def run_toygen_piece(cfg, row: RowConfig, out: Path) -> dict:
+    """Toy FID + class accuracy of ``<rae>/samples/samples.npz`` (make rae-sample) in the feature space of the pixel
+    classifier ``toygen.classifier`` (make rae-classacc), against the real class split ``gfid.real``:
+    :mod:`eval.toygen`."""
+    from eval.toygen import toy_metrics
+    from ov3common.checkpoint import atomic_write_json
+
+    samples = Path(row.rae or ".") / "samples" / "samples.npz"
+    if not row.rae or not samples.is_file():
+        raise Missing(f"no {samples} (make rae-sample)")
+    if not (Path(cfg.toygen.classifier) / "pixels.safetensors").is_file():
+        raise Missing(f"no pixel classifier in {cfg.toygen.classifier} (make rae-classacc)")
+    res = toy_metrics(cfg.toygen.classifier, samples, cfg.gfid.real, cfg.toygen.image_size, cfg.toygen.bootstrap)
+    atomic_write_json(out / "toygen.json", res)
+    return res
 
 
 def compare_rows(rows: list[dict], allow_mismatch: bool = False) -> list[dict]:
@@ -529,7 +540,7 @@ def evaluate(cfg) -> dict:
                 elif piece == "gfid":
                     res = run_gfid_piece(cfg, row, rout, device, caches)
                 elif piece == "toygen":
-                    res = run_toygen_piece(row)
+                    res = run_toygen_piece(cfg, row, rout)
                 else:
                     raise ValueError(f"pieces: unknown piece {piece!r} "
                                      "(seedbench | seedbench_rank | seedbench_blind | pope | gfid | toygen | rfid)")

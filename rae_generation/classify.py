@@ -50,7 +50,6 @@ class ClassifyConfig:
     retrain: bool = False
     # class names "<a>_<b>" (toy: colour_shape): also report how often each part is right, named by these
     factors: list[str] = field(default_factory=list)
-    fid_bootstrap: int = 200  # resamples of the toy FID's interval (0 = no toy FID)
 
 
 class ToyClassifier(nn.Module):
@@ -68,7 +67,7 @@ class ToyClassifier(nn.Module):
         self.head = nn.Linear(8 * w, num_classes)
 
     def embed(self, x: Tensor) -> Tensor:
-        """The pooled features the head reads ``[B, 8 * width]`` (the toy FID's feature space)."""
+        """The pooled features the head reads ``[B, 8 * width]`` (eval.toygen's toy-FID feature space)."""
         f = self.features(x)
         return torch.cat([f.amax((2, 3)), f.mean((2, 3))], dim=1)
 
@@ -146,21 +145,6 @@ def fit(model: nn.Module, x: Tensor, y: Tensor, epochs: int, cfg, augment, desc:
 def embed(model: ToyClassifier, x: Tensor, batch: int = 256) -> np.ndarray:
     model.eval()
     return torch.cat([model.embed(_float(x[i:i + batch])) for i in range(0, len(x), batch)]).double().numpy()
-
-
-def classifier_fid(model: ToyClassifier, samples: Tensor, real: Tensor, n_boot: int, seed: int = 0) -> dict:
-    """"Toy FID": the Fréchet distance between the samples and the real val class split in the pooled feature space
-    of the pixel classifier (trained on the toy world's own classes, so its features see colour and shape where
-    Inception, trained on ImageNet photos, sees 64 px flat shapes as noise), with a bootstrap interval over the
-    samples (:func:`eval.fid.fid_interval`)."""
-    from eval.fid import fid_interval, frechet_distance, gaussian_stats
-
-    f, r = embed(model, samples), embed(model, real)
-    mu_r, sigma_r = gaussian_stats(r)
-    mu, sigma = gaussian_stats(f)
-    point = frechet_distance(mu, sigma, mu_r, sigma_r, features1=f)
-    return {"fid": point, "interval": fid_interval(f, mu_r, sigma_r, n_boot=n_boot, seed=seed, point=point),
-            "num_real": len(r), "features": f"ToyClassifier.embed ({f.shape[1]}-d)"}
 
 
 def _hflip(xb: Tensor, g: torch.Generator) -> Tensor:
@@ -267,18 +251,8 @@ def main(argv=None) -> dict:
             imgs = imgs.round().clamp(0, 255).to(torch.uint8)
         acc, per_class = accuracy(pix, imgs, labels)
         parts = factor_accuracy(predict(pix, imgs), labels, classes, list(cfg.factors))
-        from eval.intervals import wilson
-
-        hits = int(round(acc * len(labels)))
-        result["pixels"].update(sample_accuracy=acc, sample_accuracy_interval=wilson(hits, len(labels)).to_dict(),
-                                factor_accuracy=parts,
+        result["pixels"].update(sample_accuracy=acc, factor_accuracy=parts,
                                 per_class={classes[c]: round(float(a), 3) for c, a in enumerate(per_class)})
-        if cfg.fid_bootstrap:
-            vx, _, _ = load_folder(cfg.val, cfg.image_size)
-            result["toy_fid"] = classifier_fid(pix, imgs, vx, cfg.fid_bootstrap, cfg.seed)
-            iv = result["toy_fid"]["interval"]
-            log.info("toy FID (pixel classifier features) of %d samples vs %d real val images: %.2f [%.2f, %.2f]",
-                     len(labels), len(vx), result["toy_fid"]["fid"], iv["low"], iv["high"])
         log.info("class accuracy of %d decoded samples (pixel classifier): %.3f (chance %.3f)%s", len(labels), acc,
                  1 / len(classes), "".join(f"; {k} right {v:.3f}" for k, v in parts.items()))
         tok_file = npz.with_name(npz.stem + "_tokens.safetensors")

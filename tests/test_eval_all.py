@@ -80,11 +80,11 @@ def world(tmp_path_factory, request):
     (runs / "rae" / "samples").mkdir(parents=True)
     np.savez(runs / "rae" / "samples" / "samples.npz", arr_0=((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy(),
              arr_1=np.arange(4))
-    (runs / "rae" / "samples" / "samples_class_accuracy.json").write_text(json.dumps({  # make rae-classacc's output
-        "num_samples": 4, "pixels": {"sample_accuracy": 0.75, "sample_accuracy_interval": {
-            "value": 0.75, "low": 0.3, "high": 0.95, "method": "wilson", "n": 4}},
-        "toy_fid": {"fid": 3.5, "interval": {"value": 3.5, "low": 3.0, "high": 6.0, "method": "bootstrap", "n": 4},
-                    "num_real": 4, "features": "ToyClassifier.embed (256-d)"}}))
+    from ov3common.checkpoint import save_safetensors
+    from rae_generation.classify import ToyClassifier
+
+    save_safetensors(runs / "clf" / "pixels.safetensors", ToyClassifier(4).state_dict())  # make rae-classacc's
+    (runs / "clf" / "pixels.json").write_text(json.dumps({"classes": ["c0", "c1", "c2", "c3"]}))
     (runs / "rae_b").mkdir()
     weights = Path(request.config.cache.mkdir("eval_inception")) / "inception.pth"
     if not weights.is_file() or not inception.weights_note(weights).get("check", {}).get("passed"):
@@ -104,7 +104,8 @@ def test_eval_all_on_a_miniature_toy_world(world):
         f"pope.path={d / 'pope' / 'pope.jsonl'}", f"seedbench.path={d / 'seedbench' / 'seedbench.jsonl'}",
         f"rfid.images={d / 'images' / 'val'}", f"gfid.real={d / 'classes' / 'val'}", "gfid.per_class=1",
         "llava.predictor=tests.test_eval_all:fake_predictor", "llava.ranker=tests.test_eval_all:fake_ranker",
-        "gfid.sampler=tests.test_eval_all:fake_sampler",
+        "gfid.sampler=tests.test_eval_all:fake_sampler", f"toygen.classifier={r / 'clf'}", "toygen.image_size=32",
+        "toygen.bootstrap=20",
         f"rows=[{{name: OV3, encoder: {r / 'enc' / 'export'}, encoder_run: {r / 'enc'}, llava: {r / 'llava'},"
         f" rae: {r / 'rae'}}}, {{name: baseline, encoder: {r / 'nope'}, rae: {r / 'rae_b'}}}]",
     ])
@@ -114,8 +115,9 @@ def test_eval_all_on_a_miniature_toy_world(world):
                                    "rfid"} and not ov3["errors"]
     assert ov3["results"]["seedbench"]["image"] == 0.5  # the fake predictor always answers 'A'
     assert ov3["results"]["seedbench_blind"]["image"] == 0.0  # read from the file (never predicted)
-    assert ov3["results"]["toygen"]["toy_fid"] == 3.5 and ov3["results"]["toygen"]["class_acc"] == 0.75
-    assert "llava-predict" in base["missing"]["seedbench_blind"] and "rae-classacc" in base["missing"]["toygen"]
+    t = ov3["results"]["toygen"]  # the 4 samples in the pixel classifier's features, against the class split
+    assert t["n"] == 4 and t["num_real"] == 4 and t["toy_fid"] >= 0 and 0 <= t["class_acc"] <= 1
+    assert "llava-predict" in base["missing"]["seedbench_blind"] and "rae-sample" in base["missing"]["toygen"]
     assert ov3["results"]["seedbench_rank"]["image"] == 0.5  # the fake ranker always answers 'B'
     assert ov3["results"]["pope"]["overall"]["n"] == 6 and ov3["results"]["gfid"]["n"] == 4
     assert ov3["results"]["rfid"]["n"] == 4 and ov3["results"]["rfid"]["rfid"] > 0
@@ -130,7 +132,8 @@ def test_eval_all_on_a_miniature_toy_world(world):
     assert ("| Encoder | SeedBench (img) | SeedBench blind | SeedBench rank | POPE F1 | POPE acc | gFID | toy FID | "
             "class acc | rFID | PSNR | SSIM | LPIPS |" in md)
     assert report.TOY_DISCLAIMER in md and "| baseline | —[1] | —[2] | —[3] | —[4] | —[4] |" in md
-    assert "| 3.50 [3.00, 6.00] | 75.0 [30.0, 95.0] |" in md.split("| OV3 |")[1].split("\n")[0]
+    ov3_cells = md.split("| OV3 |")[1].split("\n")[0].split(" | ")
+    assert all("[" in c for c in ov3_cells[:-1]), ov3_cells  # an interval on every cell (LPIPS: † last)
     assert "- [6] baseline / rfid: no encoder export" in md
     assert " †" in md and "random backbone: not a real perceptual score" in md
     for f in ("curves_encoder.png", "curves_llava.png", "ov3/rfid/recon_grid.png", "ov3/gfid/samples_grid.png",

@@ -110,9 +110,13 @@ def test_class_accuracy_of_samples_pixels_and_tokens(run, tmp_path):
     assert 0 <= res["pixels"]["val_accuracy_reconstructed"] <= 1 and 0 <= res["pixels"]["sample_accuracy"] <= 1
     assert 0 <= res["tokens"]["sample_accuracy"] <= 1 and res["num_samples"] == 6
     assert (tmp_path / "samples_class_accuracy.json").is_file()
-    iv = res["pixels"]["sample_accuracy_interval"]  # Wilson interval of the class accuracy, and the toy FID
-    assert iv["low"] <= res["pixels"]["sample_accuracy"] <= iv["high"] and iv["n"] == 6
-    assert res["toy_fid"]["fid"] >= 0 and res["toy_fid"]["interval"]["n"] == 6
+    # eval-all's toygen piece: toy FID + class accuracy with intervals, in the features of that pixel classifier
+    from eval.toygen import toy_metrics
+
+    t = toy_metrics(tmp_path / "clf", out, root / "imgs", image_size=32, n_boot=20)
+    assert t["n"] == 6 and t["toy_fid"] >= 0 and t["toy_fid_interval"]["n"] == 6
+    assert abs(t["class_acc"] - res["pixels"]["sample_accuracy"]) < 1e-9
+    assert t["class_acc_interval"]["low"] <= t["class_acc"] <= t["class_acc_interval"]["high"]
 
 
 def test_factor_accuracy_counts_each_part():
@@ -125,16 +129,3 @@ def test_factor_accuracy_counts_each_part():
     with pytest.raises(ValueError, match="a_b"):
         factor_accuracy(pred, labels, ["red", "blue", "x", "y"], ["colour", "shape"])
 
-
-def test_toy_fid_in_classifier_features_sees_a_colour_shift():
-    from rae_generation.classify import ToyClassifier, classifier_fid
-
-    torch.manual_seed(0)
-    model = ToyClassifier(4, width=8)
-    real = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)
-    same = classifier_fid(model, real, real, n_boot=20)
-    assert abs(same["fid"]) < 1e-6 and same["num_real"] == 64
-    assert same["interval"]["low"] <= same["interval"]["high"] and same["interval"]["n"] == 64
-    shifted = (real.int() // 2).to(torch.uint8)  # darker images: features move, FID rises above the interval
-    far = classifier_fid(model, shifted, real, n_boot=20)
-    assert far["fid"] > same["interval"]["high"] and far["interval"]["low"] > same["interval"]["high"]

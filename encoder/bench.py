@@ -25,15 +25,22 @@ from __future__ import annotations
 import math
 import os
 import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import timm.models.vision_transformer as tv
+import timm.optim
 import torch
 
+from encoder.losses import LPIPSLoss, find_lpips_backbone
 from encoder.models import LatentViT, vit_config
+from encoder.ov3 import LossConfig, ModelConfig, OV3Model
+from encoder.vae import FLUX_VAE_CONFIG, FrozenVAE, build_random_vae, load_frozen_vae, tiny_vae_config
 from ov3common.bench import interleaved, machine, ratio
 from ov3common.checkpoint import atomic_write_json
-from ov3common.config import parse_cli
+from ov3common.config import import_object, parse_cli
+from ov3common.images import center_crop_resize, decode_image, to_tensor_pm1
 from ov3common.log import count_flops, get_logger, measure_matmul_peak
 from ov3common.optim import build_adamw
 
@@ -69,6 +76,7 @@ class BenchConfig:
     rfid_max_images: int = 1000
     rfid_batch: int = 16
     rfid_weights: str = "weights/inception_fid/inception-2015-12-05-fidhelper.pth"
+    rfid_bench: str = "eval.bench_fid:encoder_bench_rfid"  # function(this config, device) -> the row (by name: eval)
     out: str = "runs/bench/encoder.json"
 
 
@@ -86,7 +94,6 @@ def make_step(model: torch.nn.Module, forward, bf16: bool, device: torch.device,
 
 def timm_vit(vcfg, lat_side: int, device: torch.device) -> torch.nn.Module:
     """timm's ViT at our shape: patch 2 on 16-channel latents, no class token, mean pool → LayerNorm → Linear."""
-    import timm.models.vision_transformer as tv
 
     return tv.VisionTransformer(img_size=lat_side, patch_size=vcfg.patch_size, in_chans=vcfg.in_channels,
                                 num_classes=vcfg.embed_dim, global_pool="avg", embed_dim=vcfg.width,
@@ -116,8 +123,6 @@ def contenders(size: str, cfg: BenchConfig, device: torch.device, bf16: bool, co
 
 
 def vs_timm(size: str, precision: str, cfg: BenchConfig, device: torch.device, peak_probe: bool) -> dict:
-    import timm.optim
-
     bf16 = precision == "bf16"
     vcfg, ours, ref, f_ours, f_ref = contenders(size, cfg, device, bf16)
     steps = {"ours": make_step(ours, f_ours, bf16, device)}
@@ -150,8 +155,6 @@ def vs_timm(size: str, precision: str, cfg: BenchConfig, device: torch.device, p
 
 
 def compile_speedups(size: str, precision: str, cfg: BenchConfig, device: torch.device) -> dict:
-    import time
-
     bf16 = precision == "bf16"
     _, ours, ref, f_ours, f_ref = contenders(size, cfg, device, bf16)
     _, c_ours, c_ref, fc_ours, fc_ref = contenders(size, cfg, device, bf16, compiled=True)
@@ -177,10 +180,6 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def frozen_vae(cfg: BenchConfig, device: torch.device) -> dict:
-    from encoder.losses import LPIPSLoss, find_lpips_backbone
-    from encoder.ov3 import LossConfig, ModelConfig, OV3Model
-    from encoder.vae import FLUX_VAE_CONFIG, FrozenVAE, build_random_vae, load_frozen_vae, tiny_vae_config
-
     arch = {"flux": FLUX_VAE_CONFIG, "tiny": tiny_vae_config()}[cfg.vae_arch]
 
     def build(precision="fp32", channels_last=False):
@@ -239,8 +238,6 @@ def frozen_vae(cfg: BenchConfig, device: torch.device) -> dict:
     effect_on = (f"{res['vae']} on a random image" + ("" if cfg.vae_path else
                  " (random weights: not representative of a trained VAE)"))
     if cfg.vae_effect_path:  # the effect on outputs, measured on a trained VAE and real images
-        from ov3common.images import center_crop_resize, decode_image, to_tensor_pm1
-
         files = sorted(p for p in Path(cfg.vae_effect_images).iterdir() if p.suffix.lower() in (".png", ".jpg"))[:8]
         img = torch.stack([to_tensor_pm1(center_crop_resize(decode_image(p.read_bytes(), min_side=1), 64))
                            for p in files]).to(device)
@@ -266,38 +263,6 @@ def frozen_vae(cfg: BenchConfig, device: torch.device) -> dict:
                             "effect_vs_fp32": effect, "effect_measured_on": effect_on,
                             "timed_on": res["vae"]}
     return res
-
-
-def rfid_pipeline(cfg: BenchConfig, device: torch.device) -> dict:
-    """Images/s of eval's rFID pipeline (reconstruct, Inception features, FID, PSNR, SSIM, LPIPS), called through
-    its public ``eval.rfid.run_rfid``; one timed run after a warm-up call on a few images."""
-    import tempfile
-    import time
-
-    import eval.rfid as rfid
-    from encoder.export import write_random_export
-
-    tmp = Path(tempfile.mkdtemp(prefix="ov3_bench_rfid_"))
-    enc = Path(cfg.rfid_encoder)
-    trained = (enc / "config.json").is_file()
-    if not trained:
-        enc = write_random_export(tmp / "export", image_size=64)
-    paths = rfid.select_images(cfg.rfid_images, cfg.rfid_max_images)
-    lp = None
-    try:
-        lp = rfid.LPIPSMetric("alex", "auto", "", str(device))
-    except (FileNotFoundError, RuntimeError, ValueError) as e:  # no LPIPS weights at all: time the rest
-        log.warning("rFID bench without LPIPS: %s", e)
-    kw = dict(weights=cfg.rfid_weights, batch_size=cfg.rfid_batch, lpips=lp, cache_dir=None, device=str(device))
-    rfid.run_rfid(enc, paths[: min(len(paths), 2 * cfg.rfid_batch)], tmp / "warm", **kw)
-    t0 = time.perf_counter()
-    r = rfid.run_rfid(enc, paths, tmp / "run", **kw)
-    secs = time.perf_counter() - t0
-    return {"images": len(paths), "seconds": secs, "images_per_s": len(paths) / secs,
-            "encoder": str(cfg.rfid_encoder) if trained else "random tiny export (timing only)",
-            "image_size": r["image_size"], "lpips": "off" if lp is None else r.get("lpips_note", "on"),
-            "rfid": r["rfid"], "psnr": r["psnr"], "ssim": r["ssim"],
-            "pipeline": f"{rfid.__name__}.run_rfid (eval's pipeline as of this run)"}
 
 
 def _r(d: dict) -> str:
@@ -395,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"frozen VAE: cached latents {res['frozen_vae']['ov3_step']['speedup_cached']['median']:.2f}x; "
               f"bf16 encode {res['frozen_vae']['vae_precision']['encode_speedup']['bf16']['median']:.2f}x", flush=True)
     if cfg.rfid:
-        res["rfid"] = rfid_pipeline(cfg, dev)
+        res["rfid"] = import_object(cfg.rfid_bench, "rfid_bench")(cfg, dev)
         print(f"rFID pipeline: {res['rfid']['images']} images, {res['rfid']['images_per_s']:.1f} images/s", flush=True)
     res["machine"]["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
     res["markdown"] = markdown(res)

@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from encoder.data import CACHE_FORMAT, ImageTextDecoder, Tokenize, shard_list, tokenizer_dir, vae_identity
-from encoder.train import Config, build_vae
+from encoder.train import Config
+from encoder.vae import build_vae
 from ov3common.checkpoint import atomic_write_json, save_safetensors
 from ov3common.config import parse_cli
 from ov3common.dist import barrier, cleanup, init_distributed
@@ -44,7 +46,6 @@ class CacheConfig(Config):
 
 def _done(path: Path, resolutions: list[int], ident: dict) -> dict | None:
     """The stored counts of a finished shard file written with the same VAE and resolutions, else None."""
-    from safetensors import safe_open
 
     if not path.is_file():
         return None

@@ -15,15 +15,15 @@ or ``sin_cos_2d`` positions (both are the ``visual.positional_embedding`` table:
 Only ``visual.*`` tensors are converted (the rest is listed as skipped). The release ships no ViT decoder, so the
 export has ``decoder: null`` (``make rae-decoder`` trains one).
 
-    python -m encoder.convert --checkpoint DIR --vae /path/to/FLUX.1-dev/vae --out runs/ov3-b2/export
+    python -m encoder.export --from-open-clip DIR --vae /path/to/FLUX.1-dev/vae --out runs/ov3-b2/export
 
+(:func:`encoder.export.import_open_clip`: this module maps layouts, ``encoder.export`` writes the folders.)
 The other way, :func:`open_clip_from_vit` writes our ViT in that layout (``python -m encoder.export --open-clip``);
 :func:`open_clip_visual` builds open_clip's own ``VisionTransformer`` for such a config (the reference).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import NamedTuple
@@ -354,42 +354,3 @@ def load_open_clip_visual(folder: str | Path) -> nn.Module:
     visual = open_clip_visual(oc_cfg)
     visual.load_state_dict({k.removeprefix("visual."): v for k, v in sd.items() if k.startswith("visual.")})
     return visual.eval()
-
-
-def main(argv: list[str] | None = None) -> None:
-    from encoder.export import export_encoder
-    from encoder.vae import load_frozen_vae
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="folder with open_clip_config.json + weights")
-    ap.add_argument("--vae", required=True, help="local FLUX.1 VAE: diffusers folder or ae.safetensors")
-    ap.add_argument("--vae-config", default=None, help="diffusers VAE config.json for a single file (default FLUX.1)")
-    ap.add_argument("--scaling-factor", type=float, default=0.3611, help="latents = posterior.mean * this")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--copy-vae", action="store_true", help="copy the VAE into OUT/vae instead of referencing it")
-    a = ap.parse_args(argv)
-    for flag, p in (("--checkpoint", a.checkpoint), ("--vae", a.vae)):
-        if not Path(p).exists():
-            raise SystemExit(f"{flag}: path does not exist: {p}")
-    oc_cfg, sd = load_open_clip_checkpoint(a.checkpoint)
-    conv = build_converted_vit(oc_cfg, sd)
-    vae = load_frozen_vae(a.vae, a.vae_config, scaling_factor=a.scaling_factor, shift_factor=0.0)
-    if vae.latent_channels != conv.vit.cfg.in_channels:
-        raise SystemExit(f"--checkpoint: the tower reads {conv.vit.cfg.in_channels} channels, the VAE gives "
-                         f"{vae.latent_channels} (an RGB tower converts with build_converted_vit, but an encoder "
-                         "export puts the VAE in front)")
-    if conv.input_size % conv.vit.cfg.patch_size:
-        raise SystemExit(f"--checkpoint: input side {conv.input_size} is not a multiple of the patch")
-    image_size = conv.input_size * vae.downsample
-    out = export_encoder(a.out, conv.vit, None, vae, image_size, tau=0.0, copy_vae=a.copy_vae, vae_source=a.vae,
-                         vae_config=a.vae_config, extra={"source": str(Path(a.checkpoint).resolve()),
-                                                         "conversion_notes": conv.notes,
-                                                         "skipped_tensors": len(conv.skipped)})
-    for n in conv.notes:
-        print(f"note: {n}")
-    print(f"converted {len(sd) - len(conv.skipped)} visual tensors ({len(conv.skipped)} non-visual skipped), "
-          f"{image_size} px → {out}")
-
-
-if __name__ == "__main__":
-    main()

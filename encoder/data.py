@@ -35,7 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import Tensor
+from torchvision.transforms import InterpolationMode, RandomResizedCrop
+from torchvision.transforms import functional as TF
+from transformers import AutoTokenizer
 
 from ov3common.config import ConfigError, choice_field, path_field
 from ov3common.data import ShardStreams, StreamLoader, StreamSpec
@@ -132,8 +136,6 @@ class Tokenize:
     """HF tokenizer → ``[<s>] + ids + [</s>]`` truncated to ``max_len`` (pickles into workers)."""
 
     def __init__(self, tokenizer_dir: str, max_len: int):
-        from transformers import AutoTokenizer
-
         # one thread per data worker: the Rust tokenizer's own thread pool only adds contention there
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.tok = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -163,8 +165,6 @@ class Tokenize:
 def random_resized_crop(img, size: int, scale, ratio, seed: str):
     """torchvision's RandomResizedCrop (its own parameter sampler, seeded per sample) with bilinear,
     antialiased resizing (OpenVision's ``inception_crop(..., method="bilinear", antialias=True)``)."""
-    from torchvision.transforms import InterpolationMode, RandomResizedCrop
-    from torchvision.transforms import functional as TF
 
     gen = torch.random.default_generator  # CPU only: torch.manual_seed would also queue lazy CUDA/XPU seeding
     state = gen.get_state()
@@ -447,8 +447,6 @@ class LatentCache:
         self._open: OrderedDict = OrderedDict()
 
     def _shard(self, name: str):
-        from safetensors import safe_open
-
         h = self._open.get(name)
         if h is None:
             path = self.folder / f"{name}.safetensors"

@@ -63,5 +63,5 @@ def evaluate(model, batches: list[dict], grid_path: str | Path | None = None, gr
         src, rec = torch.cat(grid_src)[:grid_n], torch.cat(grid_rec)[:grid_n]
         n = src.shape[0]
         save_image_grid(torch.cat([src, rec]), grid_path, nrow=n,
-                        labels=["original"] * n + ["reconstruction"] * n)
+                        row_labels=["original", "reconstruction"])
     return out

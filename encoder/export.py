@@ -1,4 +1,4 @@
-"""The frozen-encoder folder (DESIGN.md §5) and its ONE loader.
+"""The frozen-encoder folder (docs/design.md §5) and its ONE loader.
 
 Folder layout::
 
@@ -14,6 +14,7 @@ Siblings only ever call :func:`load_encoder`.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -21,11 +22,23 @@ import tempfile
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from encoder.convert import (
+    CONFIG_FILE,
+    OPEN_CLIP_WEIGHT_FILES,
+    build_converted_vit,
+    load_open_clip_checkpoint,
+    open_clip_from_vit,
+)
 from encoder.models import DecoderConfig, LatentViT, ViTConfig, ViTDecoder, decoder_config_for, vit_config
-from encoder.vae import FrozenVAE, build_random_vae, load_frozen_vae, tiny_vae_config
+from encoder.ov3 import LossConfig, ModelConfig, build_vit
+from encoder.vae import FrozenVAE, VAEConfig, build_random_vae, build_vae, load_frozen_vae, tiny_vae_config
+from ov3common.checkpoint import CheckpointManager
+from ov3common.config import ConfigError, to_dict
 
 FORMAT = "openvision3-encoder"
 VERSION = 1
@@ -227,16 +240,23 @@ def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu",
 
 
 def _run_state(run_dir: str | os.PathLike, checkpoint: str | None = None):
-    """(config, model state dict) of a training run: its ``config.yaml`` + the latest valid (or given) checkpoint."""
-    from encoder.train import Config
-    from ov3common.checkpoint import CheckpointManager
-    from ov3common.config import load_config
+    """(config, model state dict) of a training run: its ``config.yaml`` + the latest valid (or given) checkpoint.
 
+    The config is the file as saved by the trainer with the parts an export builds from typed and closed
+    (``model``, ``loss``, ``vae``: an unknown or mistyped key there is an error naming it), so exporting does not
+    import the training stack."""
     run = Path(run_dir)
     cfg_path = run / "config.yaml"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"--run: missing {cfg_path} (not a training run folder?)")
-    cfg = load_config(Config, str(cfg_path))
+    cfg = OmegaConf.load(cfg_path)
+    for key, schema in (("model", ModelConfig), ("loss", LossConfig), ("vae", VAEConfig)):
+        typed = OmegaConf.structured(schema)
+        OmegaConf.set_struct(typed, True)
+        try:
+            cfg[key] = OmegaConf.merge(typed, cfg.get(key) or {})
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{cfg_path}: {key}: {e.msg}") from e
     loaded = CheckpointManager(run / "checkpoints").load(checkpoint)
     if loaded is None:
         raise FileNotFoundError(f"--run: no valid checkpoint under {run / 'checkpoints'}")
@@ -245,10 +265,20 @@ def _run_state(run_dir: str | os.PathLike, checkpoint: str | None = None):
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | None = None, checkpoint: str | None = None) -> Path:
     """Re-export a training run (its ``config.yaml`` + the latest valid, or the given, checkpoint)."""
-    from encoder.train import build_vae, export_from_state
-
     cfg, sd = _run_state(run_dir, checkpoint)
     return export_from_state(sd, cfg, build_vae(cfg.vae, "cpu"), out_dir or str(Path(run_dir) / "export"))
+
+
+def export_from_state(sd: dict, cfg, vae: FrozenVAE, export_dir: str) -> Path:
+    """Export a training run's model state ``sd``; ``cfg``: the run's config (``encoder.train.Config``, or a run's
+    ``config.yaml`` read by :func:`_run_state`): its model, loss.tau, vae and last stage's resolution."""
+    _, vit, dec = build_vit(cfg.model, vae.latent_channels)
+    vit.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("vit.")})
+    dec.load_state_dict({k[8:]: v for k, v in sd.items() if k.startswith("decoder.")})
+    copy = cfg.vae.random_tiny or Path(cfg.vae.path).is_dir()
+    return export_encoder(export_dir, vit, dec, vae.to("cpu"), cfg.train.stages[-1].resolution, cfg.loss.tau,
+                          copy_vae=copy, vae_source=None if copy else str(Path(cfg.vae.path).resolve()),
+                          vae_config=cfg.vae.config or None, extra={"trained_config": to_dict(cfg)})
 
 
 # ----------------------------------------------------------------------------- the open_clip layout
@@ -267,8 +297,6 @@ def export_open_clip(out_dir: str | os.PathLike, vit: LatentViT, image_size: int
     layout of the official releases; ``info`` (VAE reference, τ, ...) goes to the config's ``openvision3`` block,
     which open_clip ignores. Raises ``ValueError`` when the layout cannot reproduce ``vit`` (see
     ``encoder.convert.open_clip_from_vit``)."""
-    from encoder.convert import CONFIG_FILE, OPEN_CLIP_WEIGHT_FILES, open_clip_from_vit
-
     if image_size % downsample:
         raise ValueError(f"image size {image_size} is not a multiple of the VAE's {downsample}x")
     model_cfg, sd, notes = open_clip_from_vit(vit, image_size // downsample)
@@ -300,9 +328,6 @@ def open_clip_source(encoder_dir: str | None = None, run_dir: str | None = None,
             vae_ref["path"] = str((Path(encoder_dir) / vae_ref["path"]).resolve())
         info = {"vae": vae_ref, "tau": enc.tau, "source": str(Path(encoder_dir).resolve())}
         return enc.vit, enc.image_size, enc.downsample, info
-    from encoder.ov3 import build_vit
-    from encoder.train import build_vae
-
     cfg, sd = _run_state(run_dir, checkpoint)
     vae = build_vae(cfg.vae, "cpu")
     _, vit, _ = build_vit(cfg.model, vae.latent_channels)
@@ -312,10 +337,35 @@ def open_clip_source(encoder_dir: str | None = None, run_dir: str | None = None,
     return vit.eval(), cfg.train.stages[-1].resolution, vae.downsample, info
 
 
-def main(argv: list[str] | None = None) -> None:
-    import argparse
+def import_open_clip(checkpoint: str | os.PathLike, vae_source: str, out_dir: str | os.PathLike,
+                     vae_config: str | None = None, scaling_factor: float = 0.3611, copy_vae: bool = False) -> Path:
+    """An official open_clip checkpoint folder (``open_clip_config.json`` + weights) + a local FLUX.1 VAE -> an
+    encoder export folder (:func:`encoder.convert.build_converted_vit`; no decoder, τ = 0). ``ValueError`` names
+    what does not fit."""
+    oc_cfg, sd = load_open_clip_checkpoint(checkpoint)
+    conv = build_converted_vit(oc_cfg, sd)
+    vae = load_frozen_vae(vae_source, vae_config, scaling_factor=scaling_factor, shift_factor=0.0)
+    if vae.latent_channels != conv.vit.cfg.in_channels:
+        raise ValueError(f"the tower reads {conv.vit.cfg.in_channels} channels, the VAE gives "
+                         f"{vae.latent_channels} (an RGB tower converts with build_converted_vit, but an encoder "
+                         "export puts the VAE in front)")
+    if conv.input_size % conv.vit.cfg.patch_size:
+        raise ValueError(f"input side {conv.input_size} is not a multiple of the patch")
+    image_size = conv.input_size * vae.downsample
+    out = export_encoder(out_dir, conv.vit, None, vae, image_size, tau=0.0, copy_vae=copy_vae, vae_source=vae_source,
+                         vae_config=vae_config, extra={"source": str(Path(checkpoint).resolve()),
+                                                       "conversion_notes": conv.notes,
+                                                       "skipped_tensors": len(conv.skipped)})
+    for n in conv.notes:
+        print(f"note: {n}")
+    print(f"converted {len(sd) - len(conv.skipped)} visual tensors ({len(conv.skipped)} non-visual skipped), "
+          f"{image_size} px → {out}")
+    return out
 
-    ap = argparse.ArgumentParser(description="Write a frozen-encoder export folder (DESIGN.md §5), or with "
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Write a frozen-encoder export folder (docs/design.md §5) from a run, "
+                                             "--random, or an official open_clip checkpoint (--from-open-clip), or with "
                                              "--open-clip the visual tower in the official open_clip layout.")
     ap.add_argument("--run", help="training run folder (runs/toy/encoder): export its latest checkpoint")
     ap.add_argument("--checkpoint", default=None, help="a specific checkpoint folder of that run")
@@ -324,10 +374,27 @@ def main(argv: list[str] | None = None) -> None:
                                                        "here, from --encoder DIR or --run RUN")
     ap.add_argument("--encoder", default=None, help="with --open-clip: an encoder export folder")
     ap.add_argument("--out", default=None, help="export folder (default <run>/export)")
+    ap.add_argument("--from-open-clip", metavar="DIR", help="convert this official checkpoint folder "
+                    "(open_clip_config.json + weights) and --vae into the export folder --out")
+    ap.add_argument("--vae", default=None, help="with --from-open-clip: local FLUX.1 VAE (diffusers folder or "
+                                                "ae.safetensors)")
+    ap.add_argument("--vae-config", default=None, help="diffusers VAE config.json for a single file (default FLUX.1)")
+    ap.add_argument("--scaling-factor", type=float, default=0.3611, help="latents = posterior.mean * this")
+    ap.add_argument("--copy-vae", action="store_true", help="copy the VAE into OUT/vae instead of referencing it")
     ap.add_argument("--size", default="tiny")
     ap.add_argument("--image-size", type=int, default=64)
     a = ap.parse_args(argv)
-    if a.open_clip:
+    if a.from_open_clip:
+        if not (a.vae and a.out):
+            ap.error("--from-open-clip needs --vae VAE and --out OUT")
+        for flag, p in (("--from-open-clip", a.from_open_clip), ("--vae", a.vae)):
+            if not Path(p).exists():
+                raise SystemExit(f"{flag}: path does not exist: {p}")
+        try:
+            import_open_clip(a.from_open_clip, a.vae, a.out, a.vae_config, a.scaling_factor, a.copy_vae)
+        except ValueError as e:
+            raise SystemExit(f"--from-open-clip: {e}") from e
+    elif a.open_clip:
         if bool(a.encoder) == bool(a.run):
             ap.error("--open-clip needs exactly one of --encoder EXPORT_DIR or --run RUN_DIR")
         vit, size, down, info = open_clip_source(a.encoder, a.run, a.checkpoint)
@@ -341,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
     elif a.run:
         print(export_run(a.run, a.out, a.checkpoint))
     else:
-        ap.error("give --run RUN_DIR, --random OUT or --open-clip OUT")
+        ap.error("give --run RUN_DIR, --random OUT, --from-open-clip DIR or --open-clip OUT")
 
 
 if __name__ == "__main__":

@@ -9,11 +9,13 @@ import math
 import os
 from pathlib import Path
 
+import lpips
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ov3common.dist import step_seed
+from ov3common.dist import all_gather_with_grad, get_rank, get_world_size, step_seed
 
 IGNORE = -100
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
@@ -35,12 +37,10 @@ class LogitScale(nn.Module):
 def gather_rows(x: Tensor) -> tuple[Tensor, int]:
     """All-gather rows of ``x`` from every rank with gradients, allowing different row counts per rank (bad
     samples are dropped locally). Returns (rows of all ranks in rank order, offset of this rank's rows)."""
-    from ov3common.dist import all_gather_with_grad, get_rank, get_world_size
 
     world = get_world_size()
     if world == 1:
         return x, 0
-    import torch.distributed as dist
 
     n = torch.tensor([x.shape[0]], device=x.device)
     counts = [torch.zeros_like(n) for _ in range(world)]
@@ -110,7 +110,6 @@ class LPIPSLoss(nn.Module):
     def __init__(self, net: str = "vgg", backbone: str = "pretrained", backbone_path: str = "",
                  logger: logging.Logger | None = None):
         super().__init__()
-        import lpips
 
         if net not in TV_WEIGHT_FILES:
             raise ValueError(f"loss.lpips_net: {net!r} not in {sorted(TV_WEIGHT_FILES)}")

@@ -29,7 +29,7 @@ VIT_SIZES: dict[str, dict] = {
 
 @dataclass
 class ViTConfig:
-    """Encoder hyper-parameters; defaults are OUR design (DESIGN.md §1), switches cover the open_clip layout."""
+    """Encoder hyper-parameters; defaults are OUR design (docs/design.md §1), switches cover the open_clip layout."""
 
     width: int = 768
     depth: int = 12
@@ -155,11 +155,12 @@ class Attention(nn.Module):
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        self.attn_impl = "sdpa"  # ov3common.attention.set_attention_impl: sdpa | flash
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        x = attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        x = attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, impl=self.attn_impl)
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
 
 

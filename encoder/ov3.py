@@ -25,6 +25,7 @@ from encoder.losses import (
 from encoder.models import LatentViT, ViTConfig, ViTDecoder, decoder_config_for, vit_config
 from encoder.text import TextConfig, TextDecoder, TextEncoder
 from encoder.vae import FrozenVAE
+from ov3common.attention import ATTN_IMPLS, set_attention_impl
 from ov3common.config import choice_field, path_field
 
 # ``open_clip``: class token, no ln_pre, mean of the patch tokens → LayerNorm → Linear without bias, z_u = the raw
@@ -55,6 +56,7 @@ class ModelConfig:
     caption_keep_ratio: float = 1.0  # fraction of visual tokens the text decoder sees (OpenVision 2: 0.35)
     grad_checkpointing: bool = False
     layout: str = choice_field("ours", tuple(VIT_LAYOUTS))  # ours (the default design) | open_clip: the release's
+    attn: str = choice_field("sdpa", ATTN_IMPLS)  # sdpa | flash (flash-attn; unmasked CUDA bf16 calls)
 
 
 @dataclass
@@ -99,6 +101,7 @@ class OV3Model(nn.Module):
         self.text_decoder = TextDecoder(dcfg, self.vit_cfg.width, mc.caption_keep_ratio)
         self.logit_scale = LogitScale()
         self.frozen = {"vae": vae, "lpips": lpips}  # plain dict: not parameters of this module
+        set_attention_impl(self, mc.attn)
         for m in (self.vit, self.decoder, self.text_encoder, self.text_decoder):
             m.grad_checkpointing = mc.grad_checkpointing
 

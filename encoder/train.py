@@ -28,28 +28,17 @@ from encoder.data import (
     val_items,
 )
 from encoder.evaluate import evaluate
+from encoder.export import export_from_state
 from encoder.losses import LPIPSLoss
 from encoder.ov3 import LossConfig, ModelConfig, OV3Model
-from encoder.vae import FrozenVAE, build_random_vae, load_frozen_vae, tiny_vae_config
+from encoder.vae import VAEConfig, build_vae
 from ov3common import checkpoint as C
-from ov3common.config import choice_field, parse_cli, path_field, save_config, to_dict
+from ov3common.config import choice_field, parse_cli, save_config
 from ov3common.data import lockstep
-from ov3common.dist import all_reduce_mean, barrier, cleanup, init_distributed, step_seed, wrap_model
-from ov3common.guard import NonFiniteGuard
-from ov3common.images import SkipStats
-from ov3common.log import MetricLogger, TrainProgress, get_logger, read_jsonl
+from ov3common.dist import all_reduce_mean, barrier, cleanup, init_distributed, wrap_model
+from ov3common.log import get_logger
 from ov3common.optim import build_adamw, staged_warmup_cosine, warmup_cosine
-
-
-@dataclass
-class VAEConfig:
-    path: str = path_field("runs/toy/vae", "exists")  # diffusers folder or FLUX ae.safetensors
-    config: str = path_field("", "file")  # diffusers config.json for a single file (default: FLUX.1)
-    scaling_factor: float = 0.0  # 0: the VAE config's value (FLUX.1: 0.3611)
-    shift_factor: float = 0.0  # OV3 applies no shift
-    random_tiny: bool = False  # tests only: a random tiny VAE, `path` ignored
-    precision: str = "fp32"  # fp32 | bf16: encode/decode under bf16 autocast (effect measured by encoder.bench)
-    channels_last: bool = False  # NHWC weights/inputs for the VAE convolutions
+from ov3common.trainer import Loop
 
 
 @dataclass
@@ -108,27 +97,10 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def build_vae(vc: VAEConfig, device) -> FrozenVAE:
-    if vc.random_tiny:
-        return FrozenVAE(build_random_vae(tiny_vae_config()), scaling_factor=vc.scaling_factor or 1.0,
-                         precision=vc.precision, channels_last=vc.channels_last).to(device)
-    if not vc.path:
-        raise FileNotFoundError("vae.path: empty (set a local VAE folder/file, or `make toy-vae`)")
-    return load_frozen_vae(vc.path, vc.config or None, vc.scaling_factor or None, vc.shift_factor, vc.precision,
-                           vc.channels_last).to(device)
-
-
 def val_batches(cfg: Config, tokenize: Tokenize, resolution: int) -> list[dict]:
     items = val_items(cfg.data, ImageTextDecoder(tokenize, resolution, cfg.data, seed=cfg.seed, crop="center"))
     collate = Collate(tokenize.pad)
     return [b for b in (collate(items[i:i + 64]) for i in range(0, len(items), 64)) if b["n"]]
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """After a resume from ``step``: drop the rows a killed attempt wrote past it."""
-    if path.is_file():
-        rows = [r for r in read_jsonl(path) if int(r.get("step", 0)) <= step]
-        C.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def build_schedule(opt: torch.optim.Optimizer, tr: TrainConfig):
@@ -228,136 +200,114 @@ def train(cfg: Config) -> dict:
     opt = build_adamw(model, tr.lr, (tr.beta1, tr.beta2), tr.weight_decay)
     total = sum(s.steps for s in tr.stages)
     sched = build_schedule(opt, tr)
-    guard = NonFiniteGuard(tr.max_bad_steps)
-    ckpt = C.CheckpointManager(out / "checkpoints", tr.keep_last)
-    metrics = MetricLogger(out, tensorboard=tr.tensorboard)
-    prog: dict = {"step": 0, "epoch": 0, "baseline": {}}
-    skips = SkipStats()
+    loop = Loop(out, total, "encoder", seed=cfg.seed, rank=info.rank, log_every=tr.log_every,
+                ckpt_every=tr.ckpt_every, keep_last=tr.keep_last, max_bad_steps=tr.max_bad_steps, skip_rows=True,
+                inject_nan_steps=tr.inject_nan_steps, tensorboard=tr.tensorboard, logger=log)
+    baseline: dict = {}  # the untrained model's val metrics
     first = {"kept": 0, "recap_from_alt": 0}  # over the first data.recap_check_steps steps (this rank)
     streams: dict = {}  # this rank's data streams: resume state after the last consumed batch
-    loaded = ckpt.load()
-    if loaded is not None:
-        state, rank_state = loaded
+    indices = out / (f"indices_rank{info.rank}.jsonl" if world > 1 else "indices.jsonl")  # train.log_indices
+
+    def restore(state: dict, rank_state: dict) -> None:
+        nonlocal baseline, first, streams
         C.load_model_state(model, state["model"])
         C.load_optim_state(model, opt, state["optim"])
         sched.load_state_dict(state["sched"])
-        guard.load_state_dict(state["guard"])
-        prog = state["progress"]
-        skips.load_state_dict(rank_state.get("skip", {}))
+        loop.load_state_dict({**state["progress"], "guard": state["guard"], "skips": rank_state.get("skip", {})})
+        baseline = state["progress"]["baseline"]
         first = rank_state.get("first", first)
-        streams = load_stream_state(rank_state.get("data", {}), cfg.data, world, prog["epoch"])
-        C.restore_rng(rank_state.get("rng", {}))
-        log.info("resumed at step %d (epoch %d, %d data streams)", prog["step"], prog["epoch"], len(streams))
-    if info.is_main:  # drop rows a killed attempt wrote after the checkpoint we continue from (or all of them)
-        truncate_log(metrics.path, prog["step"] if loaded is not None else -1)
-        truncate_log(out / "indices.jsonl", prog["step"] if loaded is not None else -1)
-    if world > 1:
-        truncate_log(out / f"indices_rank{info.rank}.jsonl", prog["step"] if loaded is not None else -1)
-    if loaded is None:
-        prog["baseline"] = evaluate(model, val, out / "recon_grid_untrained.png", cfg.grid_n, bf16, wrapped)
-        metrics.log(0, {f"untrained/{k}": v for k, v in prog["baseline"].items()})
-        log.info("untrained model: %s", prog["baseline"])
+        streams = load_stream_state(rank_state.get("data", {}), cfg.data, world, loop.epoch)
 
     def save() -> None:
-        ckpt.save(prog["step"], {"model": C.model_state(model), "optim": C.optim_state(model, opt),
-                                 "sched": sched.state_dict(), "guard": guard.state_dict(), "progress": dict(prog)},
-                  {"rng": C.capture_rng(), "skip": skips.state_dict(), "first": first,
-                   "data": stream_state(streams, cfg.data, world, prog["epoch"])})
+        loop.save({"model": C.model_state(model), "optim": C.optim_state(model, opt), "sched": sched.state_dict(),
+                   "guard": loop.guard.state_dict(),
+                   "progress": {"step": loop.step, "epoch": loop.epoch, "baseline": baseline}},
+                  {"skip": loop.skips.state_dict(), "first": first,
+                   "data": stream_state(streams, cfg.data, world, loop.epoch)})
 
-    def end_epoch() -> None:
-        red = skips.reduce()
-        red.log(log, prog["epoch"])
-        metrics.log(prog["step"], {"epoch": prog["epoch"], **{f"skipped/{k}": v for k, v in red.skipped.items()},
-                                   **{f"converted/{k}": v for k, v in red.converted.items()},
-                                   "skipped_total": red.total()})
-        skips.__init__()
+    if not loop.resume(restore, logs=[indices]):
+        baseline = evaluate(model, val, out / "recon_grid_untrained.png", cfg.grid_n, bf16, wrapped)
+        loop.log_row({f"untrained/{k}": v for k, v in baseline.items()}, step=0)
+        log.info("untrained model: %s", baseline)
 
     bounds = [sum(s.steps for s in tr.stages[: i + 1]) for i in range(len(tr.stages))]
+
+    def stage_at(step: int) -> int:
+        return next(i for i, b in enumerate(bounds) if step < b)
+
     collate = Collate(tokenize.pad)
-    bar = TrainProgress(total, prog["step"], "encoder", tr.log_every, log)
-    while prog["step"] < total:
-        si = next(i for i, b in enumerate(bounds) if prog["step"] < b)
-        stage = tr.stages[si]
-        decoder.resolution = stage.resolution
-        fresh = not streams  # the loader starts the epoch (not a resumed or stage-switched position in it)
-        loader = train_loader(cfg.data, urls, decoder, collate, cfg.seed, info.rank, world, stage.batch_size,
-                              prog["epoch"], streams, pin_memory=info.device.type == "cuda")
-        exhausted, n_steps = True, 0
-        for batch in lockstep(loader, info.device):
-            step = prog["step"]
-            if tr.fresh_optimizer_per_stage and si > 0 and step == bounds[si - 1]:
-                opt.state.clear()  # the stage starts from the weights only (its own schedule warms up again)
-                log.info("stage %d (%d px): AdamW moments reset", si + 1, stage.resolution)
-            n_steps += 1
-            torch.manual_seed(step_seed(cfg.seed, step, info.rank))
-            streams = loader.state
-            skips.skipped.update(batch["skipped"])
-            skips.skipped.update(batch["shard_errors"])
-            skips.converted.update(batch["converted"])
-            if step < cfg.data.recap_check_steps:
-                first["kept"] += batch["n"]
-                first["recap_from_alt"] += batch["converted"].get("recap_from_alt", 0)
-                if step + 1 == min(cfg.data.recap_check_steps, total):
-                    metrics.log(step + 1, recap_report(first, step + 1, cfg.data, log, info.device))
-            n_tok = int((batch["recap"][:, 1:] != tokenize.pad).sum()) if batch["n"] else 0
-            counts = torch.tensor([float(batch["n"]), float(n_tok)], device=info.device)
-            if world > 1:
-                torch.distributed.all_reduce(counts)
-            if tr.log_indices:
-                with open(out / f"indices_rank{info.rank}.jsonl" if world > 1 else out / "indices.jsonl", "a") as f:
-                    f.write(json.dumps({"step": step + 1, "epoch": prog["epoch"], "key": batch["key"]}) + "\n")
-            if counts[0] == 0:
-                log.warning("step %d: no valid sample in the batch on any rank; step skipped", step)
-                losses = None
-            else:
-                losses = forward_backward(wrapped, batch, micro_parts(batch, stage, world, info.device), step,
-                                          counts, world, bf16, info.device, step + 1 in tr.inject_nan_steps)
-                loss = losses["loss"]
-                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip)  # DDP/FSDP2-aware
-                gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
-                if guard.bad(torch.stack([loss.detach().float(), gnorm.detach().float()]), step):
-                    losses = None  # non-finite loss or gradient: no update (grads are zeroed below)
-                else:
-                    opt.step()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-            prog["step"] += 1
-            row = None
-            if losses is not None and (prog["step"] % tr.log_every == 0 or prog["step"] == total):
-                keys = sorted(losses)
-                vals = all_reduce_mean(torch.stack([losses[k].detach().float() for k in keys]))
-                row = {k: float(v) for k, v in zip(keys, vals)}
-            bar.update(int(counts[0]), row and row["loss"], row and (
-                f"res {stage.resolution} caption {row['caption']:.3f} contrastive {row['contrastive']:.3f} "
-                f"pixel {row.get('pixel_l1', math.nan):.3f} latent {row['latent_l1']:.3f}"))
-            if row is not None:
-                row.update(lr=sched.get_last_lr()[0], grad_norm=float(gnorm), resolution=stage.resolution,
-                           samples_per_s=bar.samples_per_s, eta_s=bar.eta_s)
-                metrics.log(prog["step"], row)
-            elif losses is None:
-                metrics.log(prog["step"], {"skipped_step": 1})
-            if (prog["step"] % tr.ckpt_every == 0 or prog["step"] == total) and guard.consecutive == 0:
-                save()  # never right after a skipped (non-finite) step: the latest checkpoint stays a good one
-            if tr.eval_every and prog["step"] % tr.eval_every == 0 and prog["step"] < total:
-                metrics.log(prog["step"], evaluate(model, val, None, cfg.grid_n, bf16, wrapped))
-            if prog["step"] >= bounds[si]:
-                exhausted = False
-                break
-        if exhausted:  # the epoch's data ran out (on some rank: they stop together)
-            if n_steps == 0 and fresh:
-                raise ValueError(f"epoch {prog['epoch']}: the training shards hold less than one batch per data "
-                                 f"stream (batch_size {stage.batch_size}); use fewer streams or more data")
-            end_epoch()
-            prog["epoch"] += 1
+    loader = None
+
+    def open_data(new_epoch: bool):
+        """The stage's loader from the streams' position (reopened at each stage: a new resolution and batch)."""
+        nonlocal loader, streams
+        if new_epoch:
             streams = {}
-    bar.close()
-    end_epoch()
+        stage = tr.stages[stage_at(loop.step)]
+        decoder.resolution = stage.resolution
+        loader = train_loader(cfg.data, urls, decoder, collate, cfg.seed, info.rank, world, stage.batch_size,
+                              loop.epoch, streams, pin_memory=info.device.type == "cuda")
+        return lockstep(loader, info.device)  # ranks end an epoch together
+
+    for batch in loop.batches(open_data, stops=bounds):
+        step, si = loop.step, stage_at(loop.step)
+        stage = tr.stages[si]
+        if tr.fresh_optimizer_per_stage and si > 0 and step == bounds[si - 1]:
+            opt.state.clear()  # the stage starts from the weights only (its own schedule warms up again)
+            log.info("stage %d (%d px): AdamW moments reset", si + 1, stage.resolution)
+        streams = loader.state
+        loop.skips.skipped.update(batch["skipped"])
+        loop.skips.skipped.update(batch["shard_errors"])
+        loop.skips.converted.update(batch["converted"])
+        if step < cfg.data.recap_check_steps:
+            first["kept"] += batch["n"]
+            first["recap_from_alt"] += batch["converted"].get("recap_from_alt", 0)
+            if step + 1 == min(cfg.data.recap_check_steps, total):
+                loop.log_row(recap_report(first, step + 1, cfg.data, log, info.device), step=step + 1)
+        n_tok = int((batch["recap"][:, 1:] != tokenize.pad).sum()) if batch["n"] else 0
+        counts = torch.tensor([float(batch["n"]), float(n_tok)], device=info.device)
+        if world > 1:
+            torch.distributed.all_reduce(counts)
+        if tr.log_indices:
+            with open(indices, "a") as f:
+                f.write(json.dumps({"step": step + 1, "epoch": loop.epoch, "key": batch["key"]}) + "\n")
+        if counts[0] == 0:
+            log.warning("step %d: no valid sample in the batch on any rank; step skipped", step)
+            losses = None
+        else:
+            losses = forward_backward(wrapped, batch, micro_parts(batch, stage, world, info.device), step,
+                                      counts, world, bf16, info.device, loop.poisoned())
+            loss = losses["loss"]
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip)  # DDP/FSDP2-aware
+            gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
+            if loop.guard.bad(torch.stack([loss.detach().float(), gnorm.detach().float()]), step):
+                losses = None  # non-finite loss or gradient: no update (grads are zeroed below)
+            else:
+                opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        loop.advance()
+        row, line = None, ""
+        if losses is not None and loop.due(tr.log_every):
+            keys = sorted(losses)
+            vals = all_reduce_mean(torch.stack([losses[k].detach().float() for k in keys]))
+            row = {k: float(v) for k, v in zip(keys, vals)}
+            line = (f"res {stage.resolution} caption {row['caption']:.3f} contrastive {row['contrastive']:.3f} "
+                    f"pixel {row.get('pixel_l1', math.nan):.3f} latent {row['latent_l1']:.3f}")
+            row.update(lr=sched.get_last_lr()[0], grad_norm=float(gnorm), resolution=stage.resolution)
+        loop.report(int(counts[0]), row, line)
+        if losses is None:
+            loop.log_row({"skipped_step": 1})
+        if loop.save_due():
+            save()  # never right after a skipped (non-finite) step: the latest checkpoint stays a good one
+        if tr.eval_every and loop.step % tr.eval_every == 0 and loop.step < total:
+            loop.log_row(evaluate(model, val, None, cfg.grid_n, bf16, wrapped))
+    loop.report_skips()  # the last (partial) epoch's bad samples
     final = evaluate(model, val, out / "recon_grid.png", cfg.grid_n, bf16, wrapped)
-    base = prog["baseline"]
-    summary = {**final, "untrained/psnr": base.get("val/psnr"), "untrained/r1_i2t": base.get("val/r1_i2t"),
-               "psnr_gain_db": final["val/psnr"] - base.get("val/psnr", math.nan), "steps": total,
-               "nonfinite_steps_skipped": guard.skipped_total}
-    metrics.log(total, summary)
+    summary = {**final, "untrained/psnr": baseline.get("val/psnr"), "untrained/r1_i2t": baseline.get("val/r1_i2t"),
+               "psnr_gain_db": final["val/psnr"] - baseline.get("val/psnr", math.nan), "steps": total,
+               "nonfinite_steps_skipped": loop.guard.skipped_total}
+    loop.log_row(summary, step=total)
     log.info("final: %s", summary)
     export_dir = cfg.export_dir or str(out / "export")
     full = C.model_state(model) if export_dir != "none" else None
@@ -366,22 +316,9 @@ def train(cfg: Config) -> dict:
         if export_dir != "none":
             export_from_state(full, cfg, vae, export_dir)
             log.info("exported the frozen encoder to %s", export_dir)
-    metrics.close()
+    loop.close()
     barrier()
     return summary
-
-
-def export_from_state(sd: dict, cfg: Config, vae: FrozenVAE, export_dir: str) -> Path:
-    from encoder.export import export_encoder
-    from encoder.ov3 import build_vit
-
-    _, vit, dec = build_vit(cfg.model, vae.latent_channels)
-    vit.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("vit.")})
-    dec.load_state_dict({k[8:]: v for k, v in sd.items() if k.startswith("decoder.")})
-    copy = cfg.vae.random_tiny or Path(cfg.vae.path).is_dir()
-    return export_encoder(export_dir, vit, dec, vae.to("cpu"), cfg.train.stages[-1].resolution, cfg.loss.tau,
-                          copy_vae=copy, vae_source=None if copy else str(Path(cfg.vae.path).resolve()),
-                          vae_config=cfg.vae.config or None, extra={"trained_config": to_dict(cfg)})
 
 
 def main(argv: list[str] | None = None) -> None:

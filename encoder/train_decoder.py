@@ -12,8 +12,6 @@ compares its val PSNR (and rFID with ``rfid.images``) with the source export's o
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,14 +25,14 @@ from encoder.export import FrozenEncoder, export_encoder, load_encoder
 from encoder.losses import LPIPSLoss, reconstruction_rows, token_noise
 from encoder.models import ViTDecoder, decoder_config_for
 from ov3common import checkpoint as C
-from ov3common.config import choice_field, parse_cli, path_field, save_config
+from ov3common.config import choice_field, import_object, parse_cli, path_field, save_config
 from ov3common.data import ResumableSampler
-from ov3common.dist import all_reduce_mean, barrier, cleanup, init_distributed, step_seed, wrap_model
-from ov3common.guard import NonFiniteGuard
+from ov3common.dist import all_reduce_mean, barrier, cleanup, init_distributed, wrap_model
 from ov3common.images import BadSample, center_crop_resize, decode_image, save_image_grid, to_tensor_pm1
-from ov3common.log import MetricLogger, get_logger, progress
+from ov3common.log import get_logger
 from ov3common.optim import build_adamw, warmup_cosine
 from ov3common.shards import expand_urls, index_tar, read_member
+from ov3common.trainer import Loop
 
 
 @dataclass
@@ -100,6 +98,9 @@ class RFIDConfig:
     weights: str = ""  # FID Inception weights; empty: eval.fid's default (make fid-weights)
     cache_dir: str = "runs/fid_cache"  # Inception statistics of the originals, shared by both rFIDs ("": none)
     batch_size: int = 16
+    # the comparison, by name (encoder imports nothing of eval): function(this config, new export, source export,
+    # source has a decoder, out_dir, device) -> {"rfid": ..., "rfid/psnr": ..., "source/rfid": ...}
+    hook: str = "eval.rfid:compare_decoders"
 
 
 @dataclass
@@ -144,7 +145,7 @@ class ImageDataset(Dataset):
 
 def collate(items: list[dict]) -> dict:
     good = [x for x in items if "bad" not in x]
-    batch: dict = {"n": len(good), "n_drawn": len(items), "skipped": len(items) - len(good)}
+    batch: dict = {"n": len(good), "n_drawn": len(items), "bad": [x["bad"] for x in items if "bad" in x]}
     if good:
         batch["index"] = torch.tensor([x["index"] for x in good])
         batch["image"] = torch.stack([x["image"] for x in good])
@@ -190,7 +191,7 @@ def val_psnr(enc: FrozenEncoder, decoder: ViTDecoder | None, batches: list[Tenso
     if grid is not None:
         n = min(grid_n, len(rec0))
         save_image_grid(torch.cat([batches[0][:n].cpu(), rec0[:n]]), grid, nrow=n,
-                        labels=["original"] * n + ["reconstruction"] * n)
+                        row_labels=["original", "reconstruction"])
     return float(torch.cat(ps).mean())
 
 
@@ -223,9 +224,9 @@ def train(cfg: Config) -> dict:
     wrapped = wrap_model(decoder, tr.strategy, info)
     opt = build_adamw(decoder, tr.lr, (tr.beta1, tr.beta2), tr.weight_decay)
     sched = warmup_cosine(opt, tr.warmup_steps, tr.steps, tr.min_lr_ratio)
-    guard = NonFiniteGuard(tr.max_bad_steps)
-    ckpt = C.CheckpointManager(out / "checkpoints", tr.keep_last)
-    metrics = MetricLogger(out)
+    loop = Loop(out, tr.steps, "decoder", seed=cfg.seed, rank=info.rank, log_every=tr.log_every,
+                ckpt_every=tr.ckpt_every, keep_last=tr.keep_last, max_bad_steps=tr.max_bad_steps, skip_rows=True,
+                logger=log)
 
     ds = ImageDataset(shards(cfg.data, "train"), res, cfg.data.image_field)
     val_ds = ImageDataset(shards(cfg.data, "val"), res, cfg.data.image_field)
@@ -241,105 +242,79 @@ def train(cfg: Config) -> dict:
         log.info("loss.tau_units=rms: z_u RMS %.4f on the val set, noise σ ~ U[0, %.4f]", float(rms), tau)
 
     sampler = ResumableSampler(len(ds), seed=cfg.seed, rank=info.rank, world_size=world)
-    prog: dict = {"step": 0, "epoch": 0, "consumed": 0}
-    loaded = ckpt.load()
-    if loaded is not None:
-        state, rank_state = loaded
+
+    def restore(state: dict, rank_state: dict) -> None:
         C.load_model_state(decoder, state["model"])
         C.load_optim_state(decoder, opt, state["optim"])
         sched.load_state_dict(state["sched"])
-        guard.load_state_dict(state["guard"])
-        prog = state["progress"]
-        C.restore_rng(rank_state.get("rng", {}))
-        log.info("resumed at step %d (epoch %d)", prog["step"], prog["epoch"])
-    if info.is_main:  # rows a killed attempt logged past the checkpoint we continue from (or all of them)
-        keep = prog["step"] if loaded is not None else -1
-        if metrics.path.is_file():
-            from ov3common.log import read_jsonl
-
-            rows = [r for r in read_jsonl(metrics.path) if int(r.get("step", 0)) <= keep]
-            C.atomic_write_text(metrics.path, "".join(json.dumps(r) + "\n" for r in rows))
+        loop.load_state_dict({**state["progress"], "guard": state["guard"], "skips": rank_state.get("skip", {})})
 
     def save() -> None:
-        ckpt.save(prog["step"], {"model": C.model_state(decoder), "optim": C.optim_state(decoder, opt),
-                                 "sched": sched.state_dict(), "guard": guard.state_dict(), "progress": dict(prog)},
-                  {"rng": C.capture_rng()})
+        loop.save({"model": C.model_state(decoder), "optim": C.optim_state(decoder, opt),
+                   "sched": sched.state_dict(), "guard": loop.guard.state_dict(),
+                   "progress": {"step": loop.step, "epoch": loop.epoch, "consumed": loop.consumed}},
+                  {"skip": loop.skips.state_dict()})
 
-    bar = progress(total=tr.steps, initial=prog["step"], desc="decoder")
-    t_last, n_last, skipped = time.time(), 0, 0
+    def open_data(new_epoch: bool) -> DataLoader:
+        sampler.set_epoch(loop.epoch, loop.consumed)
+        return DataLoader(ds, batch_size=tr.batch_size // world, sampler=sampler, drop_last=True, collate_fn=collate,
+                          num_workers=cfg.data.num_workers, pin_memory=info.device.type == "cuda")
+
+    loop.resume(restore)
     bf16 = tr.precision == "bf16"
-    while prog["step"] < tr.steps:
-        sampler.set_epoch(prog["epoch"], prog["consumed"])
-        loader = DataLoader(ds, batch_size=tr.batch_size // world, sampler=sampler, drop_last=True,
-                            collate_fn=collate, num_workers=cfg.data.num_workers,
-                            pin_memory=info.device.type == "cuda")
-        exhausted = True
-        for batch in loader:
-            step = prog["step"]
-            torch.manual_seed(step_seed(cfg.seed, step, info.rank))
-            prog["consumed"] += batch["n_drawn"]
-            skipped += batch["skipped"]
-            n = torch.tensor([float(batch["n"])], device=info.device)
-            if world > 1:
-                torch.distributed.all_reduce(n)
-            losses = None
-            if n.item() == 0:
-                log.warning("step %d: no decodable image in the batch on any rank; step skipped", step)
-            elif batch["n"] == 0:
-                raise RuntimeError(f"step {step}: this rank's batch is empty while others are not (bad shards?)")
+    for batch in loop.batches(open_data):
+        step = loop.step
+        loop.skips.skipped.update(batch["bad"])
+        n = torch.tensor([float(batch["n"])], device=info.device)
+        if world > 1:
+            torch.distributed.all_reduce(n)
+        losses = None
+        if n.item() == 0:
+            log.warning("step %d: no decodable image in the batch on any rank; step skipped", step)
+        elif batch["n"] == 0:
+            raise RuntimeError(f"step {step}: this rank's batch is empty while others are not (bad shards?)")
+        else:
+            img = batch["image"].to(info.device)
+            with torch.no_grad():
+                lat = enc.encode_latents(img)
+                z = enc.encode_from_latents(lat)[0]
+            noisy = z + token_noise(batch["index"], z, step, cfg.seed, tau) if tau > 0 else z
+            with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=bf16):
+                pred_lat = wrapped(noisy, grid)
+                need_px = cfg.loss.w_pixel > 0 or cfg.loss.w_lpips > 0
+                pred_img = enc.vae.decode(pred_lat) if need_px else None
+                rows = reconstruction_rows(pred_lat, lat, pred_img, img if need_px else None, lpips)
+            losses = {k: v.mean() for k, v in rows.items()}
+            loss = (cfg.loss.w_latent * losses["latent_l1"] + cfg.loss.w_pixel * losses.get("pixel_l1", 0.0)
+                    + cfg.loss.w_lpips * losses.get("lpips", 0.0))
+            losses["loss"] = loss
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(decoder.parameters(), tr.grad_clip)
+            gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
+            if loop.guard.bad(torch.stack([loss.detach().float(), gnorm.detach().float()]), step):
+                losses = None
             else:
-                img = batch["image"].to(info.device)
-                with torch.no_grad():
-                    lat = enc.encode_latents(img)
-                    z = enc.encode_from_latents(lat)[0]
-                noisy = z + token_noise(batch["index"], z, step, cfg.seed, tau) if tau > 0 else z
-                with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=bf16):
-                    pred_lat = wrapped(noisy, grid)
-                    need_px = cfg.loss.w_pixel > 0 or cfg.loss.w_lpips > 0
-                    pred_img = enc.vae.decode(pred_lat) if need_px else None
-                    rows = reconstruction_rows(pred_lat, lat, pred_img, img if need_px else None, lpips)
-                losses = {k: v.mean() for k, v in rows.items()}
-                loss = (cfg.loss.w_latent * losses["latent_l1"] + cfg.loss.w_pixel * losses.get("pixel_l1", 0.0)
-                        + cfg.loss.w_lpips * losses.get("lpips", 0.0))
-                losses["loss"] = loss
-                loss.backward()
-                gnorm = torch.nn.utils.clip_grad_norm_(decoder.parameters(), tr.grad_clip)
-                gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
-                if guard.bad(torch.stack([loss.detach().float(), gnorm.detach().float()]), step):
-                    losses = None
-                else:
-                    opt.step()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-            prog["step"] += 1
-            n_last += int(n.item())
-            bar.update(1)
-            if losses is not None and (prog["step"] % tr.log_every == 0 or prog["step"] == tr.steps):
-                keys = sorted(losses)
-                vals = all_reduce_mean(torch.stack([losses[k].detach().float() for k in keys]))
-                row = {k: float(v) for k, v in zip(keys, vals)}
-                row.update(lr=sched.get_last_lr()[0], grad_norm=float(gnorm),
-                           samples_per_s=n_last / max(time.time() - t_last, 1e-9), skipped_samples=skipped)
-                metrics.log(prog["step"], row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}")
-                t_last, n_last = time.time(), 0
-            elif losses is None:
-                metrics.log(prog["step"], {"skipped_step": 1})
-            if (prog["step"] % tr.ckpt_every == 0 or prog["step"] == tr.steps) and guard.consecutive == 0:
-                save()
-            if prog["step"] >= tr.steps:
-                exhausted = False
-                break
-        if exhausted:
-            prog["epoch"] += 1
-            prog["consumed"] = 0
-    bar.close()
+                opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        loop.advance(drawn=batch["n_drawn"])
+        row = None
+        if losses is not None and loop.due(tr.log_every):
+            keys = sorted(losses)
+            vals = all_reduce_mean(torch.stack([losses[k].detach().float() for k in keys]))
+            row = {k: float(v) for k, v in zip(keys, vals)}
+            row.update(lr=sched.get_last_lr()[0], grad_norm=float(gnorm), skipped_samples=loop.skips.total())
+        loop.report(int(n.item()), row)
+        if losses is None:
+            loop.log_row({"skipped_step": 1})
+        if loop.save_due():
+            save()
 
     decoder.eval()
     summary = {"steps": tr.steps, "resolution": res, "tau": tau, "encoder": str(Path(cfg.encoder).resolve()),
                "val/n": int(val_items["n"]), "val/psnr": val_psnr(enc, decoder, val, out / "recon_grid.png",
                                                                   cfg.grid_n),
-               "nonfinite_steps_skipped": guard.skipped_total}
+               "nonfinite_steps_skipped": loop.guard.skipped_total}
     if enc.decoder is not None:  # the source export's own decoder (jointly trained), same val images
         summary["source/val/psnr"] = val_psnr(enc, None, val)
         summary["psnr_gap_db"] = summary["source/val/psnr"] - summary["val/psnr"]
@@ -360,31 +335,15 @@ def train(cfg: Config) -> dict:
         log.info("exported the encoder with the new decoder to %s", export_dir)
         C.atomic_write_json(out / "summary.json", summary)
         if cfg.rfid.images:
-            summary.update(compare_rfid(cfg, export_dir, enc.decoder is not None, out, info.device))
+            compare = import_object(cfg.rfid.hook, "rfid.hook")
+            summary.update(compare(cfg.rfid, export_dir, Path(cfg.encoder), enc.decoder is not None, out, info.device))
             C.atomic_write_json(out / "summary.json", summary)
         log.info("final: %s", summary)
-    metrics.log(tr.steps, summary)
-    metrics.close()
+    loop.log_row(summary, step=tr.steps)
+    loop.close()
     barrier()
     return summary
 
-
-def compare_rfid(cfg: Config, export_dir: Path, source_has_decoder: bool, out: Path, device) -> dict:
-    """rFID + PSNR/SSIM (eval.rfid, the harness's protocol) of the new decoder and of the source export's."""
-    from eval.fid import DEFAULT_WEIGHTS
-    from eval.rfid import run_rfid, select_images
-
-    paths = select_images(cfg.rfid.images, cfg.rfid.max_images)
-    weights = cfg.rfid.weights or DEFAULT_WEIGHTS
-    res = {}
-    for name, src in (("", export_dir), ("source/", Path(cfg.encoder))):
-        if name and not source_has_decoder:
-            continue
-        r = run_rfid(src, paths, out / f"rfid{'_source' if name else ''}", weights=weights,
-                     batch_size=cfg.rfid.batch_size, cache_dir=cfg.rfid.cache_dir or None, device=str(device))
-        res.update({f"{name}rfid": r["rfid"], f"{name}rfid/psnr": r["psnr"], f"{name}rfid/ssim": r["ssim"],
-                    f"{name}rfid/n": r["n"]})
-    return res
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,12 +12,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
+from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from safetensors.torch import load_file
 from torch import Tensor, nn
+
+from ov3common.config import path_field
 
 # FLUX.1-dev / schnell VAE (diffusers layout of black-forest-labs/FLUX.1-dev/vae/config.json).
 FLUX_VAE_CONFIG: dict = {
@@ -79,7 +83,6 @@ def _is_diffusers_layout(sd: dict) -> bool:
 
 def convert_flux_vae_state_dict(sd: dict[str, Tensor], config: dict) -> dict[str, Tensor]:
     """FLUX ``ae.safetensors`` / LDM VAE keys → diffusers keys (diffusers' own single-file helper)."""
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
     return convert_ldm_vae_checkpoint(sd, config)
 
@@ -184,3 +187,24 @@ def load_frozen_vae(source: str | os.PathLike, config: dict | str | None = None,
                     precision: str = "fp32", channels_last: bool = False) -> FrozenVAE:
     """``load_autoencoder`` + the OV3 latent convention (scale from the VAE config unless given, shift 0)."""
     return FrozenVAE(load_autoencoder(source, config), scaling_factor, shift_factor, precision, channels_last)
+
+
+@dataclass
+class VAEConfig:
+    path: str = path_field("runs/toy/vae", "exists")  # diffusers folder or FLUX ae.safetensors
+    config: str = path_field("", "file")  # diffusers config.json for a single file (default: FLUX.1)
+    scaling_factor: float = 0.0  # 0: the VAE config's value (FLUX.1: 0.3611)
+    shift_factor: float = 0.0  # OV3 applies no shift
+    random_tiny: bool = False  # tests only: a random tiny VAE, `path` ignored
+    precision: str = "fp32"  # fp32 | bf16: encode/decode under bf16 autocast (effect measured by encoder.bench)
+    channels_last: bool = False  # NHWC weights/inputs for the VAE convolutions
+
+
+def build_vae(vc: VAEConfig, device) -> FrozenVAE:
+    if vc.random_tiny:
+        return FrozenVAE(build_random_vae(tiny_vae_config()), scaling_factor=vc.scaling_factor or 1.0,
+                         precision=vc.precision, channels_last=vc.channels_last).to(device)
+    if not vc.path:
+        raise FileNotFoundError("vae.path: empty (set a local VAE folder/file, or `make toy-vae`)")
+    return load_frozen_vae(vc.path, vc.config or None, vc.scaling_factor or None, vc.shift_factor, vc.precision,
+                           vc.channels_last).to(device)

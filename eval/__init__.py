@@ -1,2 +1,2 @@
 """Evaluation harness: POPE / SeedBench scorers and loaders, FID (offline Inception), gFID / rFID runners,
-reconstruction metrics and the ``make eval-all`` report. See README.md (section "Evaluation")."""
+reconstruction metrics and the ``make eval-all`` report. See eval/README.md."""

@@ -21,18 +21,27 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from skimage import data, transform
 
+import eval.rfid as rfid
+from encoder.export import write_random_export
+from eval import fid as F
 from eval.inception import DEFAULT_WEIGHTS
+from eval.recon import LPIPSMetric, ReconMetrics
+from ov3common.checkpoint import atomic_write_text
+from ov3common.log import get_logger
+
+log = get_logger("eval.bench_fid")
 
 
 def photo_set(n: int, size: int = 256, seed: int = 0) -> np.ndarray:
     """n uint8 NHWC crops (``size`` px) of scikit-image's colour photographs, flipped / offset per index."""
-    from skimage import data, transform
 
     names = ("astronaut", "chelsea", "coffee", "rocket", "retina", "hubble_deep_field", "immunohistochemistry",
              "motorcycle_left", "colorwheel", "logo")
@@ -74,8 +83,6 @@ def rfid_pipeline(orig: np.ndarray, recs: np.ndarray, weights: str | Path = DEFA
                   batch_size: int = 50, lpips=None, compile: bool = False) -> dict:
     """The metric work of rFID on (originals, reconstructions): features of both, FID, PSNR, SSIM, LPIPS.
     ``fast=False`` is how it ran before this change (scikit-image per image, torch-fidelity's module as is)."""
-    from eval import fid as F
-    from eval.recon import ReconMetrics
 
     t0 = time.perf_counter()
     rm = ReconMetrics(lpips, reference=not fast)
@@ -99,7 +106,6 @@ def bench_pipeline(n: int = 1000, size: int = 256, batch_size: int = 50, weights
                    with_lpips: bool = True, compile: bool = True) -> dict:
     """Before vs now on the same n images, in one process ("now" first, so warm-up favours "before"); with
     ``compile`` also "now" with the compiled extractor (compile time included)."""
-    from eval.recon import LPIPSMetric
 
     orig = photo_set(n, size)
     recs = degrade(orig)
@@ -138,7 +144,6 @@ def rfid_pipeline_images_per_s(n: int = 200, size: int = 256, batch_size: int = 
 def bench_spread(n: int = 200, size: int = 64, batch_sizes: tuple[int, ...] = (1, 7, 100),
                  weights: str | Path = DEFAULT_WEIGHTS, fused: bool = True) -> dict:
     """FID / sFID of n generated-looking images vs n others at each Inception batch size (fp32)."""
-    from eval import fid as F
 
     fake, real = degrade(photo_set(n, size, seed=0)), photo_set(n, size, seed=1)
     ref = F.extract(real, weights, 100, fused=fused)
@@ -156,7 +161,6 @@ def bench_spread(n: int = 200, size: int = 64, batch_sizes: tuple[int, ...] = (1
 
 def bench_bf16(n: int = 300, size: int = 96, weights: str | Path = DEFAULT_WEIGHTS) -> dict:
     """FID of one pair of sets with fp32 and with bf16 Inception; the shift decides (issue 15: < 0.01)."""
-    from eval import fid as F
 
     a, b = photo_set(n, size, seed=0), photo_set(n, size, seed=1)
     out = {"n": n}
@@ -168,6 +172,35 @@ def bench_bf16(n: int = 300, size: int = 96, weights: str | Path = DEFAULT_WEIGH
     out["shift"] = out["bf16"]["fid"] - out["fp32"]["fid"]
     out["bf16_allowed"] = abs(out["shift"]) < 0.01
     return out
+
+
+def encoder_bench_rfid(cfg, device: torch.device) -> dict:
+    """``make bench-encoder rfid=true``'s row (``encoder.bench`` calls it by name; ``cfg``: its ``BenchConfig``):
+    images/s of eval's rFID pipeline (reconstruct, Inception features, FID, PSNR, SSIM, LPIPS), called through its
+    public ``eval.rfid.run_rfid``; one timed run after a warm-up call on a few images."""
+
+
+    tmp = Path(tempfile.mkdtemp(prefix="ov3_bench_rfid_"))
+    enc = Path(cfg.rfid_encoder)
+    trained = (enc / "config.json").is_file()
+    if not trained:
+        enc = write_random_export(tmp / "export", image_size=64)
+    paths = rfid.select_images(cfg.rfid_images, cfg.rfid_max_images)
+    lp = None
+    try:
+        lp = rfid.LPIPSMetric("alex", "auto", "", str(device))
+    except (FileNotFoundError, RuntimeError, ValueError) as e:  # no LPIPS weights at all: time the rest
+        log.warning("rFID bench without LPIPS: %s", e)
+    kw = dict(weights=cfg.rfid_weights, batch_size=cfg.rfid_batch, lpips=lp, cache_dir=None, device=str(device))
+    rfid.run_rfid(enc, paths[: min(len(paths), 2 * cfg.rfid_batch)], tmp / "warm", **kw)
+    t0 = time.perf_counter()
+    r = rfid.run_rfid(enc, paths, tmp / "run", **kw)
+    secs = time.perf_counter() - t0
+    return {"images": len(paths), "seconds": secs, "images_per_s": len(paths) / secs,
+            "encoder": str(cfg.rfid_encoder) if trained else "random tiny export (timing only)",
+            "image_size": r["image_size"], "lpips": "off" if lp is None else r.get("lpips_note", "on"),
+            "rfid": r["rfid"], "psnr": r["psnr"], "ssim": r["ssim"],
+            "pipeline": f"{rfid.__name__}.run_rfid (eval's pipeline as of this run)"}
 
 
 def main(argv=None) -> int:
@@ -189,8 +222,6 @@ def main(argv=None) -> int:
     text = json.dumps(r, indent=2, default=float)
     print(text)
     if args.out:
-        from ov3common.checkpoint import atomic_write_text
-
         atomic_write_text(args.out, text + "\n")
     return 0
 

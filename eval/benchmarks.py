@@ -42,7 +42,13 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
+
+from eval.score import seed_category
+from ov3common.checkpoint import atomic_write_text
+from ov3common.images import BadSample, decode_image
 
 POPE_SUFFIX = "Answer the question using a single word or phrase."
 SEED_SUFFIX = "Answer with the option's letter from the given choices directly."
@@ -73,7 +79,6 @@ def seed_prompt(question: str, choices: Sequence[str]) -> str:
 # ---------------------------------------------------------------------------------------------------- images
 def load_image(image: str | Path | bytes | Image.Image) -> Image.Image:
     """An RGB PIL image from a path, raw bytes or a (lazily opened) PIL image; raises BenchmarkError."""
-    from ov3common.images import BadSample, decode_image
 
     if isinstance(image, Image.Image):
         fp = getattr(image, "fp", None)
@@ -162,9 +167,6 @@ def _arrow_files(folder: Path, split: str) -> list[Path]:
 
 
 def _read_table_rows(files: list[Path], columns: Sequence[str]) -> Iterable[tuple[str, dict]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     for f in files:
         if f.suffix == ".parquet":
             table = pq.read_table(f)
@@ -256,7 +258,6 @@ def load_pope(path: str | Path, *, image_root: str | Path | None = None, split: 
 def load_seedbench(path: str | Path, *, image_root: str | Path | None = None, split: str = "test",
                    data_type: str | None = "image", limit_per_category: int | None = None) -> list[dict]:
     """SeedBench records; ``data_type`` "image" (LLaVA-1.5's setting), "video", or None for all."""
-    from eval.score import seed_category
 
     cols = ("question_id", "question", "choice_a", "choice_b", "choice_c", "choice_d", "answer", "image")
     rows, root = read_rows(path, cols, split)
@@ -283,7 +284,6 @@ def load_seedbench(path: str | Path, *, image_root: str | Path | None = None, sp
 
 def write_predictions(records: Sequence[dict], predictions: Sequence[str], path: str | Path) -> Path:
     """The JSONL that :mod:`eval.score` reads: one line per record with the model's raw text."""
-    from ov3common.checkpoint import atomic_write_text
 
     if len(records) != len(predictions):
         raise ValueError(f"{len(records)} records but {len(predictions)} predictions")

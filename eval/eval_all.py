@@ -21,7 +21,7 @@ command exits with status 1 after writing the report. Outputs: ``<out>/summary.j
 per-row folders (predictions, grids, JSON) and training-curve PNGs from the runs' ``metrics.jsonl``.
 
 Protocol (issue 14): a samples npz is scored only when it holds the number of samples the config asks for
-(``gfid.per_class`` x classes) and its sampling manifest (:mod:`eval.manifest`) matches the config's protocol
+(``gfid.per_class`` x classes) and its sampling manifest (:mod:`rae_generation.manifest`) matches the config's protocol
 (seed, and steps / cfg_scale when set); otherwise it is regenerated through ``gfid.sampler`` when the run can
 sample (``gfid.regenerate``), else refused with the reason — or scored and marked partial when
 ``gfid.allow_partial=true``. rFID likewise refuses a set smaller than ``rfid.max_images`` unless
@@ -32,7 +32,6 @@ says so) unless ``compare.allow_protocol_mismatch=true``. Every accuracy / F1 / 
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 import sys
@@ -42,10 +41,21 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from eval import benchmarks, gfid, provenance, score
 from eval.inception import DEFAULT_WEIGHTS
-from ov3common.config import choice_field, path_field
+from eval.intervals import Interval, compare
+from eval.provenance import identify_reference, sha256_file
+from eval.recon import LPIPSMetric
+from eval.report import TOY_DISCLAIMER, plot_curves, render_markdown
+from eval.rfid import run_rfid, select_images
+from eval.toygen import toy_metrics
+from ov3common.checkpoint import atomic_write_json, atomic_write_text
+from ov3common.config import ConfigError, choice_field, import_object, parse_cli, path_field, to_dict
+from ov3common.log import get_logger, read_jsonl
+from rae_generation.manifest import ManifestError, differences, mismatches, read_manifest
 
 
 @dataclass
@@ -77,7 +87,7 @@ class LpipsConfig:
 
 @dataclass
 class PopeConfig:
-    path: str = path_field("data/toy/pope/pope.jsonl")
+    path: str = path_field("")  # required with piece pope
     image_root: str = ""
     split: str = "test"
     parser: str = "llava"
@@ -86,7 +96,7 @@ class PopeConfig:
 
 @dataclass
 class SeedConfig:
-    path: str = path_field("data/toy/seedbench/seedbench.jsonl")
+    path: str = path_field("")  # required with pieces seedbench*
     image_root: str = ""
     split: str = "test"
     data_type: str = "image"
@@ -103,7 +113,7 @@ class LlavaConfig:
 
 @dataclass
 class RfidConfig:
-    images: str = path_field("data/toy/images/val", "dir")
+    images: str = path_field("", "dir")  # required with piece rfid
     max_images: int = 128     # the protocol's set size (0: every image of the folder)
     batch_size: int = 32
     allow_partial: bool = False   # score a folder with fewer images than max_images, marking the cell
@@ -137,13 +147,6 @@ class CompareConfig:
     allow_protocol_mismatch: bool = False   # compare rows whose sampling manifests differ in a protocol field
 
 
-def _default_rows() -> list[RowConfig]:
-    return [
-        RowConfig("OV3 (ours)", "runs/toy/encoder/export", "runs/toy/encoder", "runs/toy/llava/ov3", "runs/toy/rae/ov3"),
-        RowConfig("baseline (contrastive + caption, no recon)", "runs/toy/encoder_baseline/export",
-                  "runs/toy/encoder_baseline", "runs/toy/llava/baseline", "runs/toy/rae/baseline"),
-    ]
-
 
 @dataclass
 class EvalAllConfig:
@@ -153,9 +156,9 @@ class EvalAllConfig:
     out_dir: str = "reports"
     device: str = "auto"
     toy: bool = True
-    rows: list[RowConfig] = field(default_factory=_default_rows)
+    rows: list[RowConfig] = field(default_factory=list)  # configs/eval/toy.yaml: the toy rows
     pieces: list[str] = field(default_factory=lambda: ["seedbench", "seedbench_blind", "seedbench_rank", "pope",
-                                                                  "gfid", "toygen", "rfid"])
+                                                       "gfid", "toygen", "rfid"])
     fid: FidConfig = field(default_factory=FidConfig)
     lpips: LpipsConfig = field(default_factory=LpipsConfig)
     pope: PopeConfig = field(default_factory=PopeConfig)
@@ -179,18 +182,10 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "row"
 
 
-def _import(spec: str, what: str):
-    if ":" not in spec:
-        raise ValueError(f"{what}: expected 'module:function', got {spec!r}")
-    mod, fn = spec.split(":", 1)
-    return getattr(importlib.import_module(mod), fn)
-
-
 # ---------------------------------------------------------------------------------------------------- pieces
 def _records(bench: str, cfg, cache: dict) -> list[dict]:
     """The benchmark's records as configured (data type, limit); the whole file is identified once
     (:func:`eval.provenance.identify`: sha256, row counts, variant) into ``cache['identity'][bench]``."""
-    from eval import benchmarks, provenance
 
     bench = "seedbench" if bench.startswith("seedbench") else bench
     bc = getattr(cfg, bench)
@@ -206,8 +201,6 @@ def _records(bench: str, cfg, cache: dict) -> list[dict]:
 
 
 def run_understanding(bench: str, cfg, row: RowConfig, out: Path, device: str, cache: dict) -> dict:
-    from eval import benchmarks, score
-
     found = Path(row.llava) / f"{bench}_predictions.jsonl" if row.llava else None
     have_preds = found is not None and found.is_file()
     factory = None
@@ -220,8 +213,8 @@ def run_understanding(bench: str, cfg, row: RowConfig, out: Path, device: str, c
             raise Missing(f"no LLaVA run at {row.llava or '(row.llava not set)'}")
         what, spec = ("llava.ranker", cfg.llava.ranker) if rank else ("llava.predictor", cfg.llava.predictor)
         try:
-            factory = _import(spec, what)
-        except (ImportError, AttributeError) as e:
+            factory = import_object(spec, what)
+        except (ImportError, ConfigError) as e:
             raise Missing(f"{what} {spec} is not available ({e})") from e
     try:  # identifies the benchmark file (sha256, rows, variant) even when predictions exist
         records = _records(bench, cfg, cache)
@@ -253,7 +246,6 @@ def run_understanding(bench: str, cfg, row: RowConfig, out: Path, device: str, c
             result["question_mismatch"] = (f"{preds}: {len(scored)} questions, the configured benchmark has "
                                            f"{len(expected)} ({len(expected - scored)} missing, "
                                            f"{len(scored - expected)} not in it)")
-    from ov3common.checkpoint import atomic_write_json
 
     atomic_write_json(out / f"{bench}_scores.json", result)
     return result
@@ -273,10 +265,6 @@ def _export_has_decoder(path: str) -> None:
 
 
 def run_rfid_piece(cfg, row: RowConfig, out: Path, device: str, lpips_cache: dict, cache: dict) -> dict:
-    from eval.provenance import identify_reference
-    from eval.recon import LPIPSMetric
-    from eval.rfid import run_rfid, select_images
-
     _export_has_decoder(row.encoder)
     _need_weights(cfg)
     rc = cfg.rfid
@@ -315,9 +303,7 @@ def _gfid_protocol(cfg, num_classes: int) -> dict:
 
 def _check_samples(npz: Path, expected: dict) -> tuple[list[str], dict | None]:
     """Why a found samples file cannot be scored under the protocol ([] = it can), and its manifest."""
-    import numpy as np
 
-    from eval.manifest import ManifestError, mismatches, read_manifest
 
     with np.load(npz, allow_pickle=False) as z:
         n = int(z["arr_0"].shape[0]) if "arr_0" in z.files else 0
@@ -340,9 +326,6 @@ def _check_samples(npz: Path, expected: dict) -> tuple[list[str], dict | None]:
 
 
 def run_gfid_piece(cfg, row: RowConfig, out: Path, device: str, cache: dict) -> dict:
-    from eval import gfid
-    from eval.provenance import identify_reference
-
     _need_weights(cfg)
     g = cfg.gfid
     names, real = None, g.real
@@ -363,8 +346,6 @@ def run_gfid_piece(cfg, row: RowConfig, out: Path, device: str, cache: dict) -> 
             spec = Path(row.rae) / "generator.json"
             n_cls = len(json.loads(spec.read_text())["classes"]) if spec.is_file() else None
         if n_cls is None:
-            from eval.manifest import read_manifest
-
             n_cls = (read_manifest(samples) or {}).get("num_classes") or 0
         problems, _ = _check_samples(samples, _gfid_protocol(cfg, n_cls))
         if not n_cls:
@@ -402,9 +383,6 @@ def run_toygen_piece(cfg, row: RowConfig, out: Path) -> dict:
     """Toy FID + class accuracy of ``<rae>/samples/samples.npz`` (make rae-sample) in the feature space of the pixel
     classifier ``toygen.classifier`` (make rae-classacc), against the real class split ``gfid.real``:
     :mod:`eval.toygen`."""
-    from eval.toygen import toy_metrics
-    from ov3common.checkpoint import atomic_write_json
-
     samples = Path(row.rae or ".") / "samples" / "samples.npz"
     if not row.rae or not samples.is_file():
         raise Missing(f"no {samples} (make rae-sample)")
@@ -418,8 +396,6 @@ def run_toygen_piece(cfg, row: RowConfig, out: Path) -> dict:
 def compare_rows(rows: list[dict], allow_mismatch: bool = False) -> list[dict]:
     """Every pair (first row vs each other row) for every metric with an interval: "no measurable difference" when
     the 95% intervals overlap; gFID pairs whose sampling manifests differ in a protocol field are refused."""
-    from eval.intervals import Interval, compare
-    from eval.manifest import differences
 
     metrics = [("SeedBench (img)", "seedbench", ("intervals", "image"), True),
                ("SeedBench blind control (blank image)", "seedbench_blind", ("intervals", "image"), True),
@@ -474,8 +450,6 @@ def _metrics_files(run_dir: str) -> list[Path]:
 
 def figures(cfg, out: Path) -> list[str]:
     """Training curves (one PNG per run kind, rows overlaid) + links to the grids."""
-    from eval.report import plot_curves
-    from ov3common.log import read_jsonl
 
     figs = []
     for kind, attr in (("encoder", "encoder_run"), ("llava", "llava"), ("rae", "rae")):
@@ -496,7 +470,6 @@ def figures(cfg, out: Path) -> list[str]:
 def run_manifest(summary: dict, cfg) -> dict:
     """What this evaluation read: benchmark files (sha256, rows, variant), the Inception weights, and every row's
     sampling manifest and reference-statistics hashes."""
-    from eval.provenance import sha256_file
 
     w = Path(cfg.fid.weights)
     rows = {}
@@ -514,16 +487,19 @@ def run_manifest(summary: dict, cfg) -> dict:
 
 def evaluate(cfg) -> dict:
     """Run everything available; returns the summary dict (also written to <out>/summary.{json,md})."""
-    from eval.report import TOY_DISCLAIMER, render_markdown
-    from ov3common.checkpoint import atomic_write_json, atomic_write_text
-    from ov3common.config import to_dict
-    from ov3common.log import get_logger
 
     log = get_logger("eval.eval_all")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0, caches, lpips_cache = time.perf_counter(), {}, {}
+    needs = {"pope": "pope.path", "seedbench": "seedbench.path", "seedbench_rank": "seedbench.path", "rfid": "rfid.images"}
+    for piece in cfg.pieces:
+        key = needs.get(piece)
+        if key and not getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]):
+            raise ConfigError(f"{key}: required for piece {piece!r} (the benchmark's local path; no default)")
+    if not cfg.rows:
+        raise ConfigError("rows: empty (one row per encoder: name, encoder, encoder_run, llava, rae)")
     rows = []
     for row in cfg.rows:
         rout = out / slug(row.name)
@@ -574,8 +550,6 @@ def evaluate(cfg) -> dict:
 
 
 def main(argv=None) -> int:
-    from ov3common.config import ConfigError, parse_cli
-
     try:
         cfg = parse_cli(EvalAllConfig, argv, default_config="configs/eval/toy.yaml")
     except ConfigError as e:

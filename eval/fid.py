@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import functools
 import hashlib
 import json
@@ -49,8 +48,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch_fidelity.metric_fid import fid_features_to_statistics
+from torch_fidelity.metric_kid import kid_features_to_metric
+from torch_fidelity.metric_prc import prc_features_to_metric
 
-from eval.inception import DEFAULT_WEIGHTS, SPATIAL_CHANNELS, FidWeightsError, tf_extractor, weights_note
+from eval.inception import (
+    DEFAULT_WEIGHTS,
+    FidWeightsError,
+    InceptionExtractor,
+    weights_note,
+)
+from eval.intervals import bootstrap
+from ov3common.checkpoint import atomic_write, atomic_write_json, sha256_file
+from ov3common.images import BadSample, decode_image
+from ov3common.log import progress
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 EXTRACTOR_VERSION = 2  # bump when features change (cache keys)
@@ -120,7 +131,6 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance (float64) of [N, D] features, by torch-fidelity."""
-    from torch_fidelity.metric_fid import fid_features_to_statistics
 
     if features.ndim != 2 or len(features) < 2:
         raise FidInputError(f"need at least 2 feature vectors for a covariance, got shape {features.shape}")
@@ -161,8 +171,6 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def _read_rgb(path: Path) -> np.ndarray:
-    from ov3common.images import BadSample, decode_image
-
     try:
         return np.asarray(decode_image(path.read_bytes(), min_side=1, max_aspect=1e9))
     except BadSample as e:
@@ -185,11 +193,7 @@ def iter_uint8_batches(images: list[Path] | np.ndarray, batch_size: int):
 # ---------------------------------------------------------------------------------------------------- features
 @functools.lru_cache(maxsize=8)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -224,60 +228,6 @@ def exact_kernels():
             setattr(obj, attr, value)
 
 
-def fold_batch_norms(net: torch.nn.Module) -> torch.nn.Module:
-    """Fold every BasicConv2d's batch norm into its convolution (torch's ``fuse_conv_bn_eval``), in place."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-    from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d
-
-    for m in net.modules():
-        if isinstance(m, BasicConv2d) and isinstance(m.bn, torch.nn.BatchNorm2d):
-            m.conv, m.bn = fuse_conv_bn_eval(m.conv.eval(), m.bn.eval()), torch.nn.Identity()
-    return net
-
-
-class InceptionExtractor(torch.nn.Module):
-    """One forward of torch-fidelity's ``inception-v3-compat`` returning {'pool', 'spatial'[, 'logits']} (float32).
-
-    The spatial features are read by a forward hook on ``Mixed_6d.branch1x1`` (ADM's ``mixed_6/conv``); the resize,
-    normalisation and layers are torch-fidelity's. ``fused``: batch norms folded into the convolutions, channels_last
-    (same features within ~1e-5). ``precision``: fp32 (default) or bf16 (autocast; measurements only)."""
-
-    def __init__(self, weights: str | Path, with_logits: bool = False, fused: bool = True, precision: str = "fp32",
-                 compile: bool = False):
-        super().__init__()
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision: fp32 | bf16, got {precision!r}")
-        self.net = tf_extractor(weights, ("2048", "logits_unbiased") if with_logits else ("2048",))
-        if fused:
-            self.net = fold_batch_norms(copy.deepcopy(self.net)).to(memory_format=torch.channels_last)
-        self.with_logits, self.fused, self.precision, self.compiled = with_logits, fused, precision, compile
-        self._spatial: torch.Tensor | None = None
-        self.net.Mixed_6d.branch1x1.register_forward_hook(self._grab)
-        # compile: inductor with frozen weights, one static batch shape (extract pads the last batch)
-        self._run = torch.compile(self.net, dynamic=False, options={"freezing": True}) if compile else self.net
-
-    def _grab(self, module, inputs, output: torch.Tensor) -> None:
-        s = output[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1)
-        self._spatial = s.reshape(len(s), -1).float()
-
-    @property
-    def name(self) -> str:
-        kind = ("BN folded, channels_last" if self.fused else "reference module") + (", compiled" if self.compiled
-                                                                                     else "")
-        return (f"torch-fidelity inception-v3-compat (pool3 2048, mixed_6/conv[:7] 2023"
-                f"{', logits' if self.with_logits else ''}; {kind}, {self.precision})")
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            out = self._run(images)
-        feats = {"pool": out[0].float(), "spatial": self._spatial}
-        if self.with_logits:
-            feats["logits"] = out[1].float()
-        self._spatial = None
-        return feats
-
-
 @functools.lru_cache(maxsize=4)
 def _extractor(weights: str, with_logits: bool, device: str, fused: bool, precision: str,
                compile: bool = False) -> InceptionExtractor:
@@ -291,7 +241,6 @@ def extract(images: list[Path] | np.ndarray, weights: str | Path, batch_size: in
     'logits'?: [N, 1008]} from one pass; the same at any ``batch_size``. ``compile``: torch.compile (inductor,
     frozen weights; ~1.25x on this CPU after a ~20 s compile) — short batches are padded to ``batch_size`` with
     copies of their last image (features do not depend on the batch) and the copies dropped."""
-    from ov3common.log import progress
 
     ext = _extractor(str(weights), with_logits, str(device), fused, precision, compile)
     out: dict[str, list[np.ndarray]] = {}
@@ -324,8 +273,6 @@ def input_key(src: Path | list[Path] | np.ndarray, weights: str | Path, variant:
 
 
 def _save_cache(cache: Path, st: Stats) -> None:
-    from ov3common.checkpoint import atomic_write
-
     def write(tmp: str) -> None:
         with open(tmp, "wb") as fh:  # a file object: np.savez would append '.npz' to a path
             np.savez(fh, features=st.features, spatial=st.spatial, mu=st.mu, sigma=st.sigma, mu_s=st.mu_s,
@@ -434,7 +381,6 @@ def fid_interval(features: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray
     """Percentile bootstrap interval of FID over the samples (resampled with replacement; reference statistics
     fixed). Resampling duplicates images, which raises FID (its small-sample bias), so the interval can sit above
     the point value; compare rows by overlap, with the same n and n_boot."""
-    from eval.intervals import bootstrap
 
     f = np.asarray(features, np.float64)
 
@@ -453,8 +399,6 @@ def compute_metrics(fake: str | Path | list[Path] | np.ndarray, real: str | Path
                     bootstrap: int = 0, seed: int = 0) -> dict:
     """FID, sFID, IS, precision / recall (the ADM suite) and KID of ``fake`` vs ``real``; a JSON-able dict.
     ``bootstrap`` > 0: also a 95% bootstrap interval of FID over the fake samples (``fid_interval``)."""
-    from torch_fidelity.metric_kid import kid_features_to_metric
-    from torch_fidelity.metric_prc import prc_features_to_metric
 
     if not Path(weights).is_file():
         raise FidWeightsError(f"Inception weights not found: {weights} (build them with `make fid-weights`)")
@@ -531,8 +475,6 @@ def main(argv=None) -> int:
         return 2
     print(json.dumps(result, indent=2))
     if args.out:
-        from ov3common.checkpoint import atomic_write_json
-
         atomic_write_json(args.out, result)
     return 0
 

@@ -9,7 +9,7 @@ built from an RAE run is configurable (``sampler = "module:function"``, called a
 Real images: a class-split folder (``<root>/<class>/*.png``; ``real_per_class`` first images of every class),
 any folder, or an (ADM reference) npz.
 
-Every samples npz written here gets its sampling manifest beside it (:mod:`eval.manifest`); a sampler factory may
+Every samples npz written here gets its sampling manifest beside it (:mod:`rae_generation.manifest`); a sampler factory may
 attach the generator's part as ``generate.manifest`` (:func:`eval.adapters.rae_sampler` does). Results carry the
 number of samples, the manifest and the sha256 of the reference statistics.
 
@@ -19,7 +19,6 @@ number of samples, the manifest and the sha256 of the reference statistics.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from collections.abc import Callable
@@ -29,6 +28,12 @@ import numpy as np
 import torch
 
 from eval.fid import DEFAULT_WEIGHTS, IMAGE_EXTS, FidInputError, compute_metrics, read_npz
+from ov3common.checkpoint import atomic_write, atomic_write_json
+from ov3common.config import import_object
+from ov3common.dist import step_seed
+from ov3common.images import save_image_grid, to_uint8
+from ov3common.log import progress
+from rae_generation.manifest import class_balance, read_manifest, write_manifest
 
 Generator = Callable[[torch.Tensor], torch.Tensor]
 
@@ -57,9 +62,6 @@ def generate_samples(generate: Generator, num_classes: int, per_class: int, batc
                      seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``per_class`` samples of every class → (uint8 NHWC images, int64 labels); batch i is seeded by
     ``step_seed(seed, i)`` so the set does not depend on anything but (seed, batch size)."""
-    from ov3common.dist import step_seed
-    from ov3common.images import to_uint8
-    from ov3common.log import progress
 
     labels = torch.arange(num_classes).repeat_interleave(per_class)
     images = []
@@ -75,7 +77,6 @@ def generate_samples(generate: Generator, num_classes: int, per_class: int, batc
 
 def write_samples_npz(path: str | Path, images: np.ndarray, labels: np.ndarray | None = None) -> Path:
     """ADM layout: ``arr_0`` uint8 NHWC (+ ``arr_1`` int64 labels), written atomically."""
-    from ov3common.checkpoint import atomic_write
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
@@ -87,10 +88,7 @@ def write_samples_npz(path: str | Path, images: np.ndarray, labels: np.ndarray |
 
 def load_sampler(spec: str, run_dir: str | Path, device: str, **options) -> tuple[Generator, list[str] | None]:
     """Import ``module:function`` and call it as ``function(run_dir, device, **options)``."""
-    if ":" not in spec:
-        raise ValueError(f"sampler: expected 'module:function', got {spec!r}")
-    mod, fn = spec.split(":", 1)
-    factory = getattr(importlib.import_module(mod), fn)
+    factory = import_object(spec, "sampler")
     gen, names = factory(str(run_dir), device, **options)
     return gen, list(names) if names is not None else None
 
@@ -98,7 +96,6 @@ def load_sampler(spec: str, run_dir: str | Path, device: str, **options) -> tupl
 def sample_grid(images: np.ndarray, labels: np.ndarray | None, class_names: list[str] | None,
                 path: str | Path, max_tiles: int = 64) -> Path:
     """One sample per class (up to ``max_tiles``), labelled with the class name when known."""
-    from ov3common.images import save_image_grid
 
     if labels is not None:
         first = {int(c): i for i, c in reversed(list(enumerate(labels)))}
@@ -116,7 +113,6 @@ def sample_grid(images: np.ndarray, labels: np.ndarray | None, class_names: list
 def write_generated(path: str | Path, images: np.ndarray, labels: np.ndarray, generate=None, seed: int = 0,
                     class_names: list[str] | None = None) -> Path:
     """Write a generated set (ADM npz) and its sampling manifest (generator fields from ``generate.manifest``)."""
-    from eval.manifest import class_balance, write_manifest
 
     write_samples_npz(path, images, labels)
     balance, per = class_balance(labels)
@@ -137,8 +133,6 @@ def run_gfid(samples: str | Path | np.ndarray, real: str | Path | list[Path], ou
              precision: str = "fp32") -> dict:
     """FID (+ the ADM suite) of the samples vs the real set; writes ``gfid.json`` and ``samples_grid.png`` into
     ``out_dir``. ``bootstrap`` > 0: a 95% interval of FID over the samples."""
-    from eval.manifest import read_manifest
-    from ov3common.checkpoint import atomic_write_json
 
     if not isinstance(samples, np.ndarray):
         z = read_npz(samples)

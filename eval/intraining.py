@@ -25,11 +25,24 @@ from pathlib import Path
 
 import torch
 
+from encoder.data import Tokenize, tokenizer_dir
+from encoder.evaluate import evaluate
+from encoder.export import load_encoder
+from encoder.ov3 import OV3Model
+from encoder.train import Config, val_batches
+from encoder.vae import build_vae
+from eval import gfid
+from eval.fid import compute_metrics
+from eval.inception import DEFAULT_WEIGHTS
+from ov3common import checkpoint as C
+from ov3common.checkpoint import CheckpointManager
+from ov3common.config import load_config
+from rae_generation.config import RAETrainConfig
+from rae_generation.sample import Generator, load_generator
+
 
 # ---------------------------------------------------------------------------------------------------- encoder
 def _resolve(run: Path, checkpoint: str | None) -> Path:
-    from ov3common.checkpoint import CheckpointManager
-
     if checkpoint in (None, "", "latest"):
         found = CheckpointManager(run / "checkpoints").latest()
         if found is None:
@@ -44,12 +57,6 @@ def _resolve(run: Path, checkpoint: str | None) -> Path:
 
 def encoder_checkpoint_eval(run_dir: str | Path, checkpoint: str | None = None, device: str = "cpu") -> dict:
     """The encoder trainer's val evaluation (PSNR, retrieval) of a saved checkpoint of ``run_dir``."""
-    from encoder.data import Tokenize, tokenizer_dir
-    from encoder.evaluate import evaluate
-    from encoder.ov3 import OV3Model
-    from encoder.train import Config, build_vae, val_batches
-    from ov3common import checkpoint as C
-    from ov3common.config import load_config
 
     run = Path(run_dir)
     cfg = load_config(Config, str(run / "config.yaml"))
@@ -71,9 +78,6 @@ def gfid_of(generator, real: str | Path, weights: str | Path, *, per_class: int,
             cache_dir: str | Path | None = None, device: str = "cpu") -> dict:
     """gFID of ``per_class`` samples of every class of a :class:`~rae_generation.sample.Generator` vs ``real`` (a
     class-split folder, folder or npz): sampled as ``make eval-all`` samples (sample i's noise from (seed, i))."""
-    from eval import gfid
-    from eval.fid import compute_metrics
-    from eval.inception import DEFAULT_WEIGHTS
 
     weights = weights or DEFAULT_WEIGHTS
 
@@ -99,9 +103,6 @@ class RAEInTrainEval:
     """gFID of the live EMA model every ``cfg.every`` steps (built once: generator wrapper, encoder, real set)."""
 
     def __init__(self, cfg, ema, norm, shift: float, data, sample_cfg, device):
-        from encoder.export import load_encoder
-        from rae_generation.sample import Generator
-
         if not cfg.real or not data.encoder_path:
             raise ValueError("eval.every > 0 needs eval.real (real images) and an encoder to decode samples")
         enc = data.encoder or load_encoder(data.encoder_path, device=device)
@@ -123,9 +124,6 @@ class RAEInTrainEval:
 def rae_checkpoint_gfid(run_dir: str | Path, checkpoint: str = "latest", device: str = "cpu",
                         overrides: dict | None = None) -> dict:
     """The in-training gFID (the run's ``eval`` settings, or ``overrides``) of a saved checkpoint's EMA weights."""
-    from ov3common.config import load_config
-    from rae_generation.config import RAETrainConfig
-    from rae_generation.sample import load_generator
 
     run = Path(run_dir)
     cfg = load_config(RAETrainConfig, str(run / "config.yaml"))

@@ -27,6 +27,10 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
+from ov3common.checkpoint import sha256_file
+
 DATA_EXTS = (".jsonl", ".json", ".parquet", ".arrow", ".npz")
 
 KNOWN_VARIANTS: dict[str, list[dict]] = {
@@ -40,14 +44,6 @@ KNOWN_VARIANTS: dict[str, list[dict]] = {
     ],
     "seedbench": [],
 }
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def sha256_path(path: str | Path, exts: tuple[str, ...] = DATA_EXTS) -> tuple[str, list[str]]:
@@ -102,7 +98,6 @@ def identify(kind: str, path: str | Path, records: list[dict]) -> dict:
 
 def identify_reference(path: str | Path) -> dict:
     """Identity of a reference-statistics input (an ADM npz or an image folder): sha256 and image count."""
-    import numpy as np
 
     p = Path(path)
     if p.is_file() and p.suffix == ".npz":

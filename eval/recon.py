@@ -32,6 +32,10 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from encoder.losses import LPIPSLoss, find_lpips_backbone
+from eval.intervals import mean_interval
 
 PSNR_CAP = 100.0
 RANDOM_LABEL = "random backbone: not a real perceptual score"
@@ -112,7 +116,6 @@ def _unit_nhwc(x: torch.Tensor) -> np.ndarray:
 
 def psnr_skimage(ref: torch.Tensor, rec: torch.Tensor) -> np.ndarray:
     """Per-image ``skimage.metrics.peak_signal_noise_ratio`` (data range 1), capped like :func:`psnr`."""
-    from skimage.metrics import peak_signal_noise_ratio
 
     _check_pair(ref, rec)
     out = []
@@ -124,7 +127,6 @@ def psnr_skimage(ref: torch.Tensor, rec: torch.Tensor) -> np.ndarray:
 
 def ssim_skimage(ref: torch.Tensor, rec: torch.Tensor, window: str = "gaussian") -> np.ndarray:
     """Per-image ``skimage.metrics.structural_similarity`` with the settings :func:`ssim` reproduces."""
-    from skimage.metrics import structural_similarity
 
     _check_pair(ref, rec)
     kw = (dict(gaussian_weights=True, sigma=GAUSS_SIGMA, use_sample_covariance=False) if window == "gaussian"
@@ -140,7 +142,6 @@ class LPIPSMetric:
 
     def __init__(self, net: str = "alex", backbone: str = "auto", backbone_path: str = "",
                  device: str | torch.device = "cpu"):
-        from encoder.losses import LPIPSLoss, find_lpips_backbone
 
         if backbone not in ("auto", "pretrained", "random"):
             raise ValueError(f"lpips backbone: {backbone!r} (auto | pretrained | random)")
@@ -178,8 +179,6 @@ class ReconMetrics:
         return {k: np.concatenate(v) for k, v in self.values.items() if v}
 
     def result(self, n_boot: int = 1000, seed: int = 0) -> dict:
-        from eval.intervals import mean_interval
-
         out: dict = {"n": int(sum(len(v) for v in self.values["psnr"])), "intervals": {},
                      "ssim_window": self.ssim_window, "ssim_data_range": 1.0}
         for k, v in self.values.items():

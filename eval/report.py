@@ -6,7 +6,10 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from eval.intervals import Interval
 from eval.recon import RANDOM_LABEL
+from ov3common.checkpoint import atomic_write
+from rae_generation.manifest import PROTOCOL_FIELDS
 
 TOY_DISCLAIMER = ("Toy-world numbers: they check that the pipeline runs end to end on tiny models and tiny sets; "
                   "they are not, and must never be presented as, paper numbers.")
@@ -23,7 +26,6 @@ def _num(v: object, digits: int, scale: float = 1.0) -> str | None:
 
 def _with_interval(v: object, iv: object, digits: int, scale: float = 1.0) -> str | None:
     """``12.3 [10.1, 14.5]`` when the 95% interval is known, else the point value."""
-    from eval.intervals import Interval
 
     point = _num(v, digits, scale)
     i = Interval.from_dict(iv if isinstance(iv, dict) else None)
@@ -159,8 +161,6 @@ def _benchmarks(summary: dict) -> list[str]:
 
 
 def _manifests(summary: dict) -> list[str]:
-    from eval.manifest import PROTOCOL_FIELDS
-
     out = []
     for row in summary.get("rows", []):
         g = (row.get("results", {}).get("gfid") or {})
@@ -212,41 +212,97 @@ def _details(summary: dict) -> list[str]:
     return out
 
 
+# panels first, in this order (the objective, its two branches, each sub-loss, then LR and throughput)
+CURVE_ORDER = ("loss", "rec", "und", "contrastive", "caption", "pixel_l1", "latent_l1", "lpips", "lr",
+               "samples_per_s", "grad_norm")
+CURVE_MARKERS = ("resolution", "stage")  # a change of one of these is a stage boundary (drawn, not plotted)
+CURVE_HIDE = {"eta_s", "logit_scale", "skipped_step"}
+
+
+def _points(rows: list[dict], key: str) -> list[tuple[float, float]]:
+    return [(r.get("step", i), r[key]) for i, r in enumerate(rows)
+            if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool) and math.isfinite(r[key])]
+
+
+def curve_keys(series: Sequence[tuple[str, list[dict]]], max_panels: int = 12) -> list[str]:
+    """Metric keys worth a panel: numeric, with at least two points in one series (a one-off summary value draws
+    an empty panel), ordered by :data:`CURVE_ORDER` then by name."""
+    keys: set[str] = set()
+    for _, rows in series:
+        for k in {k for r in rows for k in r}:
+            if k in CURVE_SKIP or k in CURVE_HIDE or k in CURVE_MARKERS:
+                continue
+            if len(_points(rows, k)) >= 2:
+                keys.add(k)
+    rank = {k: i for i, k in enumerate(CURVE_ORDER)}
+    return sorted(keys, key=lambda k: (rank.get(k, len(rank)), k))[:max_panels]
+
+
+def smooth(values: Sequence[float], weight: float | None = None) -> list[float]:
+    """Debiased exponential moving average (TensorBoard's smoothing); ``weight`` from the length when None."""
+    if weight is None:
+        weight = min(0.9, max(0.0, 1 - 10 / max(len(values), 1)))
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc = weight * acc + (1 - weight) * v
+        out.append(acc / (1 - weight ** (i + 1)))
+    return out
+
+
+def stage_boundaries(rows: list[dict]) -> list[float]:
+    """Steps where a :data:`CURVE_MARKERS` key changes value (e.g. the encoder's 128 px -> 256 px stage)."""
+    out = []
+    for key in CURVE_MARKERS:
+        prev = None
+        for r in rows:
+            if key in r:
+                if prev is not None and r[key] != prev:
+                    out.append(r.get("step", 0))
+                prev = r[key]
+    return sorted(set(out))
+
+
 def plot_curves(series: Sequence[tuple[str, list[dict]]], path: str | Path, title: str,
-                max_panels: int = 9) -> Path | None:
-    """One panel per numeric metric key, one line per (label, rows of metrics.jsonl); None if nothing to plot."""
+                max_panels: int = 12) -> Path | None:
+    """One panel per metric key (:func:`curve_keys`), one line per (label, rows of metrics.jsonl): the raw values
+    faint, their moving average solid, stage boundaries dashed. None if nothing to plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ov3common.checkpoint import atomic_write
 
-    keys: list[str] = []
-    for _, rows in series:
-        for r in rows:
-            for k, v in r.items():
-                if k not in CURVE_SKIP and k not in keys and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    keys.append(k)
-    keys = sorted(keys, key=lambda k: ("loss" not in k, k))[:max_panels]
+    keys = curve_keys(series, max_panels)
     if not keys:
         return None
     cols = min(3, len(keys))
     nrows = -(-len(keys) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.4 * cols, 3.1 * nrows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    bounds = sorted({b for _, rows in series for b in stage_boundaries(rows)})
     for ax, key in zip(axes.flat, keys):
-        for label, rows in series:
-            pts = [(r.get("step", i), r[key]) for i, r in enumerate(rows)
-                   if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-            if pts:
-                ax.plot(*zip(*pts), label=label, lw=1.2)
-        ax.set_title(key, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
+        for j, (label, rows) in enumerate(series):
+            pts = _points(rows, key)
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            c = colors[j % len(colors)]
+            if len(pts) >= 5:
+                ax.plot(xs, ys, color=c, lw=0.8, alpha=0.25)
+                ax.plot(xs, smooth(ys), color=c, lw=1.4, label=label)
+            else:
+                ax.plot(xs, ys, color=c, lw=1.2, marker="o", ms=3, label=label)
+        for b in bounds:
+            ax.axvline(b, color="0.5", ls="--", lw=0.8)
+        ax.set_title(key, fontsize=10)
+        ax.set_xlabel("step", fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.2)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
+    axes.flat[0].legend(fontsize=8)
+    note = " (dashed: stage boundary)" if bounds else ""
+    fig.suptitle(f"{title}: raw faint, moving average solid{note}", fontsize=11)
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, dpi=110, format="png"))
     plt.close(fig)

@@ -19,13 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from encoder.export import load_encoder
 from eval.fid import DEFAULT_WEIGHTS, compute_metrics, list_images
 from eval.recon import LPIPSMetric, ReconMetrics
+from ov3common.checkpoint import atomic_write_json
+from ov3common.images import center_crop_resize, decode_image, save_image_grid, to_tensor_pm1, to_uint8
+from ov3common.log import progress
 
 
 def _load_batch(paths: list[Path], size: int) -> torch.Tensor:
-    from ov3common.images import center_crop_resize, decode_image, to_tensor_pm1
-
     return torch.stack([to_tensor_pm1(center_crop_resize(decode_image(p.read_bytes(), min_side=1), size))
                         for p in paths])
 
@@ -40,8 +42,6 @@ def select_images(folder: str | Path, max_images: int = 0) -> list[Path]:
 def reconstruct(encoder, paths: list[Path], batch_size: int = 16, lpips: LPIPSMetric | None = None,
                 grid_images: int = 8) -> tuple[np.ndarray, np.ndarray, dict, torch.Tensor]:
     """(originals uint8 NHWC, reconstructions uint8 NHWC, recon metrics, grid tensor in [-1, 1])."""
-    from ov3common.images import to_uint8
-    from ov3common.log import progress
 
     metrics = ReconMetrics(lpips)
     orig, recs, grid_o, grid_r = [], [], [], []
@@ -67,9 +67,6 @@ def run_rfid(encoder_dir: str | Path, images: str | Path | list[Path], out_dir: 
              precision: str = "fp32") -> dict:
     """Reconstruct, score, write ``rfid.json`` and ``recon_grid.png`` into ``out_dir``; returns the result.
     ``bootstrap`` > 0: a 95% interval of rFID over the reconstructions (the originals' statistics fixed)."""
-    from encoder.export import load_encoder
-    from ov3common.checkpoint import atomic_write_json
-    from ov3common.images import save_image_grid
 
     paths = images if isinstance(images, list) else select_images(images, max_images)
     enc = load_encoder(encoder_dir, device=device)
@@ -79,7 +76,8 @@ def run_rfid(encoder_dir: str | Path, images: str | Path | list[Path], out_dir: 
                           precision=precision)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_image_grid(grid, out / "recon_grid.png", nrow=8)
+    save_image_grid(grid, out / "recon_grid.png", nrow=8,
+                    row_labels=["original", "reconstruction"] * (-(-len(grid) // 16)))
     result = {"rfid": fid["fid"], "sfid": fid.get("sfid"), "psnr": rm["psnr"], "ssim": rm["ssim"],
               "lpips": rm["lpips"], "lpips_note": rm["lpips_note"],
               "lpips_random_backbone": rm.get("lpips_random_backbone", False), "intervals": rm["intervals"],
@@ -89,6 +87,23 @@ def run_rfid(encoder_dir: str | Path, images: str | Path | list[Path], out_dir: 
               "encoder": str(encoder_dir), "grid": str(out / "recon_grid.png"), "fid_details": fid}
     atomic_write_json(out / "rfid.json", result)
     return result
+
+
+def compare_decoders(cfg, export_dir: str | Path, source_dir: str | Path, source_has_decoder: bool,
+                     out: str | Path, device) -> dict:
+    """rFID + PSNR/SSIM (the harness's protocol) of a new decoder's export and of the source export's own decoder
+    (when it has one): ``make rae-decoder``'s comparison (``encoder.train_decoder`` calls it by name; ``cfg``: its
+    ``rfid`` section)."""
+    paths = select_images(cfg.images, cfg.max_images)
+    res = {}
+    for name, src in (("", export_dir), ("source/", source_dir)):
+        if name and not source_has_decoder:
+            continue
+        r = run_rfid(src, paths, Path(out) / f"rfid{'_source' if name else ''}", weights=cfg.weights or DEFAULT_WEIGHTS,
+                     batch_size=cfg.batch_size, cache_dir=cfg.cache_dir or None, device=str(device))
+        res.update({f"{name}rfid": r["rfid"], f"{name}rfid/psnr": r["psnr"], f"{name}rfid/ssim": r["ssim"],
+                    f"{name}rfid/n": r["n"]})
+    return res
 
 
 def main(argv=None) -> int:

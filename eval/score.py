@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from eval.intervals import bootstrap, wilson
+from ov3common.checkpoint import atomic_write_json
 
 POPE_CATEGORIES = ("adversarial", "popular", "random")
 
@@ -322,8 +323,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
-        from ov3common.checkpoint import atomic_write_json
-
         atomic_write_json(args.out, result)
     return 0
 

@@ -3,7 +3,7 @@
 Modules: ``conversation`` (templates, tokenization, label masking), ``vision`` (towers + image preprocessing),
 ``projector``, ``splice`` (−200 placeholders → ``inputs_embeds``), ``model`` (build / save / load),
 ``data`` (LLaVA JSON / shards, collator), ``sampler``, ``trainer`` (HF Trainer subclass), ``train`` (CLI),
-``generate`` / ``predict`` (inference), ``lmms_plugin`` (lmms-eval model), ``toy_llm`` (the toy language model).
+``generate`` (inference; benchmark predictions: ``eval.adapters``), ``lmms_plugin`` (lmms-eval model), ``toy_llm`` (the toy language model).
 """
 
 IGNORE_INDEX = -100

@@ -8,12 +8,28 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llava_bridge.live_eval import LiveEvalConfig
+from transformers import TrainingArguments
+
 from ov3common.config import ConfigError, choice_field, path_field
 
 TUNES = ("projector", "full", "lora")
 ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2")
 FLASH_INSTALL = "pip install flash-attn --no-build-isolation (or the project's extra: pip install -e '.[gpu]')"
+
+
+# ---- in-training evaluation (train.eval_every > 0): eval.llava_live, added by name
+@dataclass
+class LiveEvalConfig:
+    pope: str = ""  # POPE file/folder (eval.benchmarks formats: JSONL, parquet, save_to_disk); "" = none
+    seedbench: str = ""  # SeedBench file/folder; "" = none
+    image_root: str = ""  # "" = the benchmark's own (images embedded, or beside the file)
+    limit_per_category: int = 20  # the subset: the first K questions of each category (0 = all)
+    seedbench_protocol: str = choice_field("both", ("generate", "rank", "both"))  # letter | answer ranking
+    batch_size: int = 8
+    max_new_tokens: int = 16
+    # the evaluator, by name (llava_bridge imports nothing of eval): function(trainer, this config, every) -> a
+    # transformers TrainerCallback
+    hook: str = "eval.llava_live:callback"
 
 
 @dataclass
@@ -36,8 +52,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: list[str] = field(default_factory=lambda: ["data/toy/llava/pretrain.json"])  # .json/.jsonl/.tar/dirs
-    image_root: str = "data/toy/images"
+    train: list[str] = field(default_factory=list)  # required: .json/.jsonl/.tar/dirs
+    image_root: str = ""  # images of .json/.jsonl data (relative paths); required with them
     shard_caption: str = "txt"  # for tar shards: txt | json.<field>
     num_workers: int = 0
     group_by_modality_length: bool = False
@@ -93,7 +109,7 @@ class LlavaTrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval: LiveEvalConfig = field(default_factory=LiveEvalConfig)  # llava_bridge.live_eval
+    eval: LiveEvalConfig = field(default_factory=LiveEvalConfig)  # eval.llava_live (by name: eval.hook)
 
 
 HINTS = {
@@ -145,7 +161,6 @@ def check_attn(attn: str, key: str = "model.attn_implementation") -> None:
 def training_arguments(cfg, use_cpu: bool):
     """``TrainingArguments`` for ``cfg.train`` (create it BEFORE loading the LM: under ZeRO-3 it switches
     ``from_pretrained`` to partitioned loading)."""
-    from transformers import TrainingArguments
 
     t = cfg.train
     kw = dict(

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from transformers import AutoConfig, AutoTokenizer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from llava_bridge import IMAGE_TOKEN_INDEX
 from llava_bridge.projector import FILENAME as PROJECTOR_FILE
@@ -126,8 +128,6 @@ def llava_class(base: type) -> type:
 
 
 def _base_class(config) -> type:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
     try:
         return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except KeyError as e:
@@ -155,7 +155,6 @@ class MMSettings:
 
 def load_lm(path: str | os.PathLike, dtype: torch.dtype = torch.float32, attn: str = "sdpa"):
     """The LLaVA subclass of the LM at ``path`` (a projector is built iff its config has ``mm_*`` fields)."""
-    from transformers import AutoConfig
 
     path = _check_dir(path, "language model")
     config = AutoConfig.from_pretrained(path)
@@ -184,8 +183,6 @@ def attach_vision(model, tower: nn.Module, mm: MMSettings, projector_path: str |
 
 
 def load_tokenizer(path: str | os.PathLike, model_max_length: int | None = None):
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(path)
     if model_max_length:
         tok.model_max_length = model_max_length

@@ -24,20 +24,26 @@ attribute, counting 0.48–0.54; location and spatial relations, which a short c
 
 from __future__ import annotations
 
+import glob
 import json
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from llava_bridge import IMAGE_PLACEHOLDER
-from llava_bridge.conversation import BadRecord, normalize_turns, render
+from llava_bridge.conversation import BadRecord, encode_chunks, normalize_turns, render, tokenize_rendered
+from llava_bridge.data import Collator
 from ov3common.config import choice_field, parse_cli, path_field, save_config
 from ov3common.dist import seed_all
 from ov3common.log import MetricLogger, TrainProgress, get_logger
 from ov3common.optim import build_adamw, warmup_cosine
+from ov3common.shards import iter_tar
+from ov3common.toyworld.questions import LETTERS, MC_GENERATORS, arrange, mc_prompt
 
 log = get_logger("llava_bridge.toy_llm")
 SIZES = {  # hidden, layers, heads, intermediate
@@ -141,8 +147,6 @@ def sft_samples(paths: list[str], tokenizer, captions: str, max_answer_words: in
 
 def _tokenized(tokenizer, keys: list[str], rendered: list) -> list[dict]:
     """SFT samples (labels on the answers only) of rendered one-turn conversations, tokenized in one batch."""
-    from llava_bridge.conversation import encode_chunks, tokenize_rendered
-
     out = []
     for key, r, enc in zip(keys, rendered, encode_chunks(tokenizer, rendered)):
         ids, labels = tokenize_rendered(tokenizer, r, key, 10_000, encoded=enc)
@@ -153,13 +157,6 @@ def _tokenized(tokenizer, keys: list[str], rendered: list) -> list[dict]:
 def mc_samples(scenes: str, tokenizer, n: int, context: str, seed: int = 0) -> list[dict]:
     """``n`` 4-choice samples ``description \n question + lettered choices`` → letter, from the toy world's own
     SeedBench generators (:mod:`ov3common.toyworld.questions`) on the scenes of the shards in ``scenes``."""
-    import glob
-
-    import numpy as np
-
-    from ov3common.shards import iter_tar
-    from ov3common.toyworld.questions import LETTERS, MC_GENERATORS, arrange, mc_prompt
-
     urls = sorted(glob.glob(str(Path(scenes) / "*.tar")))
     metas = [json.loads(s.members["json"]) for u in urls for s in iter_tar(u)]
     if not metas:
@@ -181,8 +178,6 @@ def mc_samples(scenes: str, tokenizer, n: int, context: str, seed: int = 0) -> l
 
 
 def build_model(size: str, vocab: int, tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
     hidden, layers, heads, inter = SIZES[size]
@@ -225,8 +220,6 @@ def main(argv=None) -> int:
             raise FileNotFoundError(f"data.{i}: {p} does not exist — run `make data`")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    from transformers import AutoTokenizer
-
     seed_all(cfg.seed)
     tok = AutoTokenizer.from_pretrained(cfg.tokenizer)
     docs = corpus(list(cfg.data), tok, cfg.max_docs, cfg.captions)
@@ -250,8 +243,6 @@ def main(argv=None) -> int:
     if cfg.mc_steps and not (cfg.sft_steps and cfg.sft_mc_scenes):
         raise ValueError("mc_steps needs sft_steps > 0 and sft_mc_scenes (the scenes its questions are about)")
     if cfg.sft_steps:
-        from llava_bridge.data import Collator
-
         samples = sft_samples(list(cfg.data), tok, cfg.captions, cfg.sft_max_answer_words)
         if cfg.sft_mc_samples:
             samples += mc_samples(cfg.sft_mc_scenes, tok, cfg.sft_mc_samples, cfg.sft_mc_context, cfg.seed)

@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback, set_seed
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from llava_bridge import live_eval
 from llava_bridge.config import LlavaTrainConfig, check_inputs, training_arguments
 from llava_bridge.data import Collator, LlavaDataset
 from llava_bridge.feature_cache import build_feature_cache
@@ -20,7 +21,7 @@ from llava_bridge.model import MMSettings, attach_vision, load_lm, load_tokenize
 from llava_bridge.trainer import LlavaTrainer, find_resumable_checkpoint
 from llava_bridge.vision import build_vision_tower
 from ov3common.checkpoint import atomic_write_json
-from ov3common.config import ConfigError, parse_cli, save_config
+from ov3common.config import ConfigError, import_object, parse_cli, save_config
 from ov3common.dist import barrier, cleanup
 from ov3common.guard import TrainingDiverged
 from ov3common.images import SkipStats
@@ -76,8 +77,6 @@ class _MetricsCallback:
     progress (ov3common.log.TrainProgress: step / total, loss, samples/s, ETA) in place of the Trainer's bar."""
 
     def __init__(self, out_dir: str, log_every: int):
-        from transformers import TrainerCallback
-
         logger = MetricLogger(out_dir)
 
         class CB(TrainerCallback):
@@ -113,7 +112,6 @@ def build(cfg):
 
         deepspeed.init_distributed(dist_backend="gloo" if use_cpu else "nccl")
     args = training_arguments(cfg, use_cpu)
-    from transformers import set_seed
 
     set_seed(args.seed)
     m = cfg.model
@@ -145,13 +143,11 @@ def build(cfg):
         modality_lengths=ds.modality_lengths if cfg.data.group_by_modality_length else None,
         callbacks=[_MetricsCallback(cfg.out_dir, cfg.train.log_every).callback],
         sample_log=str(Path(cfg.out_dir) / "samples.jsonl") if cfg.train.log_indices else None)
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(ProgressCallback)  # TrainProgress shows step / total, loss, samples/s and ETA instead
     trainer.remove_callback(PrinterCallback)  # the logs go to metrics.jsonl (and the progress line)
     if cfg.train.eval_every > 0:
-        trainer.add_callback(live_eval.callback(trainer, live_eval.load_subsets(cfg.eval), cfg.eval,
-                                                cfg.train.eval_every))
+        trainer.add_callback(import_object(cfg.eval.hook, "eval.hook")(trainer, cfg.eval, cfg.train.eval_every))
     resume = None
     if cfg.train.resume == "auto":
         resume = find_resumable_checkpoint(cfg.out_dir, quarantine=args.process_index == 0)

@@ -8,7 +8,7 @@ Checkpoint folder ``output_dir/checkpoint-N/`` (plain / DDP path):
   RNG        ``rng_state[_RANK].safetensors`` + ``.json``
   state      ``trainer_state.json`` (HF: step, epoch, log history) — written last, so its presence marks a
              complete checkpoint; ``skip_stats.json``.
-Under DeepSpeed the optimizer and RNG go to DeepSpeed's own ``global_stepN/`` files (torch pickles, see README).
+Under DeepSpeed the optimizer and RNG go to DeepSpeed's own ``global_stepN/`` files (torch pickles, see llava_bridge/README.md).
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ import types
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import Trainer
 
 from llava_bridge.projector import FILENAME as PROJECTOR_FILE
-from llava_bridge.projector import PREFIX, save_projector
+from llava_bridge.projector import PREFIX, load_projector_state, save_projector
 from llava_bridge.sampler import ModalityLengthGroupedSampler
 from ov3common.checkpoint import (
     atomic_write_json,
@@ -165,8 +166,6 @@ class LlavaTrainer(Trainer):
             self.processing_class.save_pretrained(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        from llava_bridge.projector import load_projector_state
-
         model = model or self.model
         if self.tune != "projector":
             super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -223,7 +222,6 @@ class LlavaTrainer(Trainer):
 # ------------------------------------------------------------------------------------------------ resuming
 def checkpoint_problem(folder: Path) -> str | None:
     """Why ``folder`` cannot be resumed from (None if it is complete)."""
-    from safetensors import SafetensorError, safe_open
 
     state_file = folder / "trainer_state.json"
     if not state_file.is_file():

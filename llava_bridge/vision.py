@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch import Tensor, nn
+from transformers import AutoImageProcessor, CLIPVisionModel, SiglipVisionModel
 
+from encoder.export import load_encoder
 from ov3common.images import center_crop_resize, pad_to_square, to_tensor_pm1
 
 OV3_FEATURES = ("patch", "mean", "pooled")
@@ -75,8 +77,6 @@ class HFImageProcessor:
     @property
     def proc(self):
         if self._proc is None:
-            from transformers import AutoImageProcessor
-
             self._proc = AutoImageProcessor.from_pretrained(self.path)
         return self._proc
 
@@ -97,7 +97,6 @@ class OV3Tower(nn.Module):
     def __init__(self, path: str | os.PathLike, select_layer: int = -2, select_feature: str = "patch",
                  aspect: str = "pad"):
         super().__init__()
-        from encoder.export import load_encoder
 
         if select_feature not in OV3_FEATURES:
             raise ValueError(f"select_feature {select_feature!r} is not one of {OV3_FEATURES} for an OV3 tower")
@@ -130,7 +129,6 @@ class HFTower(nn.Module):
     def __init__(self, path: str | os.PathLike, select_layer: int = -2, select_feature: str = "patch",
                  aspect: str = "pad"):
         super().__init__()
-        from transformers import CLIPVisionModel, SiglipVisionModel
 
         if select_feature not in HF_FEATURES:
             raise ValueError(f"select_feature {select_feature!r} is not one of {HF_FEATURES} for a {path} tower")

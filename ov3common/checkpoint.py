@@ -27,6 +27,13 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from ov3common import dist as D
 from ov3common.log import get_logger
@@ -196,39 +203,32 @@ def _as_tuple(x: Any) -> Any:
 
 
 def _sd_options():
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
     return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Full (unsharded) CPU state dict with plain parameter names; works for plain, DDP and FSDP2 modules."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     return get_model_state_dict(model, options=_sd_options())
 
 
 def load_model_state(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
     set_model_state_dict(model, sd, options=_sd_options())
 
 
 def optim_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Optimizer state keyed by parameter names (portable across DDP/FSDP2 and world sizes)."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     return get_optimizer_state_dict(model, optimizer, options=_sd_options())
 
 
 def load_optim_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sd: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
     set_optimizer_state_dict(model, optimizer, sd, options=_sd_options())
 
 
 # ------------------------------------------------------------------------------------------------- manager
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (the one hash of files in the project: checkpoints, manifests, provenance)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -292,7 +292,7 @@ class CheckpointManager:
             for f in sorted(tmp.iterdir()):
                 with open(f, "rb+") as fh:
                     os.fsync(fh.fileno())
-                files[f.name] = {"size": f.stat().st_size, "sha256": _sha256(f) if self.verify == "sha256" else None}
+                files[f.name] = {"size": f.stat().st_size, "sha256": sha256_file(f) if self.verify == "sha256" else None}
             meta = {"format": FORMAT_VERSION, "step": step, "world_size": world, "files": files, "tree": tree}
             (tmp / "state.json").write_text(json.dumps(meta, sort_keys=True))
             with open(tmp / "state.json", "rb+") as fh:
@@ -327,7 +327,7 @@ class CheckpointManager:
                 return f"{name} is missing"
             if f.stat().st_size != info["size"]:
                 return f"{name} has {f.stat().st_size} bytes, expected {info['size']} (truncated?)"
-            if self.verify == "sha256" and info.get("sha256") and _sha256(f) != info["sha256"]:
+            if self.verify == "sha256" and info.get("sha256") and sha256_file(f) != info["sha256"]:
                 return f"{name} fails its sha256 check (corrupt)"
         return None
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +26,8 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf, read_write
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from ov3common.checkpoint import atomic_write_text
 
 __all__ = [
     "ConfigError",
@@ -35,6 +38,7 @@ __all__ = [
     "check_paths",
     "save_config",
     "to_dict",
+    "import_object",
 ]
 
 _PATH_KINDS = ("file", "dir", "exists")
@@ -45,14 +49,17 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the key (and the file or path involved)."""
 
 
-def path_field(default: str = "", kind: str = "exists") -> Any:
+def path_field(default: str = "", kind: str = "exists", required: bool = False) -> Any:
     """A string field holding a filesystem path. Non-empty values are checked by :func:`check_paths`.
 
     ``kind``: ``"file"`` (must be a file), ``"dir"`` (must be a directory), ``"exists"`` (either).
+    ``required``: an empty value is an error (an input with no sensible default: no toy path stands in for it).
     """
     if kind not in _PATH_KINDS:
         raise ValueError(f"path_field kind must be one of {_PATH_KINDS}, got {kind!r}")
-    return dataclasses.field(default=default, metadata={"path": kind})
+    if required and default:
+        raise ValueError("a required path_field has no default")
+    return dataclasses.field(default=default, metadata={"path": kind + ("!" if required else "")})
 
 
 def choice_field(default: str, choices: Sequence[str]) -> Any:
@@ -150,6 +157,8 @@ def _apply_override(cfg: DictConfig, key: str, text: str) -> None:
             raise ConfigError(f"command line: key '{key}': bad list index '{last}' (the list has {len(node)} items)")
     try:
         value = OmegaConf.from_dotlist([f"v={text}"])["v"]
+        if value is None and text == "":
+            value = ""  # `key=` blanks a string (YAML would read it as null)
         if OmegaConf.is_config(value):
             value = OmegaConf.to_container(value)
         OmegaConf.update(cfg, key, value, merge=True)
@@ -210,7 +219,10 @@ def _walk_fields(schema: Any, node: Any, prefix: str, tag: str):
 def check_paths(cfg: DictConfig) -> None:
     """Check every non-empty :func:`path_field` exists (as file / dir). Raises :class:`ConfigError`."""
     for key, kind, value in _walk_fields(OmegaConf.get_type(cfg), cfg, "", "path"):
+        kind, required = kind.rstrip("!"), kind.endswith("!")
         if not value:
+            if required:
+                raise ConfigError(f"{key}: required (a {'folder' if kind == 'dir' else 'path'}; it has no default)")
             continue
         p = Path(str(value)).expanduser()
         if kind == "file" and not p.is_file():
@@ -243,6 +255,23 @@ def to_dict(cfg: DictConfig) -> dict:
 
 def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomically) beside the outputs."""
-    from ov3common.checkpoint import atomic_write_text
 
     atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def import_object(spec: str, key: str = "spec"):
+    """The object a ``module:name`` string names (a hook in a config: ``eval.adapters:llava_predictor``). This is how a
+    lower layer calls code of a higher one (a trainer's in-training evaluation in ``eval``) without importing it. A
+    malformed spec is a :class:`ConfigError`, a missing module or name an ``ImportError``; both name ``key``."""
+    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
+        raise ConfigError(f"{key}: expected 'module:name', got {spec!r}")
+    mod, name = spec.split(":")
+    try:
+        module = importlib.import_module(mod)
+    except ModuleNotFoundError as e:
+        if e.name and mod.startswith(e.name):  # the named module itself is missing (not one it imports)
+            raise ModuleNotFoundError(f"{key}: no module {mod!r} (from {spec!r})", name=e.name) from e
+        raise
+    if not hasattr(module, name):
+        raise ImportError(f"{key}: module {mod!r} has no {name!r}", name=mod)
+    return getattr(module, name)

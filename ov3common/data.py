@@ -24,8 +24,10 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, Sampler, get_worker_info
+import torch.distributed as dist
+from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_info
 
+from ov3common.log import get_logger
 from ov3common.shards import TarSample, iter_tar
 
 __all__ = ["ResumableSampler", "StreamSpec", "SampleStream", "ShardStreams", "StreamLoader", "lockstep"]
@@ -252,8 +254,6 @@ class ShardStreams(IterableDataset):
         errors: dict[str, int] = {}
 
         def on_error(reason: str, url: str, detail: str) -> None:
-            from ov3common.log import get_logger
-
             errors[reason] = errors.get(reason, 0) + 1
             get_logger("ov3common.data").warning("%s: %s (%s)", url, reason, detail)
 
@@ -286,8 +286,6 @@ class StreamLoader:
         self.state: dict[int, dict] = dict(dataset.state)
 
     def __iter__(self):
-        from torch.utils.data import DataLoader
-
         w = max(self.workers, 1)
         loader = DataLoader(self.ds, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
                             persistent_workers=False)
@@ -315,7 +313,6 @@ class StreamLoader:
 def lockstep(iterable, device: torch.device | str = "cpu"):
     """Yield while every rank has an item (one tiny all-reduce per step under torchrun): ranks end an epoch
     together even when their streams hold different numbers of samples."""
-    import torch.distributed as dist
 
     multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     for item in iterable:

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.nn.functional import all_gather
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 __all__ = [
     "DistInfo",
@@ -103,7 +106,6 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     over the ranks' losses (with DDP's gradient averaging this is the gradient of the mean local loss, as in CLIP)."""
     if get_world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
 
     return torch.cat(all_gather(x), dim=0)
 
@@ -123,13 +125,9 @@ def wrap_model(model: torch.nn.Module, strategy: str, info: DistInfo, **kwargs) 
     if strategy == "none" or not info.distributed:
         return model
     if strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         ids = [info.device.index] if info.device.type == "cuda" else None
         return DDP(model, device_ids=ids, **kwargs)
     if strategy == "fsdp2":
-        from torch.distributed.fsdp import fully_shard
-
         units = model.fsdp_units() if hasattr(model, "fsdp_units") else []
         for unit in units:
             fully_shard(unit, **kwargs)

@@ -6,7 +6,9 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 
+from ov3common.dist import get_world_size
 from ov3common.log import get_logger
 
 __all__ = ["NonFiniteGuard", "TrainingDiverged"]
@@ -39,11 +41,8 @@ class NonFiniteGuard:
                 if grads:
                     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
                     flag = torch.maximum(flag, (~torch.isfinite(norm)).float().reshape(1))
-            from ov3common.dist import get_world_size
 
             if get_world_size() > 1:
-                import torch.distributed as dist
-
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             is_bad = bool(flag.item() > 0)
             value = float(loss.detach().float().mean()) if loss.numel() else float("nan")

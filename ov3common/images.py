@@ -16,7 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+import torch.distributed as dist
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+from torchvision.utils import make_grid
+
+from ov3common.checkpoint import atomic_write
+from ov3common.dist import get_world_size
 
 __all__ = [
     "BadSample",
@@ -142,6 +147,11 @@ class SkipStats:
         self.skipped: Counter = Counter()
         self.converted: Counter = Counter()
 
+    def reset(self) -> None:
+        """Zero every count (a new epoch)."""
+        self.skipped.clear()
+        self.converted.clear()
+
     def add(self, reason: str) -> None:
         self.skipped[reason] += 1
 
@@ -158,13 +168,11 @@ class SkipStats:
 
     def reduce(self) -> SkipStats:
         """Sum over ranks (a collective under torchrun)."""
-        from ov3common.dist import get_world_size
 
         out = SkipStats()
         if get_world_size() == 1:
             out.update(self)
             return out
-        import torch.distributed as dist
 
         parts: list = [None] * get_world_size()
         dist.all_gather_object(parts, (dict(self.skipped), dict(self.converted)))
@@ -221,32 +229,58 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).contiguous().numpy()
 
 
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1: a scalable font
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _fit(draw, text: str, font, width: float) -> str:
+    """``text`` cut (with an ellipsis) to ``width`` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
 def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8,
-                    labels: list[str] | None = None, pad: int = 2) -> None:
-    """Save a PNG grid of images in [-1, 1]; optional text labels under each tile."""
-    from torchvision.utils import make_grid
-
-    from ov3common.checkpoint import atomic_write
-
+                    labels: list[str] | None = None, pad: int = 2, row_labels: list[str] | None = None,
+                    min_tile: int = 96) -> None:
+    """Save a PNG grid of images in [-1, 1]; optional text under each tile (``labels``) and at the left of each
+    row (``row_labels``). Tiles smaller than ``min_tile`` px are enlarged (nearest neighbour) so they read."""
     images = images.detach().float().cpu()
     n, _, h, w = images.shape
+    if min(h, w) < min_tile:
+        f = -(-min_tile // min(h, w))
+        images = torch.nn.functional.interpolate(images, scale_factor=f, mode="nearest")
+        h, w = h * f, w * f
     nrow = max(1, min(nrow, n))
+    rows = -(-n // nrow)
     grid = make_grid((images + 1) / 2, nrow=nrow, padding=pad, pad_value=1.0).clamp(0, 1)
     arr = (grid.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
     canvas = Image.fromarray(arr)
-    if labels:
-        line_h = 11
-        rows = -(-n // nrow)
-        out = Image.new("RGB", (canvas.width, canvas.height + rows * line_h), "white")
+    if labels or row_labels:
+        font = _font(max(11, min(18, w // 7)))
+        measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        line_h = int(font.size * 1.3) + 2 if labels and hasattr(font, "size") else (13 if labels else 0)
+        left = (int(max(measure.textlength(str(t), font=font) for t in row_labels[:rows])) + 10
+                if row_labels else 0)
+        left = min(left, 3 * w)
+        out = Image.new("RGB", (left + canvas.width, canvas.height + rows * line_h), "white")
         draw = ImageDraw.Draw(out)
         for r in range(rows):
             y0 = r * (h + pad + line_h)
-            out.paste(canvas.crop((0, r * (h + pad), canvas.width, (r + 1) * (h + pad) + pad)), (0, y0))
+            out.paste(canvas.crop((0, r * (h + pad), canvas.width, (r + 1) * (h + pad) + pad)), (left, y0))
+            if row_labels and r < len(row_labels):
+                draw.text((4, y0 + pad + h // 2), _fit(draw, str(row_labels[r]), font, left - 8), fill=(0, 0, 0),
+                          font=font, anchor="lm")
             for c in range(nrow):
                 i = r * nrow + c
-                if i < n and i < len(labels):
-                    max_chars = max(4, (w + pad) // 6)
-                    draw.text((c * (w + pad) + pad, y0 + h + pad), str(labels[i])[:max_chars], fill=(0, 0, 0))
+                if labels and i < n and i < len(labels):
+                    draw.text((left + c * (w + pad) + pad, y0 + h + pad + 1), _fit(draw, str(labels[i]), font, w),
+                              fill=(0, 0, 0), font=font)
         canvas = out
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda p: canvas.save(p, format="PNG"))

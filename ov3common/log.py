@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 __all__ = ["get_logger", "MetricLogger", "progress", "TrainProgress", "Throughput", "measure_matmul_peak", "matmul_rate",
@@ -92,20 +93,17 @@ class TrainProgress:
         self._steps += 1
         if loss is not None:
             self.loss = float(loss)
-        if not self.enabled:
-            return
         now = time.perf_counter()
         due = self.step % self.log_every == 0 or self.step == self.total
-        if self._bar is not None or due:
+        if self._bar is not None or due:  # the rates are measured with the display off too (metrics.jsonl has them)
             dt = max(now - self._t, 1e-9)
-            if self._steps:
-                self.samples_per_s, self.steps_per_s = self._n / dt, self._steps / dt
+            self.samples_per_s, self.steps_per_s = self._n / dt, self._steps / dt
         if self._bar is not None:
             self._bar.update(1)
             if due:
                 self._bar.set_postfix_str((f"loss {self.loss:.4f} " if self.loss is not None else "")
                                           + f"{self.samples_per_s:.1f} samples/s")
-        elif due:
+        elif due and self.enabled:
             self.log.info("%s%s", self.line(), f" | {info}" if info else "")
         if due:
             self._t, self._n, self._steps = now, 0, 0
@@ -233,7 +231,6 @@ def measure_matmul_peak(dtype: torch.dtype = torch.bfloat16, device: str | torch
 
 def count_flops(fn: Callable, *args, **kwargs) -> int:
     """Total FLOPs of one call (forward, and backward if ``fn`` runs it), counted by torch's FlopCounterMode."""
-    from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
         fn(*args, **kwargs)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from ov3common.config import ConfigError, _read_yaml
+from ov3common.config import ConfigError, _read_yaml, check_paths, import_object, load_config
 
 __all__ = ["Stage", "STAGES", "read", "outputs", "missing_inputs", "main"]
 
@@ -69,6 +69,8 @@ SCHEMAS = {
     "cache-rae-latents": "rae_generation.config:CacheConfig", "rae-train": "rae_generation.config:RAETrainConfig",
     "rae-sample": "rae_generation.config:SampleConfig", "eval-all": "eval.eval_all:EvalAllConfig",
 }
+# more checks of a target's inputs than its schema's path fields (named, so this module imports no package above it)
+CHECKS = {t: "llava_bridge.config:check_inputs" for t in ("llava-stage1", "llava-stage2", "llava-lora")}
 
 
 def is_toy(config: str) -> bool:
@@ -221,20 +223,14 @@ def need(target: str, config: str, overrides: list[str], env: dict | None = None
 
 def check_config(target: str, config: str, overrides: list[str]) -> int:
     """Load ``config`` with its program's schema and check its paths; one line naming the key on failure."""
-    import importlib
-
-    from ov3common.config import check_paths, load_config
 
     if target not in SCHEMAS:
         return 0
-    module, name = SCHEMAS[target].split(":")
     try:
-        cfg = load_config(getattr(importlib.import_module(module), name), config, overrides)
+        cfg = load_config(import_object(SCHEMAS[target], target), config, overrides)
         check_paths(cfg)
-        if target.startswith("llava-"):
-            from llava_bridge.config import check_inputs
-
-            check_inputs(cfg)
+        if target in CHECKS:
+            import_object(CHECKS[target], target)(cfg)
     except (ConfigError, FileNotFoundError) as e:
         print(f"{target}: {e}", file=sys.stderr)
         return 2

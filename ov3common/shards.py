@@ -26,6 +26,8 @@ import zlib
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
+from braceexpand import braceexpand
+
 __all__ = ["TarSample", "expand_urls", "is_local", "shard_name", "split_member", "iter_tar", "index_tar",
            "read_member"]
 
@@ -55,7 +57,6 @@ def _local_path(url: str) -> str:
 def expand_urls(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     """``"a/{000..009}.tar::b/*.tar"`` (or a list of such) → URLs. Local patterns that match nothing are dropped;
     the caller decides whether an empty result is an error (and names its config key)."""
-    from braceexpand import braceexpand
 
     parts = [p for s in ([spec] if isinstance(spec, str) else spec) for p in str(s).split("::") if p.strip()]
     out: list[str] = []

@@ -26,12 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from diffusers import DiTTransformer2DModel
 
 from ov3common.bench import interleaved, machine, ratio
 from ov3common.config import parse_cli, path_field
 from ov3common.log import count_flops, get_logger
 from ov3common.optim import build_adamw
 from rae_generation.models import DiTDH, DiTDHConfig, count_params, dit_config
+from rae_generation.sample import load_generator
 
 log = get_logger("rae.bench")
 
@@ -87,8 +89,6 @@ def time_steps(step, iters: int, warmup: int, device: torch.device) -> float:
 
 
 def diffusers_reference(cfg: DiTDHConfig):
-    from diffusers import DiTTransformer2DModel
-
     return DiTTransformer2DModel(num_attention_heads=cfg.heads, attention_head_dim=cfg.width // cfg.heads,
                                  in_channels=cfg.in_dim, out_channels=cfg.in_dim, num_layers=cfg.depth + cfg.head_depth,
                                  sample_size=cfg.grid, patch_size=1, num_embeds_ada_norm=cfg.num_classes + 1,
@@ -127,8 +127,8 @@ def load_rae() -> tuple[type | None, object | None, str]:
         return None, None, f"skipped: RAE_SRC={src} has no stage2/models/DDT.py"
     if src not in sys.path:
         sys.path.insert(0, src)
-    from stage2.models.DDT import DiTwDDTHead
-    from utils.optim_utils import build_optimizer
+    from stage2.models.DDT import DiTwDDTHead  # noqa: PLC0415 (RAE_SRC's own code: on sys.path from here on)
+    from utils.optim_utils import build_optimizer  # noqa: PLC0415
 
     return DiTwDDTHead, build_optimizer, f"RAE_SRC={src}"
 
@@ -258,8 +258,6 @@ def vs_diffusers(cfg: BenchConfig, device: torch.device) -> dict:
           f"{f_ref / 1e9:.2f} GFLOP ({f_ref / t_ref / 1e9:.1f} GFLOP/s): the time ratio over the work ratio is "
           f"{(t_ours / t_ref) / (f_ours / f_ref):.2f}")
     if cfg.run:
-        from rae_generation.sample import load_generator
-
         gen = load_generator(cfg.run, device=device)
         labels = torch.arange(cfg.sample_batch) % gen.num_classes
         decode = gen.encoder is not None

@@ -15,8 +15,10 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
+from encoder.export import load_encoder
 from ov3common import dist as D
 from ov3common.checkpoint import atomic_write_json, save_safetensors
 from ov3common.config import parse_cli, save_config
@@ -55,7 +57,6 @@ def cache_is_complete(out: Path, cfg) -> bool:
 
 def build_cache(cfg, info: D.DistInfo | None = None) -> Path:
     """Encode ``cfg.source`` into ``cfg.out_dir``; returns the cache folder."""
-    from encoder.export import load_encoder
 
     info = info or D.init_distributed(cfg.device)
     out = Path(cfg.out_dir)
@@ -125,8 +126,6 @@ def build_cache(cfg, info: D.DistInfo | None = None) -> Path:
                 "sumsq": torch.zeros(enc.num_tokens, enc.width, dtype=torch.float64),
                 "count": torch.tensor(0.0, dtype=torch.float64)}
     if info.distributed:
-        import torch.distributed as dist
-
         for v in sums.values():
             dist.all_reduce(v)
         parts: list = [None] * info.world_size

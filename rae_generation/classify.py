@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from encoder.export import load_encoder
 from ov3common.checkpoint import atomic_write_json, load_safetensors, save_safetensors
 from ov3common.config import parse_cli, path_field
 from ov3common.log import get_logger, progress
@@ -189,8 +190,6 @@ def pixel_classifier(cfg, out: Path) -> tuple[ToyClassifier, dict]:
     recon_path = out / "pixels_reconstructed.json"
     rec = json.loads(recon_path.read_text()) if recon_path.is_file() else {}
     if cfg.encoder and (rec.get("encoder") != str(Path(cfg.encoder).resolve()) or cfg.retrain):
-        from encoder.export import load_encoder
-
         enc = load_encoder(cfg.encoder)
         vx, vy, _ = load_folder(cfg.val, cfg.image_size)
         recon = torch.cat([enc.decode(enc.encode(_float(vx[i:i + 128]))[0]) for i in range(0, len(vx), 128)])
@@ -215,8 +214,6 @@ def token_classifier(cfg, out: Path) -> tuple[TokenClassifier, Normalizer, dict]
                 "token classifier")
     info = {"classes": train.classes, "latents": str(Path(cfg.latents).resolve()), "epochs": cfg.token_epochs}
     if cfg.encoder:
-        from encoder.export import load_encoder
-
         enc = load_encoder(cfg.encoder)
         vx, vy, _ = load_folder(cfg.val, cfg.image_size)
         vz = torch.cat([enc.encode(_float(vx[i:i + 128]))[0] for i in range(0, len(vx), 128)])

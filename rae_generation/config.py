@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ov3common.attention import ATTN_IMPLS
 from ov3common.config import choice_field, path_field
 
 
@@ -13,8 +14,8 @@ class CacheConfig:
 
     RENAMED = {"out": "out_dir"}
 
-    source: str = path_field("data/toy/classes/train", "exists")  # ImageFolder dir, dir of .tar shards, or a .tar
-    encoder: str = path_field("runs/toy/encoder/export", "dir")
+    source: str = path_field("", "exists", required=True)  # ImageFolder dir, dir of .tar shards, or a .tar
+    encoder: str = path_field("", "dir", required=True)
     out_dir: str = "runs/toy/rae/latents/train"
     image_size: int = 64
     batch_size: int = 64
@@ -42,6 +43,7 @@ class ModelConfig:
     pos_embed: bool = True
     qk_norm: bool = False
     grad_ckpt: bool = False
+    attn: str = choice_field("sdpa", ATTN_IMPLS)  # sdpa | flash (flash-attn; CUDA bf16)
 
 
 @dataclass
@@ -111,6 +113,9 @@ class InTrainEvalConfig:
     """gFID of K samples of the live EMA model every ``every`` steps (eval.intraining; = the offline number)."""
 
     every: int = 0  # 0: off
+    # the evaluator, by name (rae_generation imports nothing of eval): class(cfg.eval, ema, norm, shift, data,
+    # cfg.sample, device), called with no argument -> {"eval/...": number}
+    hook: str = "eval.intraining:RAEInTrainEval"
     real: str = path_field("", "exists")  # class-split folder, folder or npz of real images
     weights: str = path_field("", "file")  # FID Inception weights; "": make fid-weights' file
     per_class: int = 2  # K = per_class x classes
@@ -141,7 +146,7 @@ class RAETrainConfig:
 class SampleConfig:
     """``python -m rae_generation.sample``: class-conditional samples → ADM npz + labelled PNG grid."""
 
-    run: str = path_field("runs/toy/rae", "dir")
+    run: str = path_field("", "dir", required=True)
     checkpoint: str = "latest"  # latest | a step folder name | a path
     weights: str = "ema"  # ema | model
     encoder: str = path_field("", "dir")  # default: the encoder recorded by the run

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
@@ -206,8 +207,6 @@ class LatentDataset(Dataset):
     ``{"tokens", "label", "index"}``; batched fetches go through ``__getitems__`` (one gather per shard)."""
 
     def __init__(self, cache: str | Path, flip: bool = False):
-        from safetensors import safe_open
-
         self.root = Path(cache)
         self.meta = read_cache_meta(self.root)
         if flip and not self.meta.get("flip"):
@@ -311,8 +310,6 @@ class Normalizer(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path) -> Normalizer:
-        from safetensors import safe_open
-
         t = load_safetensors(path)
         with safe_open(str(path), "pt") as f:
             kind = (f.metadata() or {}).get("kind", "position")

@@ -147,6 +147,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
+        self.attn_impl = "sdpa"  # ov3common.attention.set_attention_impl: sdpa | flash
 
     def forward(self, x: Tensor, rope: Tensor | None) -> Tensor:
         b, n, d = x.shape
@@ -159,7 +160,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
             if rope is not None:
                 q, k = apply_rope(q, rope), apply_rope(k, rope)
-        out = attention(q, k, v)
+        out = attention(q, k, v, impl=self.attn_impl)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 

@@ -13,7 +13,7 @@ API (what ``eval``'s gFID runner calls)::
 ``gen.sample(..., method="euler"|"heun", interval=(lo, hi), batch_size=64)``: guidance only for t in [lo, hi].
 Samples are a pure function of (weights, labels, seed, settings): the noise of sample i does not depend on the
 batch size. ``make rae-sample`` writes a sampling manifest beside the npz (``<stem>.manifest.json``,
-:mod:`eval.manifest`: checkpoint hash, EMA/raw, sampler, steps, CFG scale and interval, guidance, class balance,
+:mod:`rae_generation.manifest`: checkpoint hash, EMA/raw, sampler, steps, CFG scale and interval, guidance, class balance,
 seed, precision, encoder export hash, decoder settings); :func:`manifest_fields` gives its generator part.
 """
 
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from encoder.export import load_encoder as _load_encoder
 from ov3common.checkpoint import (
     CheckpointManager,
     atomic_write,
@@ -38,6 +39,13 @@ from ov3common.images import save_image_grid, to_uint8
 from ov3common.log import get_logger, progress
 from rae_generation.config import SampleConfig
 from rae_generation.data import Normalizer
+from rae_generation.manifest import (
+    checkpoint_file_sha256,
+    class_balance,
+    export_sha256,
+    guidance_kind,
+    write_manifest,
+)
 from rae_generation.models import DiTDH, DiTDHConfig
 from rae_generation.samplers import guided_velocity, sample_ode
 
@@ -153,8 +161,6 @@ def load_generator(run_dir: str | Path, encoder_export: str | Path | None = None
     enc = None
     enc_path = str(encoder_export or spec.get("encoder") or "")
     if load_encoder and enc_path:
-        from encoder.export import load_encoder as _load_encoder
-
         enc = _load_encoder(enc_path, device=device)
     if isinstance(guide, tuple | list):
         guide = load_generator(guide[0], device=device, checkpoint=guide[1], load_encoder=False)
@@ -171,8 +177,7 @@ def load_generator(run_dir: str | Path, encoder_export: str | Path | None = None
 def manifest_fields(gen: Generator, steps: int | None = None, cfg_scale: float | None = None,
                     method: str | None = None, interval: tuple[float, float] | None = None,
                     precision: str = "fp32") -> dict:
-    """The generator's part of a sampling manifest (:mod:`eval.manifest`), with the run's defaults filled in."""
-    from eval.manifest import checkpoint_file_sha256, export_sha256, guidance_kind
+    """The generator's part of a sampling manifest (:mod:`rae_generation.manifest`), with the run's defaults filled in."""
 
     scale = gen.defaults["cfg_scale"] if cfg_scale is None else cfg_scale
     enc = gen.encoder
@@ -209,22 +214,19 @@ def write_npz(path: str | Path, images: Tensor | np.ndarray, labels: Tensor | np
 
 def class_grid(images: Tensor, labels: Tensor, class_names: list[str], path: str | Path, columns: int = 8,
                max_classes: int = 64) -> None:
-    """PNG grid, one row per class (up to ``columns`` samples), the class name written under the row's first
-    tiles (one word per tile)."""
+    """PNG grid, one row per class (up to ``columns`` samples), the class name at the left of its row."""
     rows, names = [], []
     for c in sorted(set(labels.tolist()))[:max_classes]:
         sel = images[labels == c][:columns]
         if len(sel) < columns:
             sel = torch.cat([sel, torch.ones(columns - len(sel), *sel.shape[1:])])
         rows.append(sel)
-        words = class_names[c].replace("_", " ").split()
-        names += [words[i] if i < len(words) else "" for i in range(columns)]
-    save_image_grid(torch.cat(rows), path, nrow=columns, labels=names)
+        names.append(class_names[c].replace("_", " "))
+    save_image_grid(torch.cat(rows), path, nrow=columns, row_labels=names)
 
 
 def write_preview(out: Path, ema: DiTDH, norm: Normalizer, shift: float, data, scfg, device) -> None:
     """End-of-training grid: 4 EMA samples of each of the first 16 classes → ``<out>/preview.png``."""
-    from encoder.export import load_encoder as _load_encoder
 
     enc = data.encoder or _load_encoder(data.encoder_path, device=device)
     gen = Generator(ema, norm, shift, data.classes, enc, data.image_size,
@@ -267,7 +269,6 @@ def main(argv=None) -> None:
         "npz": str(out), "grid": str(grid), "num_samples": len(labels), "per_class": cfg.per_class,
         "classes": [gen.class_names[c] for c in classes], "guidance": "autoguidance" if guide else "cfg",
         "steps": g.steps, "method": g.method, "cfg_scale": g.cfg_scale, "interval": list(g.interval)})
-    from eval.manifest import class_balance, write_manifest
 
     balance, per = class_balance(labels.tolist())
     write_manifest(out, {**manifest_fields(gen, g.steps, g.cfg_scale, g.method, tuple(g.interval)),

@@ -24,27 +24,29 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from encoder.export import load_encoder
 from ov3common import dist as D
+from ov3common.attention import set_attention_impl
 from ov3common.checkpoint import (
     CheckpointManager,
     atomic_write_json,
-    capture_rng,
     load_model_state,
     load_optim_state,
     model_state,
     optim_state,
-    restore_rng,
 )
-from ov3common.config import parse_cli, save_config, to_dict
+from ov3common.config import import_object, parse_cli, save_config, to_dict
 from ov3common.data import ResumableSampler
-from ov3common.guard import NonFiniteGuard, TrainingDiverged
+from ov3common.guard import TrainingDiverged
 from ov3common.images import SkipStats
-from ov3common.log import MetricLogger, TrainProgress, get_logger
+from ov3common.log import get_logger
 from ov3common.optim import build_adamw, constant_then_linear, warmup_cosine
+from ov3common.trainer import Loop
 from rae_generation.config import RAETrainConfig
 from rae_generation.data import LatentDataset, Normalizer, collate_images, open_source, token_sums
 from rae_generation.flow import flow_loss, sample_t, shift_factor
 from rae_generation.models import DiTDH, DiTDHConfig, dit_config
+from rae_generation.sample import write_preview
 
 log = get_logger("rae.train")
 GENERATOR_FORMAT = "rae-generator"
@@ -86,8 +88,6 @@ class TrainData:
             self.fingerprint = meta.get("fingerprint", str(Path(d.latents).resolve()))
             self.collate = _identity
         elif d.images and d.encoder:
-            from encoder.export import load_encoder
-
             self.encoder = load_encoder(d.encoder, device=info.device)
             self.dataset = open_source(d.images, d.image_size)
             self.classes, self.image_size = list(self.dataset.classes), d.image_size
@@ -99,7 +99,6 @@ class TrainData:
             raise ValueError("data: set data.latents (a cache from make cache-rae-latents) or both data.images and "
                              "data.encoder (encode on the fly)")
         self.grid = int(round(self.num_tokens**0.5))
-        self.skips = SkipStats()
         self.flip = d.flip
 
     def __len__(self) -> int:
@@ -122,10 +121,11 @@ class TrainData:
         return DataLoader(self.dataset, batch_size=batch, sampler=sampler, drop_last=True, num_workers=workers,
                           collate_fn=self.collate, persistent_workers=False)
 
-    def tokens(self, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def tokens(self, batch: dict, device: torch.device, skips: SkipStats) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's (tokens, labels) on ``device``; images encoded on the fly count their bad samples in ``skips``."""
         if "tokens" in batch:
             return batch["tokens"].to(device), batch["labels"].to(device)
-        self.skips.update(batch["stats"])
+        skips.update(batch["stats"])
         images = batch["images"].to(device)
         if self.flip and len(images):  # p = 0.5 per sample, from the step's seed (exact resume)
             mirror = torch.rand(len(images)) < 0.5
@@ -176,6 +176,7 @@ def train(cfg, info: D.DistInfo) -> Path:
     out, norm, mcfg, shift = prepare_run(cfg, data, info)
     torch.manual_seed(cfg.seed)
     model = DiTDH(mcfg).to(info.device)
+    set_attention_impl(model, cfg.model.attn)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     net = D.wrap_model(model, tc.strategy, info)
     if tc.compile:  # in place: parameter names, checkpoints, the EMA copy and the DDP wrapping are unchanged
@@ -187,98 +188,80 @@ def train(cfg, info: D.DistInfo) -> Path:
     per_rank = tc.batch_size // info.world_size
     if sampler.per_rank < per_rank:
         raise ValueError(f"{len(data)} samples over {info.world_size} ranks is fewer than one batch ({per_rank})")
-    ckpt = CheckpointManager(out / "checkpoints", keep_last=tc.keep_last)
-    guard = NonFiniteGuard(tc.max_bad_steps)
-    step, epoch, consumed = 0, 0, 0
-    loaded = ckpt.load()
-    if loaded is not None:
-        state, rank_state = loaded
+    # a checkpoint is written on its steps even during a non-finite streak (the weights are the last good ones)
+    loop = Loop(out, tc.steps, "rae", seed=cfg.seed, rank=info.rank, log_every=tc.log_every,
+                ckpt_every=tc.ckpt_every, keep_last=tc.keep_last, max_bad_steps=tc.max_bad_steps, save_after_bad=True,
+                inject_nan_steps=tc.inject_nan_steps, tensorboard=tc.tensorboard, logger=log)
+
+    def restore(state: dict, rank_state: dict) -> None:
         load_model_state(net, state["model"])
         ema.load_state_dict(state["ema"])
         load_optim_state(net, opt, state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        step, epoch, consumed = (int(state["train"][k]) for k in ("step", "epoch", "consumed"))
-        guard.load_state_dict(state["train"]["guard"])
-        data.skips.load_state_dict(state["train"].get("skips", {}))
-        restore_rng(rank_state.get("rng", {}))
-        log.info("resuming at step %d (epoch %d, %d samples into it)", step, epoch, consumed)
+        loop.load_state_dict(state["train"])  # step, epoch, samples consumed in it, NaN guard, bad-sample counts
+
+    loop.resume(restore)
     log.info("DiT-DH %s: %.2fM params; %d samples, %d classes, %d tokens x %d; shift %.3f; %d steps of %d",
              cfg.model.size, sum(p.numel() for p in model.parameters()) / 1e6, len(data), len(data.classes),
              data.num_tokens, data.channels, shift, tc.steps, tc.batch_size)
 
     def save() -> None:
-        state = {"model": model_state(net), "ema": ema.state_dict(), "optimizer": optim_state(net, opt),
-                 "scheduler": sched.state_dict(),
-                 "train": {"step": step, "epoch": epoch, "consumed": consumed, "guard": guard.state_dict(),
-                           "skips": data.skips.state_dict()}}
-        ckpt.save(step, state, {"rng": capture_rng()})
+        loop.save({"model": model_state(net), "ema": ema.state_dict(), "optimizer": optim_state(net, opt),
+                   "scheduler": sched.state_dict(), "train": loop.state_dict()})
 
-    metrics = MetricLogger(out, tensorboard=tc.tensorboard)
-    bar = TrainProgress(tc.steps, step, "rae", tc.log_every, log)
+    def open_data(new_epoch: bool) -> DataLoader:
+        sampler.set_epoch(loop.epoch, loop.consumed)
+        if isinstance(data.dataset, LatentDataset):
+            data.dataset.set_epoch(cfg.seed, loop.epoch)  # which samples are read mirrored (data.flip)
+        return data.loader(sampler, per_rank, cfg.data.num_workers)
+
     autocast = torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
-    inject = set(tc.inject_nan_steps)
     in_train_eval = None
     if cfg.eval.every > 0 and info.is_main:  # gFID of the live EMA (eval.intraining: equals the offline number)
-        from eval.intraining import RAEInTrainEval
-
-        in_train_eval = RAEInTrainEval(cfg.eval, ema, norm, shift, data, cfg.sample, info.device)
+        in_train_eval = import_object(cfg.eval.hook, "eval.hook")(cfg.eval, ema, norm, shift, data, cfg.sample,
+                                                                  info.device)
     net.train()
-    while step < tc.steps:
-        sampler.set_epoch(epoch, consumed)
-        if isinstance(data.dataset, LatentDataset):
-            data.dataset.set_epoch(cfg.seed, epoch)  # which samples are read mirrored (data.flip)
-        for batch in data.loader(sampler, per_rank, cfg.data.num_workers):
-            torch.manual_seed(D.step_seed(cfg.seed, step, info.rank))
-            z, y = data.tokens(batch, info.device)
-            x = norm.normalize(z)
-            noise = torch.randn_like(x)
-            t = sample_t(x.shape[0], dist=cfg.flow.t_dist, mean=cfg.flow.t_mean, std=cfg.flow.t_std, shift=shift,
-                         device=info.device)
-            with autocast:
-                loss = flow_loss(net, x, y, t, noise)
-            if step + 1 in inject:  # 1-based, like the logged steps
-                loss = loss * float("nan")
+    for batch in loop.batches(open_data):
+        step = loop.step
+        z, y = data.tokens(batch, info.device, loop.skips)
+        x = norm.normalize(z)
+        noise = torch.randn_like(x)
+        t = sample_t(x.shape[0], dist=cfg.flow.t_dist, mean=cfg.flow.t_mean, std=cfg.flow.t_std, shift=shift,
+                     device=info.device)
+        with autocast:
+            loss = flow_loss(net, x, y, t, noise)
+        if loop.poisoned():
+            loss = loss * float("nan")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        skipped = loop.guard.bad(loss, step, grads_of=model)  # raises TrainingDiverged after K in a row
+        if skipped:
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            skipped = guard.bad(loss, step, grads_of=model)  # raises TrainingDiverged after K in a row
-            if skipped:
-                opt.zero_grad(set_to_none=True)
-            else:
-                opt.step()
-                decay = min(tc.ema_decay, (1 + step) / (10 + step)) if tc.ema_warmup else tc.ema_decay
-                update_ema(ema, model, decay)
-            sched.step()
-            if tc.log_indices:
-                with open(out / f"indices_rank{info.rank}.jsonl", "a") as f:
-                    seen = batch.get("seen", batch["index"])  # on the fly: skipped samples count as consumed
-                    f.write(json.dumps({"step": step, "epoch": epoch, "index": seen.tolist()}) + "\n")
-            step += 1
-            consumed += per_rank
-            due = skipped or step % tc.log_every == 0 or step == tc.steps
-            mean_loss = D.all_reduce_mean(loss.detach()).item() if due else None
-            bar.update(x.shape[0] * info.world_size, mean_loss, f"lr {sched.get_last_lr()[0]:.3g}")
-            if due:
-                metrics.log(step, {"loss": mean_loss, "grad_norm": float(gnorm), "lr": sched.get_last_lr()[0],
-                                   "epoch": epoch, "skipped": skipped, "skipped_total": guard.skipped_total,
-                                   "samples_per_s": bar.samples_per_s, "eta_s": bar.eta_s})
-            if step % tc.ckpt_every == 0 or step == tc.steps:
-                save()
-            if cfg.eval.every > 0 and (step % cfg.eval.every == 0 or step == tc.steps):
-                if in_train_eval is not None:
-                    metrics.log(step, in_train_eval())
-                D.barrier()
-            if step >= tc.steps:
-                break
-        else:  # the epoch is exhausted
-            if data.encoder is not None:
-                data.skips.reduce().log(log, epoch)
-            epoch, consumed = epoch + 1, 0
-    bar.close()
-    metrics.close()
+        else:
+            opt.step()
+            decay = min(tc.ema_decay, (1 + step) / (10 + step)) if tc.ema_warmup else tc.ema_decay
+            update_ema(ema, model, decay)
+        sched.step()
+        if tc.log_indices:
+            with open(out / f"indices_rank{info.rank}.jsonl", "a") as f:
+                seen = batch.get("seen", batch["index"])  # on the fly: skipped samples count as consumed
+                f.write(json.dumps({"step": step, "epoch": loop.epoch, "index": seen.tolist()}) + "\n")
+        loop.advance(drawn=per_rank)
+        row = None
+        if skipped or loop.due(tc.log_every):
+            row = {"loss": D.all_reduce_mean(loss.detach()).item(), "grad_norm": float(gnorm),
+                   "lr": sched.get_last_lr()[0], "epoch": loop.epoch, "skipped": skipped,
+                   "skipped_total": loop.guard.skipped_total}
+        loop.report(x.shape[0] * info.world_size, row, f"lr {sched.get_last_lr()[0]:.3g}")
+        if loop.save_due():
+            save()
+        if loop.due(cfg.eval.every):
+            if in_train_eval is not None:
+                loop.log_row(in_train_eval())
+            D.barrier()
+    loop.close()
     if tc.preview and info.is_main and data.encoder_path:
-        from rae_generation.sample import write_preview
-
         write_preview(out, ema, norm, shift, data, cfg.sample, info.device)
     D.barrier()
     return out

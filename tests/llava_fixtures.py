@@ -6,14 +6,20 @@ encoder export (32 px → 4 tokens), a few coloured images, LLaVA JSONs (plain +
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import shutil
 import string
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from encoder.export import write_random_export
 from llava_bridge.conversation import VICUNA_SYSTEM
 
 __all__ = ["llava_world", "word_tokenizer", "llama_sp_tokenizer"]  # the fixtures test modules star-import
@@ -27,9 +33,6 @@ WORDS = ("a chat between curious user and an artificial intelligence assistant t
 
 
 def build_tokenizer(out: Path):
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
     specials = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
     words = sorted(set(WORDS) | set(COLORS) | set(SHAPES) | set(string.punctuation) | set("abcd")
                    | set(VICUNA_SYSTEM.lower().replace(".", " ").replace(",", " ").replace("'", " ").split()))
@@ -49,9 +52,6 @@ def build_tokenizer(out: Path):
 
 
 def build_lm(out: Path, tokenizer, hidden: int = 32, layers: int = 2, seed: int = 0):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
@@ -118,8 +118,6 @@ def benchmarks(scenes: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 def build_world(root: Path) -> dict:
-    from encoder.export import write_random_export
-
     root.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(root / "tok")
     build_lm(root / "llm", tok)
@@ -142,18 +140,13 @@ def llava_world(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def word_tokenizer(llava_world):
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(llava_world["tok"])
 
 
 @pytest.fixture(scope="session")
 def llama_sp_tokenizer(tmp_path_factory):
     """A real Llama-family SentencePiece tokenizer, offline: mistral-common ships Mistral-7B-v0.1's 32k model."""
-    import importlib.util
-    import shutil
 
-    from transformers import AutoTokenizer
 
     spec = importlib.util.find_spec("mistral_common")
     if spec is None:

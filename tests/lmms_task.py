@@ -10,6 +10,8 @@ import json
 import os
 from pathlib import Path
 
+from llava_bridge.lmms_plugin import MODEL_ID, manifest
+
 UTILS = '''
 from PIL import Image
 
@@ -83,7 +85,7 @@ def write_tasks(world: dict, out: Path) -> Path:
 def run_tiny_task(model_dir: str, world: dict, tmp: Path) -> dict:
     """Evaluate ``model_dir`` through lmms-eval's registry (model name ``openvision3_llava``): the generate_until
     task end to end with ``simple_evaluate``; loglikelihood with the requests lmms-eval builds for the
-    multiple-choice task (its evaluator stringifies tuple results in 0.7.3, see README)."""
+    multiple-choice task (its evaluator stringifies tuple results in 0.7.3, see llava_bridge/README.md)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_CACHE", str(tmp / "hf_datasets"))
@@ -92,7 +94,6 @@ def run_tiny_task(model_dir: str, world: dict, tmp: Path) -> dict:
     from lmms_eval.models import MODEL_REGISTRY_V2, get_model
     from lmms_eval.tasks import TaskManager, get_task_dict
 
-    from llava_bridge.lmms_plugin import MODEL_ID, manifest
 
     via_entry_point = MODEL_ID in MODEL_REGISTRY_V2.list_model_names()
     if not via_entry_point:  # the project is not pip-installed in this interpreter: register by hand

@@ -120,7 +120,7 @@ KILL_SCRIPT = textwrap.dedent("""
 
 
 def test_kill_during_save_keeps_previous(tmp_path):
-    r = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(tmp_path)], capture_output=True)
+    r = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(tmp_path)], capture_output=True, timeout=120)
     assert r.returncode == -9, r.stderr.decode()
     assert (tmp_path / "step_00000002.tmp").exists()
     mgr = CheckpointManager(tmp_path)

@@ -1,3 +1,4 @@
+import importlib
 from dataclasses import dataclass, field
 
 import pytest
@@ -144,3 +145,31 @@ def test_choice_field_checked_at_load():
     assert load_config(WithChoice, None, ["precision=bf16"]).precision == "bf16"
     with pytest.raises(ConfigError, match=r"bad value for key 'precision': 'fp16' is not one of fp32 \| bf16"):
         load_config(WithChoice, None, ["precision=fp16"])
+
+
+@dataclass
+class NeedsInput:
+    source: str = path_field("", "dir", required=True)
+    note: str = "x"
+
+
+def test_required_path_has_no_default_and_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"^source: required"):
+        check_paths(load_config(NeedsInput))
+    check_paths(load_config(NeedsInput, overrides=[f"source={tmp_path}"]))
+    with pytest.raises(ValueError):
+        path_field("data/toy", "dir", required=True)
+
+
+def test_empty_override_blanks_a_string():
+    assert load_config(NeedsInput, overrides=["note="]).note == ""
+
+
+@pytest.mark.parametrize("schema, key, others", [
+    ("rae_generation.config:CacheConfig", "source", []), ("rae_generation.config:CacheConfig", "encoder", ["source"]),
+    ("rae_generation.config:SampleConfig", "run", [])])
+def test_real_inputs_have_no_toy_default(schema, key, others, tmp_path):
+    mod, name = schema.split(":")
+    cfg = load_config(getattr(importlib.import_module(mod), name), overrides=[f"{k}={tmp_path}" for k in others])
+    with pytest.raises(ConfigError, match=rf"^{key}: required"):
+        check_paths(cfg)

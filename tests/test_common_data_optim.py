@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from ov3common.data import ResumableSampler
+from ov3common.guard import NonFiniteGuard, TrainingDiverged
 from ov3common.optim import build_adamw, param_groups, warmup_cosine
 
 
@@ -51,8 +52,6 @@ def test_warmup_cosine_shape():
 
 
 def test_nonfinite_guard_skips_then_stops():
-    from ov3common.guard import NonFiniteGuard, TrainingDiverged
-
     g = NonFiniteGuard(max_consecutive=3)
     assert not g.bad(torch.tensor(1.0), 0)
     assert g.bad(torch.tensor(float("nan")), 1) and g.bad(float("inf"), 2)

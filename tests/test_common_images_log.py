@@ -98,9 +98,16 @@ def test_transforms_and_grid(tmp_path):
     x = to_tensor_pm1(img)
     assert x.shape == (3, 20, 40) and x.min() >= -1 and x.max() <= 1
     assert np.array_equal(to_uint8(x[None])[0], np.asarray(img))
-    save_image_grid(torch.stack([x[:, :, :20]] * 5), tmp_path / "g.png", nrow=3, labels=list("abcde"))
+    save_image_grid(torch.stack([x[:, :, :20]] * 5), tmp_path / "g.png", nrow=3, labels=list("abcde"), min_tile=0)
     g = Image.open(tmp_path / "g.png")
     assert g.width == 3 * 22 + 2 and g.height > 2 * 22
+    # small tiles are enlarged to min_tile (x5 for 20 px); row labels add a left margin, tile labels a line per row
+    save_image_grid(torch.stack([x[:, :, :20]] * 6), tmp_path / "r.png", nrow=3, labels=list("abcdef"),
+                    row_labels=["original", "reconstruction"])
+    r = Image.open(tmp_path / "r.png")
+    assert r.width > 3 * 102 + 2 + 40 and r.height > 2 * 102
+    left = np.asarray(r.convert("L"))[:, :30]
+    assert left.min() < 128  # text drawn in the margin
 
 
 def test_metric_logger_and_throughput(tmp_path):

@@ -3,6 +3,7 @@ determinism, every sample once per epoch, exact resume from any position, pipe: 
 encoder's bad-input policy, the latent cache's VAE check, recap_from_alt on Recap-layout shards, and a SIGKILL of
 2 ranks x 2 workers mid-epoch."""
 
+import hashlib
 import itertools
 import json
 import subprocess
@@ -10,10 +11,32 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
+from encoder.data import (
+    CACHE_FORMAT,
+    Collate,
+    DataConfig,
+    ImageTextDecoder,
+    LatentCache,
+    Tokenize,
+    random_resized_crop,
+    shard_list,
+    vae_identity,
+)
+from encoder.train import Config, train
+from encoder.vae import FrozenVAE, build_random_vae
+from ov3common.config import ConfigError, load_config
 from ov3common.data import SampleStream, ShardStreams, StreamLoader, StreamSpec
+from ov3common.log import read_jsonl
 from ov3common.shards import expand_urls, index_tar, iter_tar, read_member, shard_name
+from ov3common.toyworld import ToyConfig, generate
+from ov3common.toyworld.poison import expected_counts, write_poisoned_shard
+from ov3common.toyworld.render import jpeg_bytes
+from ov3common.toyworld.tokenizer import save_tokenizer
 from tests.helpers import REPO, run_with_kills, subprocess_env
+from tests.test_encoder_train import TINY, stages
 
 SIZES = [5, 7, 3, 6, 4, 8, 2, 5]
 
@@ -171,9 +194,7 @@ def test_loader_resume_with_workers(shards):
 def _recap_shards(folder, n_shards=2, per=6, bad_json_every=3):
     """Recap-DataComp layout (img2dataset --caption_col org_caption --save_additional_columns '["re_caption"]'):
     KEY.jpg, KEY.txt alt-text, KEY.json {"re_caption", "caption", "url", ...}; some JSONs unparsable."""
-    from PIL import Image
 
-    from ov3common.toyworld.render import jpeg_bytes
 
     def members(si, i):
         j = si * per + i
@@ -188,16 +209,12 @@ def _recap_shards(folder, n_shards=2, per=6, bad_json_every=3):
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    from ov3common.toyworld.tokenizer import save_tokenizer
-
     d = tmp_path_factory.mktemp("tok")
     save_tokenizer(str(d))
     return str(d)
 
 
 def decoder_for(tokenizer_dir, **data):
-    from encoder.data import DataConfig, ImageTextDecoder, Tokenize
-
     return ImageTextDecoder(Tokenize(tokenizer_dir, 32), 32, DataConfig(**data), seed=0)
 
 
@@ -218,16 +235,12 @@ def test_recap_preset_fields_and_unparsable_json_keeps_the_sample(tmp_path, toke
 
 
 def test_random_resized_crop_is_torchvision_with_a_per_sample_seed(tmp_path, tokenizer_dir):
-    from PIL import Image
-    from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
-    from encoder.data import random_resized_crop
 
     img = Image.linear_gradient("L").convert("RGB").resize((96, 64))
     a = random_resized_crop(img, 32, (0.4, 1.0), (3 / 4, 4 / 3), "s/0")
     assert a.size == (32, 32) and a.tobytes() == random_resized_crop(img, 32, (0.4, 1.0), (3 / 4, 4 / 3), "s/0").tobytes()
     assert a.tobytes() != random_resized_crop(img, 32, (0.4, 1.0), (3 / 4, 4 / 3), "s/1").tobytes()
-    import hashlib
 
     seed = int.from_bytes(hashlib.blake2b(b"s/0", digest_size=8).digest(), "little") >> 1
     torch.manual_seed(seed)
@@ -236,9 +249,6 @@ def test_random_resized_crop_is_torchvision_with_a_per_sample_seed(tmp_path, tok
 
 
 def test_poisoned_shard_follows_the_policy(tmp_path, tokenizer_dir):
-    from encoder.data import Collate
-    from ov3common.toyworld.poison import expected_counts, write_poisoned_shard
-
     manifest = write_poisoned_shard(str(tmp_path / "poison.tar"), n_good=8, resolution=32)
     dec = decoder_for(tokenizer_dir, preset="toy", crop="random_resized")
     batch = Collate(0)([dec(s) for s in iter_tar(str(tmp_path / "poison.tar"))])
@@ -251,9 +261,6 @@ def test_poisoned_shard_follows_the_policy(tmp_path, tokenizer_dir):
 
 
 def test_latent_cache_refuses_another_vae(tmp_path):
-    from encoder.data import CACHE_FORMAT, LatentCache, vae_identity
-    from encoder.vae import FrozenVAE, build_random_vae
-
     ident = vae_identity("", FrozenVAE(build_random_vae(seed=0), scaling_factor=1.0))
     (tmp_path / "meta.json").write_text(json.dumps({"format": CACHE_FORMAT, "vae": ident, "resolutions": [32]}))
     LatentCache(str(tmp_path), ident, [32], "center")  # the same VAE: accepted
@@ -271,10 +278,6 @@ def test_latent_cache_refuses_another_vae(tmp_path):
 def test_recap_from_alt_logged_early_on_recap_layout_shards(tmp_path, tokenizer_dir, capfd):
     """Recap-DataComp-layout shards (field re_caption) trained with a recaption field that is not there: the
     fallback rate is logged at step N with a warning; with the recap_datacomp preset it is small and not warned."""
-    from encoder.train import Config, train
-    from ov3common.config import load_config
-    from ov3common.log import read_jsonl
-    from tests.test_encoder_train import TINY, stages
 
     tr = _recap_shards(tmp_path / "tr", n_shards=2, per=8, bad_json_every=0)
     va = _recap_shards(tmp_path / "va", n_shards=1, per=4, bad_json_every=0)
@@ -296,9 +299,6 @@ def test_recap_from_alt_logged_early_on_recap_layout_shards(tmp_path, tokenizer_
 
 
 def test_val_shards_required_and_no_toy_fallback(tmp_path):
-    from encoder.data import DataConfig, shard_list
-    from ov3common.config import ConfigError
-
     tr = _recap_shards(tmp_path / "tr", n_shards=1, per=2)
     with pytest.raises(ConfigError, match="data.val_shards: required"):
         shard_list(DataConfig(train_shards=tr[0]), "val")
@@ -324,11 +324,6 @@ def _reshard(toy_root, folder, n=8):
 
 @pytest.mark.slow
 def test_sigkill_two_ranks_two_workers_resume_same_keys(tmp_path):
-    from ov3common.log import read_jsonl
-    from ov3common.toyworld import ToyConfig, generate
-    from tests.test_encoder_train import TINY, stages
-    from tests.test_encoder_train import toy_root as _toy  # noqa: F401
-
     root = tmp_path / "toy"
     generate(str(root), ToyConfig(resolution=32, n_train=96, n_val=32, n_test=4, shard_size=32, class_train=1,
                                   class_val=1, pope_images=4, seedbench_per_category=1), workers=1, progress=False)
@@ -359,12 +354,6 @@ def test_sigkill_two_ranks_two_workers_resume_same_keys(tmp_path):
 def test_resume_from_a_checkpoint_at_the_end_of_an_epoch(tmp_path):
     """96 samples, batch 8: step 12 ends epoch 0. A run checkpointed there resumes into epoch 1 with the keys of
     an uninterrupted run (the resumed loader is empty at first: that is the epoch's end, not an error)."""
-    from encoder.train import Config, train
-    from ov3common.config import load_config
-    from ov3common.log import read_jsonl
-    from ov3common.toyworld import ToyConfig, generate
-    from tests.test_encoder_train import TINY, stages
-    from tests.test_encoder_train import toy_root as _toy_fixture  # noqa: F401
 
     root = tmp_path / "toy"
     generate(str(root), ToyConfig(resolution=32, n_train=96, n_val=32, n_test=4, shard_size=32, class_train=1,

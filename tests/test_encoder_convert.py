@@ -10,15 +10,23 @@ from safetensors.torch import save_file
 
 pytest.importorskip("open_clip")  # dev extra: open_clip_torch==3.3.0
 
+from pathlib import Path
+
 from encoder.convert import (  # noqa: E402
     build_converted_vit,
     load_open_clip_checkpoint,
     load_open_clip_visual,
     open_clip_from_vit,
     open_clip_visual,
+    vit_config_from_open_clip,
 )
-from encoder.export import export_open_clip  # noqa: E402
+from encoder.export import (
+    export_open_clip,  # noqa: E402
+    load_encoder,
+    main,
+)
 from encoder.models import LatentViT, vit_config  # noqa: E402
+from encoder.vae import build_random_vae, tiny_vae_config
 
 TOL = 1e-5
 
@@ -237,11 +245,7 @@ def test_export_refuses_what_open_clip_cannot_express():
         open_clip_from_vit(learned, 16)
 
 
-def test_file_loading_and_convert_cli(tmp_path):
-    from encoder.convert import main
-    from encoder.export import load_encoder
-    from encoder.vae import build_random_vae, tiny_vae_config
-
+def test_file_loading_and_from_open_clip_cli(tmp_path):
     oc = oc_config(no_ln_pre=True, pool_type="avg", final_ln_after_pool=True, norm_kwargs={"eps": 1e-6})
     ref, sd = reference(oc)
     sd = {**sd, "logit_scale": torch.tensor(4.6), "text.token_embedding.weight": torch.zeros(10, 8)}
@@ -256,7 +260,7 @@ def test_file_loading_and_convert_cli(tmp_path):
         load_open_clip_checkpoint(ck)
     save_file(sd, str(ck / "open_clip_model.safetensors"))
     build_random_vae(tiny_vae_config()).save_pretrained(str(tmp_path / "vae"))
-    main(["--checkpoint", str(ck), "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "exp")])
+    main(["--from-open-clip", str(ck), "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "exp")])
     enc = load_encoder(tmp_path / "exp")
     assert enc.image_size == 64 and enc.num_tokens == 16 and enc.vae.scaling_factor == 0.3611
     assert enc.decoder is None and enc.config["conversion_notes"]
@@ -273,7 +277,7 @@ def test_file_loading_and_convert_cli(tmp_path):
     (ck3 / "open_clip_config.json").write_text(json.dumps(rgb))
     save_file(reference(rgb)[1], str(ck3 / "open_clip_model.safetensors"))
     with pytest.raises(SystemExit, match="reads 3 channels, the VAE gives 16"):
-        main(["--checkpoint", str(ck3), "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "exp3")])
+        main(["--from-open-clip", str(ck3), "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "exp3")])
 
 
 def test_new_head_options_validate():
@@ -289,11 +293,9 @@ def test_new_head_options_validate():
 def test_every_clipa_config_open_clip_ships_is_accepted():
     """The lineage's configs as open_clip 3.3.0 ships them (CLIPA L/H/bigG, 224/336): tensor shapes from open_clip's
     own tower built on the meta device, the config read without a refusal."""
-    from pathlib import Path
 
     import open_clip
 
-    from encoder.convert import vit_config_from_open_clip
 
     files = sorted((Path(open_clip.__file__).parent / "model_configs").glob("*CLIPA*.json"))
     assert len(files) >= 6

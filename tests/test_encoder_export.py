@@ -1,15 +1,23 @@
-"""Export folder contract (DESIGN.md §5): export → load → identical outputs; clear errors."""
+"""Export folder contract (docs/design.md §5): export → load → identical outputs; clear errors."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from encoder.export import export_encoder, load_encoder, write_random_export
+from encoder.convert import load_open_clip_visual
+from encoder.export import export_encoder, load_encoder, main, write_random_export
 from encoder.models import LatentViT, ViTDecoder, decoder_config_for, vit_config
+from encoder.ov3 import VIT_LAYOUTS
+from encoder.train import train
 from encoder.vae import FrozenVAE, build_random_vae, tiny_vae_config
-from tests.test_encoder_train import toy_root  # noqa: F401, F811 (pytest fixture)
+from tests.test_encoder_train import (
+    cfg_for,
+    stages,
+    toy_root,  # noqa: F401, F811 (pytest fixture)
+)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +91,6 @@ def test_referenced_vae_and_bf16(tmp_path):
 def test_clear_errors(tmp_path, random_export):
     with pytest.raises(FileNotFoundError, match="missing"):
         load_encoder(tmp_path / "nothing")
-    import shutil
 
     bad = tmp_path / "bad"
     shutil.copytree(random_export, bad)
@@ -106,8 +113,6 @@ def test_clear_errors(tmp_path, random_export):
 
 # ----------------------------------------------------------------------------- the open_clip layout (issue 13)
 def _open_clip_layout_export(tmp_path):
-    from encoder.ov3 import VIT_LAYOUTS
-
     torch.manual_seed(0)
     vae = FrozenVAE(build_random_vae(tiny_vae_config(), seed=3), scaling_factor=0.3611)
     vcfg = vit_config("tiny", **VIT_LAYOUTS["open_clip"])
@@ -120,8 +125,6 @@ def _open_clip_layout_export(tmp_path):
 
 def test_open_clip_cli_writes_the_visual_tower(tmp_path):
     pytest.importorskip("open_clip")
-    from encoder.convert import load_open_clip_visual
-    from encoder.export import main
 
     exp = _open_clip_layout_export(tmp_path)
     main(["--open-clip", str(tmp_path / "oc"), "--encoder", str(exp)])
@@ -141,8 +144,6 @@ def test_open_clip_cli_writes_the_visual_tower(tmp_path):
 
 
 def test_open_clip_cli_refuses_our_default_layout(tmp_path, random_export):
-    from encoder.export import main
-
     with pytest.raises(SystemExit, match="class_token=False"):
         main(["--open-clip", str(tmp_path / "oc"), "--encoder", str(random_export)])
     assert not (tmp_path / "oc").exists()
@@ -152,10 +153,6 @@ def test_open_clip_cli_refuses_our_default_layout(tmp_path, random_export):
 
 def test_train_in_the_open_clip_layout_then_export_the_run(toy_root, tmp_path):  # noqa: F811
     pytest.importorskip("open_clip")
-    from encoder.convert import load_open_clip_visual
-    from encoder.export import main
-    from encoder.train import train
-    from tests.test_encoder_train import cfg_for, stages
 
     run = tmp_path / "run"
     train(cfg_for(toy_root, run, stages((32, 3, 8)), "model.layout=open_clip"))

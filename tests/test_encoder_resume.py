@@ -10,7 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from encoder.train import Config, train
 from ov3common.checkpoint import CheckpointManager
+from ov3common.config import load_config
 from ov3common.log import read_jsonl
 from tests.helpers import REPO, python_module, run_with_kills, subprocess_env
 from tests.test_encoder_train import TINY, stages, toy_root  # noqa: F401 (session fixture)
@@ -25,8 +27,6 @@ def args(root, out, *extra):
 
 def train_in_process(*argv):
     """The reference run in this process (imports already paid), single-threaded like the subprocesses."""
-    from encoder.train import Config, train
-    from ov3common.config import load_config
 
     threads = torch.get_num_threads()
     try:
@@ -77,7 +77,7 @@ def test_two_process_torchrun_matches_one_process(toy_root, tmp_path):  # noqa: 
         two = tmp_path / strategy
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
                "encoder.train", f"out_dir={two}", *base, f"train.strategy={strategy}"]
-        res = subprocess.run(cmd, env=subprocess_env(), cwd=REPO, capture_output=True, text=True)
+        res = subprocess.run(cmd, env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
         r2 = [r for r in read_jsonl(two / "metrics.jsonl") if "loss" in r]
         assert len(r1) == len(r2) == 8

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 
 from encoder.losses import (
     IGNORE,
@@ -105,8 +106,6 @@ def test_lpips_policy(tmp_path, monkeypatch, caplog):
 
 
 def test_lpips_loads_local_torchvision_weights(tmp_path):
-    import torchvision
-
     net = torchvision.models.alexnet(weights=None)
     torch.save(net.state_dict(), tmp_path / "alexnet-owt-7be5be79.pth")
     lp = LPIPSLoss("alex", "pretrained", backbone_path=str(tmp_path / "alexnet-owt-7be5be79.pth"))

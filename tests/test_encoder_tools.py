@@ -5,15 +5,15 @@ import json
 import pytest
 import torch
 
+from encoder import bench
 from encoder.ablate import AblateConfig, canonical, plan, table
+from encoder.export import load_encoder, main
+from encoder.train import Config, train
+from ov3common.config import load_config
 from tests.test_encoder_train import TINY, stages, toy_root  # noqa: F401 (session fixture)
 
 
 def test_export_cli_from_run_and_random(toy_root, tmp_path):  # noqa: F811
-    from encoder.export import load_encoder, main
-    from encoder.train import Config, train
-    from ov3common.config import load_config
-
     run = tmp_path / "run"
     train(load_config(Config, "configs/encoder/toy.yaml",
                       [f"out_dir={run}", f"data.root={toy_root}", *TINY, stages((16, 2, 8)), "export_dir=none"]))
@@ -41,11 +41,9 @@ def test_ablation_plan_dedupes_and_table():
 
 
 def test_bench_smoke(tmp_path):
-    from encoder.bench import main
-
     threads = torch.get_num_threads()
     try:
-        res = main(["sizes=[tiny]", "mfu_size=tiny", "resolution=32", "batch=2", "warmup=1", "rounds=2",
+        res = bench.main(["sizes=[tiny]", "mfu_size=tiny", "resolution=32", "batch=2", "warmup=1", "rounds=2",
                     "compile_sizes=[]", "vae_arch=tiny", "vae_resolution=16", "vae_rounds=1", "lpips=false", "threads=1",
                     f"out={tmp_path / 'b.json'}"])
     finally:

@@ -9,10 +9,17 @@ import math
 import pytest
 import torch
 
+from encoder.cache_latents import CacheConfig, cache_latents
+from encoder.export import load_encoder
+from encoder.ov3 import LossConfig, ModelConfig, OV3Model
 from encoder.train import Config, train
+from encoder.vae import FrozenVAE, build_random_vae
+from ov3common.checkpoint import CheckpointManager
 from ov3common.config import load_config
 from ov3common.guard import TrainingDiverged
 from ov3common.log import read_jsonl
+from ov3common.toyworld import ToyConfig, generate
+from ov3common.toyworld.poison import expected_counts, write_poisoned_shard
 
 TINY = [
     "vae.random_tiny=true", "vae.path=''", "model.size=tiny", "model.text_width=32", "model.text_depth=1",
@@ -27,8 +34,6 @@ def stages(*s):
 
 @pytest.fixture(scope="session")
 def toy_root(tmp_path_factory):
-    from ov3common.toyworld import ToyConfig, generate
-
     root = tmp_path_factory.getbasetemp() / "encoder_toy"  # shared by every module importing this fixture
     if (root / "meta.json").is_file():
         return root
@@ -54,7 +59,6 @@ def test_smoke_two_stages_export_and_logs(toy_root, tmp_path):
     assert abs(steps[0]["logit_scale"] - 1 / 0.07) < 0.1
     assert any("untrained/val/psnr" in r for r in rows) and "psnr_gain_db" in summary
     assert (out / "recon_grid.png").is_file() and (out / "summary.json").is_file()
-    from encoder.export import load_encoder
 
     enc = load_encoder(out / "export")
     tok, pooled = enc.encode(torch.zeros(2, 3, 32, 32))
@@ -83,15 +87,12 @@ def test_nan_steps_skipped_then_run_stops(toy_root, tmp_path):
     with pytest.raises(TrainingDiverged, match="3 consecutive"):
         train(cfg_for(toy_root, out2, stages((16, 8, 8)), "train.inject_nan_steps=[3,4,5]", "train.max_bad_steps=3",
                       "train.ckpt_every=2", "export_dir=none"))
-    from ov3common.checkpoint import CheckpointManager
 
     latest = CheckpointManager(out2 / "checkpoints").latest()
     assert latest is not None and latest.endswith("step_00000002")  # the last good one is kept
 
 
 def test_poisoned_shard_counts(toy_root, tmp_path):
-    from ov3common.toyworld.poison import expected_counts, write_poisoned_shard
-
     shard = tmp_path / "poison" / "shard-000000.tar"
     manifest = write_poisoned_shard(str(shard), n_good=8, resolution=32)
     n = len(manifest)
@@ -109,8 +110,6 @@ def test_poisoned_shard_counts(toy_root, tmp_path):
 
 
 def test_cached_latents_match_on_the_fly(toy_root, tmp_path):
-    from encoder.cache_latents import CacheConfig, cache_latents
-
     base = [f"data.root={toy_root}", *TINY, stages((16, 3, 8), (32, 2, 8)), "export_dir=none"]
     meta = cache_latents(load_config(CacheConfig, "configs/encoder/toy.yaml",
                                      [*base, f"cache.out_dir={tmp_path / 'lat'}", "cache.batch_size=20"]))
@@ -139,9 +138,6 @@ def test_bf16_autocast_and_grad_checkpointing_run(toy_root, tmp_path):
 
 
 def test_rec_stop_grad_keeps_reconstruction_gradient_out_of_the_encoder():
-    from encoder.ov3 import LossConfig, ModelConfig, OV3Model
-    from encoder.vae import FrozenVAE, build_random_vae
-
     torch.manual_seed(0)
     mc = ModelConfig(size="tiny", text_width=32, text_depth=1, text_heads=2, text_decoder_width=32,
                      text_decoder_depth=1, text_decoder_heads=2)

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from encoder.export import load_encoder, write_random_export
+from encoder.export import export_encoder, load_encoder, write_random_export
 from encoder.train_decoder import Config, train
 from ov3common.checkpoint import CheckpointManager
 from ov3common.config import load_config
@@ -64,8 +64,6 @@ def test_init_export_starts_from_the_exports_decoder(toy_root, source, tmp_path)
 
 
 def test_decoder_less_export_gains_a_decoder(toy_root, tmp_path):  # noqa: F811
-    from encoder.export import export_encoder
-
     full = load_encoder(write_random_export(tmp_path / "full", size="tiny", image_size=32, seed=2))
     bare = export_encoder(tmp_path / "bare", full.vit, None, full.vae, 32, tau=0.0, extra={"source": "official"})
     with pytest.raises(RuntimeError, match="no ViT decoder"):

@@ -8,7 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
+from encoder.export import write_random_export
 from eval import eval_all, inception, report
+from ov3common.checkpoint import save_safetensors
+from ov3common.config import load_config
+from rae_generation.classify import ToyClassifier
+from rae_generation.manifest import write_manifest
 
 PALETTE = torch.tensor([[1.0, -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, -1]])
 
@@ -61,7 +66,6 @@ def world(tmp_path_factory, request):
     (data / "seedbench").mkdir()
     (data / "seedbench" / "seedbench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in seed))
     runs = root / "runs"
-    from encoder.export import write_random_export
 
     write_random_export(runs / "enc" / "export", image_size=64)
     with open(runs / "enc" / "metrics.jsonl", "w") as f:
@@ -80,8 +84,6 @@ def world(tmp_path_factory, request):
     (runs / "rae" / "samples").mkdir(parents=True)
     np.savez(runs / "rae" / "samples" / "samples.npz", arr_0=((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy(),
              arr_1=np.arange(4))
-    from ov3common.checkpoint import save_safetensors
-    from rae_generation.classify import ToyClassifier
 
     save_safetensors(runs / "clf" / "pixels.safetensors", ToyClassifier(4).state_dict())  # make rae-classacc's
     (runs / "clf" / "pixels.json").write_text(json.dumps({"classes": ["c0", "c1", "c2", "c3"]}))
@@ -94,8 +96,6 @@ def world(tmp_path_factory, request):
 
 @pytest.mark.slow
 def test_eval_all_on_a_miniature_toy_world(world):
-    from ov3common.config import load_config
-
     root, weights = world
     d, r = root / "data", root / "runs"
     cfg = load_config(eval_all.EvalAllConfig, None, [
@@ -180,8 +180,6 @@ def test_config_errors(tmp_path, capsys):
 
 
 def test_unavailable_predictor_and_sampler_are_missing_not_errors(tmp_path):
-    from ov3common.config import load_config
-
     (tmp_path / "llava").mkdir()
     (tmp_path / "rae").mkdir()
     (tmp_path / "pope.jsonl").write_text(json.dumps(dict(question_id="1", question="q?", answer="yes",
@@ -198,8 +196,6 @@ def test_unavailable_predictor_and_sampler_are_missing_not_errors(tmp_path):
 
 
 def _npz(path: Path, n: int, manifest: dict | None = None) -> Path:
-    from eval.manifest import write_manifest
-
     path.parent.mkdir(parents=True, exist_ok=True)
     gen, _ = fake_sampler("", "cpu")
     labels = torch.arange(n) % 4
@@ -213,7 +209,6 @@ def _npz(path: Path, n: int, manifest: dict | None = None) -> Path:
 def test_gfid_refuses_too_few_samples_or_a_wrong_manifest(tmp_path):
     """No sampler for the run (no generator.json): a set below the protocol, without a manifest, or with a manifest
     that differs from the config is refused with the reason; with allow_partial it is scored and marked."""
-    from ov3common.config import load_config
 
     real = tmp_path / "classes"
     for i in range(4):
@@ -240,8 +235,6 @@ def test_gfid_refuses_too_few_samples_or_a_wrong_manifest(tmp_path):
 
 @pytest.mark.slow
 def test_gfid_allow_partial_scores_and_marks(tmp_path, world):
-    from ov3common.config import load_config
-
     root, weights = world
     _npz(tmp_path / "rae" / "samples.npz", 4)
     cfg = load_config(eval_all.EvalAllConfig, None, [

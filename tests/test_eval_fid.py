@@ -1,5 +1,6 @@
 """FID: weight conversion check, self-FID ~ 0, Gaussian closed form, ADM npz reading, statistics cache."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -7,9 +8,14 @@ import pytest
 import scipy.linalg
 import torch
 from PIL import Image
+from skimage import data
+from torch_fidelity.metric_fid import fid_statistics_to_metric
 
 from eval import fid as F
 from eval import inception as I
+from eval.toygen import toy_metrics
+from ov3common.checkpoint import save_safetensors
+from rae_generation.classify import ToyClassifier
 
 
 @pytest.fixture(scope="session")
@@ -79,8 +85,6 @@ def test_frechet_distance_equals_gaussian_closed_form(dim):
 
 
 def test_frechet_distance_parity_with_torch_fidelity_and_low_rank_path():
-    from torch_fidelity.metric_fid import fid_statistics_to_metric
-
     g = np.random.default_rng(1)
     f1 = g.normal(size=(20, 64)) * g.uniform(0.5, 2, 64)  # N < D: singular covariance
     f2 = g.normal(size=(300, 64)) + 0.3
@@ -195,8 +199,6 @@ def test_inception_score_is_adms_rule():
 
 
 def _photo_crops(n: int, size: int = 48, seed: int = 0) -> np.ndarray:
-    from skimage import data
-
     photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
     g = np.random.default_rng(seed)
     out = []
@@ -233,11 +235,7 @@ def test_features_and_scores_do_not_depend_on_batch_size(weights):
 
 
 def test_toy_fid_in_classifier_features_sees_a_colour_shift(tmp_path):
-    import json
 
-    from eval.toygen import toy_metrics
-    from ov3common.checkpoint import save_safetensors
-    from rae_generation.classify import ToyClassifier
 
     torch.manual_seed(0)
     save_safetensors(tmp_path / "clf" / "pixels.safetensors", ToyClassifier(2).state_dict())

@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy.stats import binomtest
 
 from eval import intervals as I
 from eval.score import score_pope, score_seedbench
@@ -12,8 +13,6 @@ from eval.score import score_pope, score_seedbench
 
 @pytest.mark.parametrize("k, n", [(8, 10), (0, 20), (20, 20), (1, 3), (431, 1000)])
 def test_wilson_equals_scipy(k, n):
-    from scipy.stats import binomtest
-
     ref = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
     iv = I.wilson(k, n)
     assert iv.value == k / n and iv.low == pytest.approx(ref.low, abs=1e-12) and iv.high == pytest.approx(ref.high, abs=1e-12)

@@ -6,8 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
+from skimage import data
 
+from encoder.export import load_encoder, write_random_export
 from eval import gfid, inception, recon, rfid
 
 PALETTE = torch.tensor([[1.0, -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, -1]])
@@ -57,7 +60,6 @@ def test_psnr_ssim_hand_values():
 
 def _ssim_test_set() -> tuple[torch.Tensor, torch.Tensor]:
     """Real photos (scikit-image's), noise, a flat bright image and a non-square one, with distortions."""
-    from skimage import data
 
     g = torch.Generator().manual_seed(0)
     photos = [data.astronaut()[:96, :96], data.chelsea()[:96, :96], data.coffee()[:96, :96]]
@@ -97,7 +99,6 @@ def test_lpips_random_backbone_is_labelled(monkeypatch, tmp_path):
     assert acc.result()["lpips_note"] == recon.RANDOM_LABEL and acc.result()["lpips_random_backbone"]
     with pytest.raises(FileNotFoundError):
         recon.LPIPSMetric("alex", backbone="pretrained")
-    import torchvision  # a local torchvision-format file is picked up (random values: plumbing only)
 
     local = tmp_path / "alexnet.pth"
     torch.save(torchvision.models.alexnet().state_dict(), local)
@@ -118,8 +119,6 @@ def val_images(tmp_path_factory) -> Path:
 
 
 def test_rfid_with_random_export(weights, val_images, tmp_path):
-    from encoder.export import load_encoder, write_random_export
-
     exp = write_random_export(tmp_path / "export", image_size=64)
     enc = load_encoder(exp)
     paths = rfid.select_images(val_images, 5)
@@ -165,7 +164,7 @@ def test_gfid_with_fake_generator(weights, tmp_path):
     assert good["per_class"] == 3 and Path(good["grid"]).is_file() and good["fid_details"]["fake"] == str(npz)
     gen, names = gfid.load_sampler("tests.test_eval_runners:fake_sampler", "unused", "cpu")
     assert names[0] == "class0" and gen(torch.tensor([1])).shape == (1, 3, 32, 32)
-    with pytest.raises(ValueError, match="module:function"):
+    with pytest.raises(ValueError, match="sampler: expected .module:name."):
         gfid.load_sampler("no_colon", "x", "cpu")
     with pytest.raises(ValueError, match="want \\[B, 3, H, W\\]"):
         gfid.generate_samples(lambda y: torch.zeros(len(y), 32, 32), 2, 1)

@@ -1,5 +1,6 @@
 """POPE / SeedBench scorers on hand-built cases: every parse path, empty and garbage predictions."""
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from eval.score import (
     pope_metrics,
     score_pope,
     score_seedbench,
+    seed_hit,
 )
 
 
@@ -202,8 +204,6 @@ SEED_FORMS = [
 
 @pytest.mark.parametrize("prediction, answer, right", SEED_FORMS)
 def test_seed_letter_forms_follow_lmms_eval(prediction, answer, right):
-    from eval.score import seed_hit
-
     assert seed_hit(prediction, answer) is right
     r = score_seedbench([dict(question_id=0, answer=answer, prediction=prediction)])
     assert r["all"] == float(right)
@@ -211,7 +211,6 @@ def test_seed_letter_forms_follow_lmms_eval(prediction, answer, right):
 
 def _lmms_seed_utils():
     """lmms-eval's own tasks/seedbench/utils.py, loaded by path (its package __init__ pulls in the whole harness)."""
-    import importlib.util
 
     spec = importlib.util.find_spec("lmms_eval")
     if spec is None or not spec.submodule_search_locations:

@@ -1,6 +1,6 @@
 """Dependency drift: the HF ``Trainer`` methods ``LlavaTrainer`` overrides (or calls) still exist with the
 signatures it was written against, and the Trainer still calls them; the transformers pin in pyproject.toml, the
-versions ``make test-compat`` tests and the README agree. (LLaVA issues 876, 1103: a new transformers release
+versions ``make test-compat`` tests and llava_bridge/README.md agree. (LLaVA issues 876, 1103: a new transformers release
 broke training.) ``make test-compat`` runs the LLaVA tests under the lowest and the highest transformers the
 pin allows, each in its own venv."""
 
@@ -8,6 +8,7 @@ import inspect
 import re
 
 import pytest
+import transformers
 from packaging.requirements import Requirement
 from packaging.version import Version
 from transformers import Trainer, TrainingArguments
@@ -99,8 +100,6 @@ def compat_versions() -> tuple[str, str]:
 
 
 def test_pin_compat_versions_and_readme_agree():
-    import transformers
-
     spec = transformers_pin().specifier
     low, high = compat_versions()
     assert spec.contains(transformers.__version__), f"installed transformers {transformers.__version__} vs {spec}"
@@ -112,5 +111,5 @@ def test_pin_compat_versions_and_readme_agree():
     top = Version(upper[0].version)
     assert Version(high) < top and (Version(high).major, Version(high).minor + 1) == (top.major, top.minor), \
         "TRANSFORMERS_HIGH must be in the pin's highest minor"
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "llava_bridge" / "README.md").read_text()
     assert f"transformers {low}" in readme and f"transformers {high}" in readme

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from llava_bridge.merge_lora import merge
 from llava_bridge.model import load_llava
-from tests.helpers import REPO, subprocess_env
+from llava_bridge.projector import build_projector, projector_state, save_projector
+from tests.helpers import REPO, run_with_kills, subprocess_env
 from tests.llava_fixtures import *  # noqa: F403 (pytest fixtures)
 from tests.test_llava_model import eval_batch, logits, overrides
 
@@ -50,8 +51,6 @@ def real_recipe_overrides(w, out, zero: int, stage1_projector) -> list[str]:
 
 @pytest.fixture(scope="module")
 def stage1_projector(llava_world, tmp_path_factory):
-    from llava_bridge.projector import build_projector, projector_state, save_projector
-
     torch.manual_seed(1)
     path = tmp_path_factory.mktemp("stage1") / "mm_projector.safetensors"
     return save_projector(path, projector_state(build_projector("mlp2x_gelu", 64, 32).to(torch.bfloat16)))
@@ -120,7 +119,6 @@ def test_real_recipe_under_zero_saves_what_it_trained(llava_world, stage1_projec
 def test_zero2_two_processes_resume_after_sigkill_is_bitwise(llava_world, tmp_path):
     """DeepSpeed ZeRO-2 through the HF Trainer, 2 processes: killed once and resumed from its DeepSpeed checkpoint
     (partitioned optimizer states + data position), the final weights equal those of an uninterrupted run."""
-    from tests.helpers import run_with_kills
 
     def cmd(out):
         args = overrides(llava_world, out, **{

@@ -1,5 +1,5 @@
 """Numbers that reproduce: POPE / SeedBench predictions do not depend on the batch size (left padding, masks,
-positions), and the in-training evaluation equals the offline ``llava_bridge.predict`` + ``eval.score`` on the
+positions), and the in-training evaluation equals the offline ``eval.adapters`` + ``eval.score`` on the
 checkpoint saved at that step."""
 
 import json
@@ -7,12 +7,19 @@ import json
 import pytest
 import torch
 
-from llava_bridge.generate import generate_ids, rank_choices, score_continuations, tokenize_prompt
-from llava_bridge.live_eval import LiveEvalConfig, load_subsets
-from llava_bridge.model import load_llava
-from llava_bridge.predict import predict, predict_by_ranking
+from eval import eval_all
+from eval.adapters import main as predict_main
+from eval.adapters import predict_answers, rank_answers
+from eval.benchmarks import load_image
+from eval.llava_live import load_subsets
+from eval.score import main as score_main
+from llava_bridge.config import LiveEvalConfig
+from llava_bridge.conversation import generation_prompt
+from llava_bridge.generate import generate_ids, left_pad, rank_choices, score_continuations, tokenize_prompt
+from llava_bridge.model import MMSettings, attach_vision, load_llava, load_lm, load_tokenizer
 from llava_bridge.train import main
-from ov3common.config import ConfigError
+from llava_bridge.vision import build_vision_tower
+from ov3common.config import ConfigError, load_config
 from ov3common.log import read_jsonl
 from tests.llava_fixtures import *  # noqa: F403 (pytest fixtures)
 from tests.test_llava_model import overrides
@@ -41,8 +48,6 @@ def live_run(llava_world, tmp_path_factory):
 def random_llava(llava_world, tmp_path_factory):
     """The tiny random LM + a random projector, saved as a stage-2 folder: untrained, so its answers vary from
     question to question (a trained toy model answers everything alike, which would make a comparison vacuous)."""
-    from llava_bridge.model import MMSettings, attach_vision, load_lm, load_tokenizer
-    from llava_bridge.vision import build_vision_tower
 
     out = tmp_path_factory.mktemp("random_llava")
     torch.manual_seed(0)
@@ -60,9 +65,6 @@ def subsets(llava_world):
 
 
 def test_in_training_eval_equals_offline_predict_and_score(live_run, llava_world, tmp_path):
-    from eval.score import main as score_main
-    from llava_bridge.predict import main as predict_main
-
     logged = [r for r in read_jsonl(live_run / "metrics.jsonl") if "eval/pope_f1" in r]
     assert [r["step"] for r in logged] == [2, 4]
     for row in logged:
@@ -102,8 +104,6 @@ def test_eval_every_needs_a_benchmark(llava_world, tmp_path):
 
 def generation_scores(model, tok, images, prompts, batch_size, steps=3):
     """Greedy generation's per-step scores ``[n, steps, vocab]``, batched as ``generate_ids`` batches."""
-    from llava_bridge.conversation import generation_prompt
-    from llava_bridge.generate import left_pad
 
     out = []
     for s in range(0, len(prompts), batch_size):
@@ -120,15 +120,14 @@ def generation_scores(model, tok, images, prompts, batch_size, steps=3):
 def test_predictions_do_not_depend_on_batch_size(random_llava, subsets):
     """Batch 1 vs 8, left padding: POPE and SeedBench answers (generated letters) and answer ranking agree, and
     so do the numbers behind them (generation scores, choice log-likelihoods), which differ between questions."""
-    from eval.benchmarks import load_image
 
     model, tok = load_llava(random_llava)
     pope, seed = subsets["pope"][:8], subsets["seedbench"][:4]  # 4 questions x 4 choices = 16 continuations
     assert len({len(tokenize_prompt(tok, r["prompt"])) for r in pope[:8]}) > 1  # a batch of 8 is padded
     for records in (pope, seed):
-        assert predict(model, tok, records, batch_size=8, max_new_tokens=6) == \
-            predict(model, tok, records, batch_size=1, max_new_tokens=6)
-    assert predict_by_ranking(model, tok, seed, batch_size=8) == predict_by_ranking(model, tok, seed, batch_size=1)
+        assert predict_answers(model, tok, records, batch_size=8, max_new_tokens=6) == \
+            predict_answers(model, tok, records, batch_size=1, max_new_tokens=6)
+    assert rank_answers(model, tok, seed, batch_size=8) == rank_answers(model, tok, seed, batch_size=1)
     # generation: token ids and per-step scores
     images, prompts = [load_image(r["image"]) for r in pope], [r["prompt"] for r in pope]
     assert generate_ids(model, tok, images, prompts, 6, 8) == generate_ids(model, tok, images, prompts, 6, 1)
@@ -149,10 +148,19 @@ def test_predictions_do_not_depend_on_batch_size(random_llava, subsets):
     torch.testing.assert_close(torch.tensor([x for x, _ in s7]), s1.flatten(), atol=1e-5, rtol=1e-5)
 
 
-def test_eval_adapters_do_not_depend_on_batch_size(random_llava, subsets):
-    """eval-all's entry points (eval.adapters) give the same answers at batch 1 and 8."""
-    from eval.adapters import llava_predictor, llava_ranker
-
-    d, pope, seed = str(random_llava), subsets["pope"][:8], subsets["seedbench"]
-    assert llava_predictor(d, "cpu", 1, 6)(pope) == llava_predictor(d, "cpu", 8, 6)(pope)
-    assert llava_ranker(d, "cpu", 1)(seed) == llava_ranker(d, "cpu", 8)(seed)
+def test_eval_all_scores_a_trained_run_through_the_real_adapters(live_run, llava_world, tmp_path):
+    """`make eval-all`'s default predictor and ranker (eval.adapters, not a fake) on a trained run's checkpoint
+    give the scores the in-training evaluation logged for that step."""
+    ev = load_config(eval_all.EvalAllConfig, None, [
+        f"out_dir={tmp_path / 'report'}", "pieces=[pope, seedbench, seedbench_rank]", "device=cpu",
+        f"pope.path={llava_world['pope']}", f"pope.image_root={llava_world['images']}", "pope.limit_per_category=3",
+        f"seedbench.path={llava_world['seed']}", f"seedbench.image_root={llava_world['images']}",
+        "seedbench.limit_per_category=3", "llava.batch_size=8", "llava.max_new_tokens=6",
+        f"rows=[{{name: r, llava: {live_run / f'checkpoint-{EVAL_EVERY}'}}}]"])
+    got = eval_all.evaluate(ev)["rows"][0]["results"]
+    live = live_run / "eval" / f"step-{EVAL_EVERY}"
+    for name in ("pope", "seedbench", "seedbench_rank"):
+        assert list((tmp_path / "report").rglob(f"{name}_predictions.jsonl")), name  # predicted, not found
+        want = json.loads((live / f"{name}_scores.json").read_text())
+        for k in ("mean_f1", "overall") if name == "pope" else ("all",):
+            assert got[name][k] == want[k], (name, k)

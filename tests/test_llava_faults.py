@@ -10,13 +10,16 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+import llava_bridge.model as M
 from llava_bridge.config import LlavaTrainConfig
 from llava_bridge.data import Collator, LlavaDataset
 from llava_bridge.train import build, main
 from llava_bridge.trainer import find_resumable_checkpoint
+from llava_bridge.vision import build_processor
 from ov3common.config import ConfigError, load_config
 from ov3common.guard import TrainingDiverged
 from ov3common.images import SkipStats
+from ov3common.toyworld import poison
 from tests.helpers import python_module, run_with_kills
 from tests.llava_fixtures import *  # noqa: F403 (pytest fixtures)
 from tests.test_llava_model import overrides
@@ -121,20 +124,16 @@ def test_consecutive_nonfinite_losses_stop_and_keep_last_good(llava_world, tmp_p
 
 
 def test_main_returns_nonzero_on_divergence(llava_world, tmp_path, monkeypatch):
-    import llava_bridge.model as M
-
     monkeypatch.setattr(M.LlavaMixin, "encode_images", lambda self, *a, **k: torch.full(
         (4, 4, self.config.hidden_size), float("inf")))
     assert main(overrides(llava_world, tmp_path, **{"train.max_bad_steps": 2})) == 3
 
 
 def test_poisoned_llava_json_and_shard(word_tokenizer, llava_world, tmp_path):
-    poison = pytest.importorskip("ov3common.toyworld.poison")
     root = tmp_path / "images"
     manifest = poison.write_poisoned_llava(str(tmp_path / "poison.json"), str(root))
     shard_manifest = poison.write_poisoned_shard(str(tmp_path / "shard" / "shard-000000.tar"))
     expected = Counter(manifest.values()) + Counter(poison.expected_counts(shard_manifest))
-    from llava_bridge.vision import build_processor
 
     stats = SkipStats()
     ds = LlavaDataset([str(tmp_path / "poison.json"), str(tmp_path / "shard")], str(root), word_tokenizer,

@@ -9,10 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_bridge.generate import answer
+from llava_bridge.conversation import Rendered, generation_prompt, tokenize_rendered
+from llava_bridge.generate import answer, rank_choices, score_continuations
 from llava_bridge.lmms_plugin import OpenVision3Llava
 from llava_bridge.train import main
 from tests.llava_fixtures import *  # noqa: F403 (pytest fixtures)
+from tests.lmms_task import run_tiny_task
 from tests.test_llava_model import overrides
 
 HAS_LMMS = importlib.util.find_spec("lmms_eval") is not None
@@ -61,7 +63,6 @@ def test_loglikelihood_is_the_sum_of_token_logprobs(plugin):
         req("What color is it?", "square square square", vis, 0, "toy", "test")])
     assert is_g and not is_x and lp_g <= 0 and lp_x < lp_g
     # the same number from the model's own mean loss × the number of scored tokens
-    from llava_bridge.conversation import Rendered, generation_prompt, tokenize_rendered
 
     prompt = generation_prompt("vicuna_v1", "What color is it?", True, p.tokenizer)
     text = prompt + " square square square"
@@ -73,8 +74,6 @@ def test_loglikelihood_is_the_sum_of_token_logprobs(plugin):
 
 
 def test_batched_scores_equal_one_by_one_and_ranking_picks_the_likeliest(plugin):
-    from llava_bridge.generate import rank_choices, score_continuations
-
     p, img = plugin
     greedy = answer(p.model, p.tokenizer, [img], ["What shape is it?"], 3, 1)[0]
     items = [(img, "What color is it?", "red"), (None, "Hello", "square square square"),
@@ -109,8 +108,6 @@ def test_generate_until_multi_round(plugin):
 
 @pytest.mark.skipif(not HAS_LMMS, reason="lmms-eval is not installed here: run `make test-lmms`")
 def test_against_real_lmms_eval(trained, llava_world, tmp_path):
-    from tests.lmms_task import run_tiny_task
-
     result = run_tiny_task(str(trained), llava_world, tmp_path)
     assert result["n"] == 4 and result["n_choice"] == 4
     assert 0.0 <= result["accuracy"] <= 1.0 and 0.0 <= result["choice_accuracy"] <= 1.0

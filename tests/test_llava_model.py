@@ -2,11 +2,16 @@
 exact; batched greedy generation equals one-by-one; a transformers CLIP tower goes through the same bridge."""
 
 import json
+import sys
 
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
+from transformers import AutoModelForCausalLM, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
+from eval.adapters import main as predict_main
+from eval.score import score_file
 from llava_bridge.config import LlavaTrainConfig
 from llava_bridge.conversation import generation_prompt
 from llava_bridge.data import Collator, LlavaDataset
@@ -15,7 +20,7 @@ from llava_bridge.merge_lora import merge
 from llava_bridge.model import load_llava, load_lm
 from llava_bridge.train import build, main
 from llava_bridge.vision import build_vision_tower
-from ov3common.config import load_config
+from ov3common.config import ConfigError, load_config
 from tests.llava_fixtures import *  # noqa: F403 (pytest fixtures)
 
 
@@ -98,8 +103,6 @@ def test_stage2_folder_loads_back(stage2, stage1, llava_world):
 
 
 def test_batched_greedy_equals_one_by_one(stage2, llava_world):
-    from PIL import Image
-
     model, tok = load_llava(stage2)
     imgs = [Image.open(llava_world["images"] / s["image"]).convert("RGB") for s in llava_world["scenes"][:2]]
     images = [imgs[0], None, imgs[1]]
@@ -143,7 +146,6 @@ def test_lora_save_merge_same_logits(llava_world, stage1, tmp_path):
     torch.testing.assert_close(logits(again, batch), b, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(logits(again, batch), a, atol=1e-4, rtol=0)  # merged vs adapter, fp32
     # a plain HF checkpoint: no adapter left, and transformers' own class loads the LM (text-only logits agree)
-    from transformers import AutoModelForCausalLM
 
     with safe_open(str(merged_dir / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
@@ -156,8 +158,6 @@ def test_lora_save_merge_same_logits(llava_world, stage1, tmp_path):
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
-
     d = tmp_path_factory.mktemp("clip")
     torch.manual_seed(0)
     cfg = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -168,8 +168,6 @@ def clip_dir(tmp_path_factory):
 
 
 def test_clip_tower_features(clip_dir):
-    from PIL import Image
-
     for feat, n in (("patch", 16), ("cls_patch", 17), ("pooled", 1)):
         tower = build_vision_tower(clip_dir, -2, feat)
         pix = tower.processor(Image.new("RGB", (50, 30), (200, 10, 10)))
@@ -186,9 +184,6 @@ def test_clip_tower_through_the_bridge(llava_world, clip_dir, tmp_path):
 
 
 def test_predict_writes_what_eval_score_reads(stage2, llava_world, tmp_path):
-    from eval.score import score_file
-    from llava_bridge.predict import main as predict_main
-
     rows = [{"question_id": str(i), "question": f"Is there a {s['shape']} in the image?", "answer": "yes",
              "image": s["image"], "category": c} for i, (s, c) in
             enumerate(zip(llava_world["scenes"][:3], ("random", "popular", "adversarial")))]
@@ -226,9 +221,7 @@ def test_lora_trainable_tensors_share_the_lm_dtype(llava_world, tmp_path):
 
 
 def test_flash_attention_where_it_does_not_import_is_a_config_error(llava_world, tmp_path, monkeypatch):
-    import sys
 
-    from ov3common.config import ConfigError
 
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # `import flash_attn` raises ImportError
     with pytest.raises(ConfigError, match="model.attn_implementation: flash_attention_2 needs flash-attn"):

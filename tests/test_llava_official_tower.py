@@ -10,6 +10,8 @@ from safetensors.torch import save_file
 
 pytest.importorskip("open_clip")
 
+from encoder.export import main as convert
+from encoder.vae import build_random_vae, tiny_vae_config
 from llava_bridge.model import load_llava  # noqa: E402
 from llava_bridge.train import main  # noqa: E402
 from llava_bridge.vision import build_vision_tower  # noqa: E402
@@ -21,9 +23,7 @@ from tests.test_llava_model import overrides  # noqa: E402
 @pytest.fixture(scope="module")
 def official(tmp_path_factory):
     """An official-layout checkpoint (no ln_pre, avg pool, LN after pool, eps 1e-6, 16 channels; 32 px images →
-    a 4×4 latent → 2×2 tokens) converted by ``python -m encoder.convert`` with a tiny VAE."""
-    from encoder.convert import main as convert
-    from encoder.vae import build_random_vae, tiny_vae_config
+    a 4×4 latent → 2×2 tokens) converted by ``python -m encoder.export --from-open-clip`` with a tiny VAE."""
 
     d = tmp_path_factory.mktemp("official")
     oc = oc_config(image_size=4, no_ln_pre=True, pool_type="avg", final_ln_after_pool=True,
@@ -33,7 +33,7 @@ def official(tmp_path_factory):
     (d / "ck" / "open_clip_config.json").write_text(json.dumps(oc))
     save_file(sd, str(d / "ck" / "open_clip_model.safetensors"))
     build_random_vae(tiny_vae_config()).save_pretrained(str(d / "vae"))
-    convert(["--checkpoint", str(d / "ck"), "--vae", str(d / "vae"), "--out", str(d / "export")])
+    convert(["--from-open-clip", str(d / "ck"), "--vae", str(d / "vae"), "--out", str(d / "export")])
     return d / "export", ref
 
 

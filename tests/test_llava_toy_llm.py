@@ -1,13 +1,20 @@
 """The toy LLM (make toy-llm): LM pretraining then short-answer SFT with the scene's caption in the user turn."""
 
+import io
 import json
+import tarfile
 
+import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llava_bridge import IGNORE_INDEX
-from llava_bridge.toy_llm import main, sft_samples
+from llava_bridge.conversation import encode_chunks, render, tokenize_rendered
+from llava_bridge.toy_llm import main, mc_samples, sft_samples
+from ov3common.toyworld.text import recaption, short_caption
+from ov3common.toyworld.tokenizer import save_tokenizer
+from ov3common.toyworld.world import sample_scene
 from tests.llava_fixtures import *  # noqa: F403 (pytest fixtures)
 
 
@@ -40,7 +47,6 @@ def test_toy_llm_pretrain_then_sft_writes_a_loadable_model(llava_world, tmp_path
 
 
 def test_batched_chunk_encoding_equals_one_by_one(word_tokenizer):
-    from llava_bridge.conversation import encode_chunks, render, tokenize_rendered
 
     convs = [render("vicuna_v1", [("human", "<image>\nis it red ?"), ("gpt", "yes")], word_tokenizer),
              render("vicuna_v1", [("human", "what color ?"), ("gpt", "red")], word_tokenizer)]
@@ -50,13 +56,8 @@ def test_batched_chunk_encoding_equals_one_by_one(word_tokenizer):
 
 def _scene_shard(folder, n: int = 4):
     """A webdataset folder with n toy scenes (json members: key, scene, short_caption, recaption)."""
-    import io
-    import tarfile
 
-    import numpy as np
 
-    from ov3common.toyworld.text import recaption, short_caption
-    from ov3common.toyworld.world import sample_scene
 
     rng = np.random.default_rng(0)
     folder.mkdir()
@@ -72,10 +73,7 @@ def _scene_shard(folder, n: int = 4):
 
 
 def test_mc_samples_ask_the_toy_worlds_questions_about_a_described_scene(tmp_path):
-    from transformers import AutoTokenizer
 
-    from llava_bridge.toy_llm import mc_samples
-    from ov3common.toyworld.tokenizer import save_tokenizer
 
     shards = _scene_shard(tmp_path / "wds")
     save_tokenizer(str(tmp_path / "tok"))

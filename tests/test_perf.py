@@ -9,7 +9,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import ov3common.log as L
+from encoder.models import LatentViT, vit_config
+from encoder.train import train
+from encoder.vae import FrozenVAE, build_random_vae, tiny_vae_config
+from llava_bridge.config import LlavaTrainConfig, training_arguments
 from ov3common.attention import attention, uses_explicit_path
+from ov3common.bench import interleaved, machine, ratio, write_report
+from ov3common.log import read_jsonl
+from ov3common.optim import build_adamw
+from rae_generation.bench import main
+from rae_generation.models import DiTDH, apply_rope, dit_config, rope_2d
 from tests.test_encoder_train import cfg_for, stages, toy_root  # noqa: F401 (session fixture)
 
 
@@ -57,8 +67,6 @@ def test_attention_uses_sdpa_in_fp32_and_without_grad():
 
 def test_models_train_in_bf16_on_the_explicit_path():
     """ViT and DiT-DH under CPU bf16 autocast: the explicit path runs and matches the fp32 model closely."""
-    from encoder.models import LatentViT, vit_config
-    from rae_generation.models import DiTDH, dit_config
 
     torch.manual_seed(0)
     vit = LatentViT(vit_config("tiny"))
@@ -80,8 +88,6 @@ def test_models_train_in_bf16_on_the_explicit_path():
 
 
 def test_joint_qk_rope_equals_separate_rotations():
-    from rae_generation.models import apply_rope, rope_2d
-
     rot = rope_2d(grid=3, head_dim=8)
     qkv = torch.randn(2, 9, 3, 4, 8)  # [B, N, 3, H, Dh] as the qkv projection gives it
     joint = apply_rope(qkv[:, :, :2], rot, token_dim=-4)
@@ -92,8 +98,6 @@ def test_joint_qk_rope_equals_separate_rotations():
 
 # ----------------------------------------------------------------------------------------------- frozen VAE
 def test_vae_channels_last_and_bf16_options():
-    from encoder.vae import FrozenVAE, build_random_vae, tiny_vae_config
-
     base = FrozenVAE(build_random_vae(tiny_vae_config()), scaling_factor=1.0)
     cl = FrozenVAE(build_random_vae(tiny_vae_config()), scaling_factor=1.0, channels_last=True)
     bf = FrozenVAE(build_random_vae(tiny_vae_config()), scaling_factor=1.0, precision="bf16")
@@ -114,8 +118,6 @@ def test_vae_channels_last_and_bf16_options():
 
 # ----------------------------------------------------------------------------------------------- bench plumbing
 def test_interleaved_ratio_and_report(tmp_path):
-    from ov3common.bench import interleaved, machine, ratio, write_report
-
     calls = []
     t = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3, warmup=1)
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then the order reversed every other round
@@ -132,8 +134,6 @@ def test_interleaved_ratio_and_report(tmp_path):
 
 
 def test_matmul_peak_is_the_best_of_the_sweep(monkeypatch):
-    import ov3common.log as L
-
     rates = {256: 5.0, 512: 9.0, 1024: 7.0, 1536: 1.0, 2048: 2.0}
     monkeypatch.setattr(L, "matmul_rate", lambda n, dtype, device, seconds: rates[n])
     assert L.measure_matmul_peak(torch.float32, "cpu") == 9.0
@@ -144,8 +144,6 @@ def test_matmul_peak_is_the_best_of_the_sweep(monkeypatch):
 
 
 def test_rae_bench_without_rae_src_is_skipped_and_says_so(tmp_path, monkeypatch):
-    from rae_generation.bench import main
-
     monkeypatch.delenv("RAE_SRC", raising=False)
     threads = torch.get_num_threads()
     try:
@@ -161,8 +159,6 @@ def test_rae_bench_without_rae_src_is_skipped_and_says_so(tmp_path, monkeypatch)
 
 # ----------------------------------------------------------------------------------------------- torch.compile
 def test_llava_compile_option_reaches_training_arguments():
-    from llava_bridge.config import LlavaTrainConfig, training_arguments
-
     cfg = LlavaTrainConfig()
     cfg.train.output_dir = "/tmp/ov3_llava_args"
     assert not training_arguments(cfg, use_cpu=True).torch_compile
@@ -173,8 +169,6 @@ def test_llava_compile_option_reaches_training_arguments():
 @pytest.mark.slow
 def test_rae_compiled_loss_equals_eager_over_5_steps():
     """DiT-DH (tiny) trained 5 steps eager and compiled (inductor) from the same init: same losses."""
-    from ov3common.optim import build_adamw
-    from rae_generation.models import DiTDH, dit_config
 
     def run(compiled: bool) -> list[float]:
         torch.manual_seed(0)
@@ -203,8 +197,6 @@ def test_rae_compiled_loss_equals_eager_over_5_steps():
 @pytest.mark.slow
 def test_encoder_trainer_compiled_loss_equals_eager_over_5_steps(toy_root, tmp_path):  # noqa: F811
     """``train.compile=true`` on the encoder trainer (tiny sizes): the 5 logged steps' losses match eager."""
-    from encoder.train import train
-    from ov3common.log import read_jsonl
 
     rows = {}
     for compiled in (False, True):

@@ -1,11 +1,14 @@
 """Latent cache: poisoned ImageFolder / webdataset shard through the cacher, shards, normalisation statistics."""
 
 import json
+import shutil
 
 import pytest
 import torch
 
+from encoder.export import write_random_export
 from ov3common.config import load_config
+from ov3common.toyworld.poison import BAD_KINDS, write_poisoned_shard
 from rae_generation.cache_latents import build_cache
 from rae_generation.config import CacheConfig
 from rae_generation.data import LatentDataset, Normalizer, open_source, token_sums
@@ -16,8 +19,6 @@ CONVERTED = {"cmyk", "16bit", "alpha", "palette", "grayscale"}
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
-    from encoder.export import write_random_export
-
     return write_random_export(tmp_path_factory.mktemp("enc") / "export", size="tiny", image_size=32)
 
 
@@ -75,7 +76,6 @@ def test_cache_shards_dtype_and_idempotence(tmp_path, export):
     cache(root, export, tmp_path / "lat", shard_size=4, dtype="bfloat16")  # complete: not rebuilt
     assert (out / "meta.json").stat().st_mtime_ns == stamp
     # a regenerated source (here: one class folder rewritten) rebuilds the cache with the new images
-    import shutil
 
     shutil.rmtree(root / "class_01")
     make_image_folder(tmp_path / "other", num_classes=3, per_class=2, size=32)
@@ -114,7 +114,6 @@ def test_missing_cache_is_a_clear_error(tmp_path):
 def test_toyworld_poisoned_shard_through_the_cacher(tmp_path, export):
     """Issue 7's shard (ov3common.toyworld.poison): image defects are skipped with their reason, nothing crashes;
     its samples carry no class label (multi-object scenes, caption/json defects), so they count as no_label."""
-    from ov3common.toyworld.poison import BAD_KINDS, write_poisoned_shard
 
     write_poisoned_shard(str(tmp_path / "wds" / "poison-000000.tar"), n_good=6, resolution=32)
     out = cache(tmp_path / "wds", export, tmp_path / "lat")

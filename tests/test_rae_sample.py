@@ -6,10 +6,16 @@ import numpy as np
 import pytest
 import torch
 
+from encoder.export import write_random_export
+from eval.toygen import toy_metrics
+from ov3common.checkpoint import CheckpointManager
 from ov3common.config import load_config
 from ov3common.dist import init_distributed
 from rae_generation.cache_latents import build_cache
+from rae_generation.classify import factor_accuracy
+from rae_generation.classify import main as classify
 from rae_generation.config import CacheConfig, RAETrainConfig
+from rae_generation.manifest import export_sha256, manifest_path, read_manifest
 from rae_generation.sample import load_generator, main, write_npz
 from rae_generation.testing import make_image_folder
 from rae_generation.train import train
@@ -18,7 +24,6 @@ from rae_generation.train import train
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A tiny trained run (3 classes, 32 px, random tiny encoder) with checkpoints at steps 4 and 8."""
-    from encoder.export import write_random_export
 
     root = tmp_path_factory.mktemp("rae_sample")
     enc = write_random_export(root / "export", size="tiny", image_size=32)
@@ -58,8 +63,6 @@ def test_sample_cli_writes_adm_npz_and_grid(run, tmp_path):
     assert arr.dtype == np.uint8 and arr.shape == (9, 32, 32, 3)
     assert lab.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert (tmp_path / "s" / "samples_grid.png").is_file() and (tmp_path / "s" / "samples_info.json").is_file()
-    from eval.manifest import export_sha256, read_manifest
-    from ov3common.checkpoint import CheckpointManager
 
     m = read_manifest(out)  # the manifest beside the npz, checked against the file's sha256
     ckpt = CheckpointManager(run / "checkpoints").latest()
@@ -83,7 +86,6 @@ def test_autoguidance_with_an_earlier_checkpoint(run, tmp_path):
     torch.testing.assert_close(gen.sample_latents(y, steps=2, cfg_scale=1.0), plain.sample_latents(y, steps=2))
     with np.load(out) as f:
         assert f["arr_0"].shape == (3, 32, 32, 3)
-    from eval.manifest import manifest_path
 
     m = json.loads(manifest_path(out).read_text())
     assert m["guidance"] == "autoguidance" and len(m["guide_checkpoint_sha256"]) == 64
@@ -98,8 +100,6 @@ def test_npz_layout_is_checked(tmp_path):
 
 
 def test_class_accuracy_of_samples_pixels_and_tokens(run, tmp_path):
-    from rae_generation.classify import main as classify
-
     root = run.parent
     out = tmp_path / "samples.npz"
     main([f"run={run}", f"out={out}", "per_class=2", "guidance.steps=2", "device=cpu", "save_tokens=true"])
@@ -111,7 +111,6 @@ def test_class_accuracy_of_samples_pixels_and_tokens(run, tmp_path):
     assert 0 <= res["tokens"]["sample_accuracy"] <= 1 and res["num_samples"] == 6
     assert (tmp_path / "samples_class_accuracy.json").is_file()
     # eval-all's toygen piece: toy FID + class accuracy with intervals, in the features of that pixel classifier
-    from eval.toygen import toy_metrics
 
     t = toy_metrics(tmp_path / "clf", out, root / "imgs", image_size=32, n_boot=20)
     assert t["n"] == 6 and t["toy_fid"] >= 0 and t["toy_fid_interval"]["n"] == 6
@@ -120,8 +119,6 @@ def test_class_accuracy_of_samples_pixels_and_tokens(run, tmp_path):
 
 
 def test_factor_accuracy_counts_each_part():
-    from rae_generation.classify import factor_accuracy
-
     classes = ["red_circle", "red_star", "blue_circle", "blue_star"]
     pred, labels = torch.tensor([0, 1, 3, 2]), torch.tensor([0, 0, 1, 3])
     assert factor_accuracy(pred, labels, classes, ["colour", "shape"]) == {"colour": 0.75, "shape": 0.5}

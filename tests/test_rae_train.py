@@ -1,11 +1,14 @@
 """The RAE trainer: EMA, a tiny run's loss decreases, NaN/Inf steps, exact resume after SIGKILL (issue 7)."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from encoder.export import write_random_export
 from ov3common.checkpoint import CheckpointManager, load_safetensors
 from ov3common.config import load_config
 from ov3common.dist import init_distributed
@@ -13,7 +16,8 @@ from ov3common.guard import TrainingDiverged
 from ov3common.log import read_jsonl
 from rae_generation.cache_latents import build_cache
 from rae_generation.config import CacheConfig, RAETrainConfig
-from rae_generation.testing import make_image_folder
+from rae_generation.data import ImageFolderSource
+from rae_generation.testing import bad_images, make_image_folder, make_poisoned_folder
 from rae_generation.train import main, train, update_ema
 from tests.helpers import python_module, run_with_kills, subprocess_env
 
@@ -21,7 +25,6 @@ from tests.helpers import python_module, run_with_kills, subprocess_env
 @pytest.fixture(scope="module")
 def latents(tmp_path_factory):
     """64 images of 4 classes at 32 px through a random tiny export → a latent cache (4 tokens x 64)."""
-    from encoder.export import write_random_export
 
     root = tmp_path_factory.mktemp("rae_train")
     enc = write_random_export(root / "export", size="tiny", image_size=32)
@@ -123,9 +126,6 @@ def test_exact_resume_after_sigkill(latents, tmp_path):
 
 @pytest.mark.slow
 def test_ddp_two_ranks_shard_the_data_and_resume(latents, tmp_path):
-    import subprocess
-    import sys
-
     out = tmp_path / "ddp"
 
     def launch(steps: int) -> None:
@@ -152,9 +152,6 @@ def _indices_rank(out: Path, rank: int) -> dict[int, tuple[int, list[int]]]:
 
 
 def test_on_the_fly_encoding_of_a_poisoned_folder(latents, tmp_path):
-    from rae_generation.data import ImageFolderSource
-    from rae_generation.testing import bad_images, make_poisoned_folder
-
     root, _ = make_poisoned_folder(tmp_path / "poison", size=32, good_per_class=6)
     enc = Path(latents).parent / "export"
     out = run_inprocess("''", tmp_path / "run", **{"data.images": root, "data.encoder": enc, "train.steps": 5,

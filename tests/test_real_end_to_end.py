@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from encoder.data import DataConfig, fields
+from eval import standins as S
 from tests.helpers import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")]
@@ -32,8 +34,6 @@ TINY_ENCODER = ("model.size=tiny model.text_width=32 model.text_depth=1 model.te
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
-    from tools import standins as S
-
     pytest.importorskip("mistral_common")
     ws = tmp_path_factory.mktemp("real_e2e")
     (ws / "configs").symlink_to(REPO / "configs")  # the repo's configs, unchanged; runs/ land in ws
@@ -87,7 +87,6 @@ def test_real_configs_through_make_on_standins(world):
     enc = saved(run / "encoder" / "config.yaml")
     assert enc["vae"]["path"] == f"{a}/FLUX.1-dev/vae" and enc["data"]["tokenizer"] == f"{a}/tok"
     assert enc["data"]["train_shards"].startswith(f"{a}/recap/train/") and enc["data"]["preset"] == "recap_datacomp"
-    from encoder.data import DataConfig, fields  # the preset resolves to Recap-DataComp's field names
     assert fields(DataConfig(**{k: v for k, v in enc["data"].items() if k in DataConfig.__dataclass_fields__})) == (
         "txt;json:org_caption", "json:re_caption")
     rows = [json.loads(x) for x in (run / "encoder" / "metrics.jsonl").read_text().splitlines()]

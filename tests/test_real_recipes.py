@@ -10,9 +10,18 @@ import math
 import pytest
 import torch
 
+from encoder.export import load_encoder, write_random_export
+from encoder.ov3 import OV3Model
+from encoder.train import Config, StageConfig, build_schedule, forward_backward, micro_parts, split_batch
+from encoder.vae import FrozenVAE, build_random_vae, tiny_vae_config
+from eval.profile import encoder_batch
 from ov3common.config import load_config
 from ov3common.log import TrainProgress
 from ov3common.optim import constant_then_linear, staged_warmup_cosine
+from rae_generation.cache_latents import build_cache
+from rae_generation.config import CacheConfig, RAETrainConfig
+from rae_generation.data import LatentDataset, collate_images, open_source
+from rae_generation.testing import make_image_folder
 
 
 def lrs(sched, opt, n: int) -> list[float]:
@@ -41,8 +50,6 @@ def test_each_stage_has_its_own_warmup_cosine_and_peak():
 
 
 def test_encoder_schedule_from_the_config():
-    from encoder.train import Config, build_schedule
-
     cfg = load_config(Config, "configs/encoder/ov3_b2.yaml",
                       ["train.stages.0.steps=20", "train.stages.0.warmup_steps=4", "train.stages.1.steps=10",
                        "train.stages.1.warmup_steps=2"])
@@ -67,7 +74,6 @@ def test_rae_linear_schedule_is_raes_rule():
     opt = sgd(2e-4)
     lr = lrs(constant_then_linear(opt, 40, 800, 0.1), opt, 1000)
     assert lr == pytest.approx([2e-4 * rae_reference(s, 40, 800, 0.1) for s in range(1000)])
-    from rae_generation.config import RAETrainConfig
 
     xl = load_config(RAETrainConfig, "configs/rae/imagenet_xl.yaml")
     assert (xl.train.schedule, list(xl.train.betas), xl.train.constant_steps, xl.train.decay_end_step) == \
@@ -77,18 +83,10 @@ def test_rae_linear_schedule_is_raes_rule():
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
-    from encoder.export import write_random_export
-
     return write_random_export(tmp_path_factory.mktemp("enc") / "export", size="tiny", image_size=32)
 
 
 def test_flip_cache_holds_the_mirrored_images_tokens(tmp_path, export):
-    from encoder.export import load_encoder
-    from rae_generation.cache_latents import build_cache
-    from rae_generation.config import CacheConfig
-    from rae_generation.data import LatentDataset, collate_images, open_source
-    from rae_generation.testing import make_image_folder
-
     root = make_image_folder(tmp_path / "imgs", size=32, per_class=6)
     over = [f"source={root}", f"encoder={export}", "image_size=32", "batch_size=4", "num_workers=0",
             "device=cpu", "flip=true"]
@@ -140,10 +138,6 @@ def test_progress_bar_on_a_terminal(capsys):
 def test_micro_batches_accumulate_to_the_whole_batch():
     """A rank's batch in chunks (train.stages.N.micro_batch): the per-sample losses and their gradients equal the
     whole batch's (contrastive negatives are per chunk, so it is left out here)."""
-    from encoder.ov3 import OV3Model
-    from encoder.train import Config, StageConfig, forward_backward, micro_parts, split_batch
-    from encoder.vae import FrozenVAE, build_random_vae, tiny_vae_config
-    from tools.profile import encoder_batch
 
     cfg = load_config(Config, None, ["model.size=tiny", "model.text_width=32", "model.text_depth=1",
                                      "model.text_heads=2", "model.text_decoder_width=32", "model.text_decoder_depth=1",

@@ -12,9 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from transformers import AutoTokenizer
 
+from ov3common.config import ConfigError
 from ov3common.images import BadSample, decode_image, decode_json, decode_text
 from ov3common.toyworld import CLASSES, OBJECTS, ToyConfig, generate, load_meta, render_scene
+from ov3common.toyworld.__main__ import parse_args
+from ov3common.toyworld.llava import SYSTEM_PROMPT
+from ov3common.toyworld.poison import expected_counts, write_poisoned_llava, write_poisoned_shard
 from ov3common.toyworld.questions import (
     LETTERS,
     MC_SUFFIX,
@@ -23,6 +28,7 @@ from ov3common.toyworld.questions import (
     ObjectStats,
     negatives,
 )
+from ov3common.toyworld.summary import main
 from ov3common.toyworld.world import (
     CLASS_EXTENT,
     CLASS_JITTER,
@@ -271,9 +277,7 @@ def test_seedbench_answers_in_choices_and_balanced(toy, test_scenes):
 
 # ------------------------------------------------------------------------------------------------ tokenizer
 def test_tokenizer_round_trip_and_no_unk(toy):
-    from transformers import AutoTokenizer
 
-    from ov3common.toyworld.llava import SYSTEM_PROMPT
 
     tok = AutoTokenizer.from_pretrained(str(toy / "tokenizer"))
     assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
@@ -313,8 +317,6 @@ def test_render_resolutions_antialiased(res):
 
 # ------------------------------------------------------------------------------------------------ summary, CLI
 def test_summary_report(toy, tmp_path):
-    from ov3common.toyworld.summary import main
-
     report = main(["--data", str(toy), "--out", str(tmp_path)])
     for name in ("toyworld.md", "toyworld.json", "toyworld_samples.png"):
         assert (tmp_path / name).is_file()
@@ -324,9 +326,6 @@ def test_summary_report(toy, tmp_path):
 
 
 def test_cli_flags_config_and_overrides():
-    from ov3common.config import ConfigError
-    from ov3common.toyworld.__main__ import parse_args
-
     out, cfg, workers, progress = parse_args(["--out", "x", "--resolution", "128", "--n-train", "5", "--quiet"])
     assert (out, cfg.resolution, cfg.n_train, cfg.n_val, progress) == ("x", 128, 5, 1000, False)
     _, cfg, _, _ = parse_args(["--out", "x", "--config", str(CONFIGS / "toy128.yaml"), "--n-val", "7", "seed=3"])
@@ -352,7 +351,6 @@ def _outcome(sample: dict) -> str:
 def test_poisoned_shard_has_every_kind(tmp_path):
     import webdataset as wds
 
-    from ov3common.toyworld.poison import expected_counts, write_poisoned_shard
 
     manifest = write_poisoned_shard(str(tmp_path / "poison.tar"), n_good=4)
     samples = list(wds.WebDataset(str(tmp_path / "poison.tar"), shardshuffle=False))
@@ -368,8 +366,6 @@ def test_poisoned_shard_has_every_kind(tmp_path):
 
 
 def test_poisoned_llava_json(tmp_path):
-    from ov3common.toyworld.poison import write_poisoned_llava
-
     manifest = write_poisoned_llava(str(tmp_path / "bad.json"), str(tmp_path / "img"), n_good=2)
     records = json.loads((tmp_path / "bad.json").read_text())
     assert sorted(r["id"] for r in records) == sorted(manifest)

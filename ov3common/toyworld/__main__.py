@@ -13,12 +13,12 @@ import os
 
 from omegaconf import OmegaConf
 
+from ov3common.config import load_config
+
 from .generate import ToyConfig, generate
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[str, ToyConfig, int, bool]:
-    from ov3common.config import load_config
-
     p = argparse.ArgumentParser(prog="python -m ov3common.toyworld", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output directory (e.g. data/toy)")

@@ -1,4 +1,4 @@
-"""Build the whole toy world under one directory (see BRIEF/README for the layout).
+"""Build the whole toy world under one directory (see ov3common/toyworld/README.md for the layout).
 
 Work is split into index ranges run by a process pool: workers render and write the image files, the parent
 writes the shards and JSONs in index order, so the output is byte-identical for any worker count, any chunk
@@ -18,6 +18,9 @@ from dataclasses import asdict, dataclass
 from functools import partial
 
 import numpy as np
+from tqdm import tqdm
+
+from ov3common.log import progress
 
 from . import world
 from .evalsets import build_pope, build_seedbench
@@ -138,10 +141,7 @@ def _train_stats(cfg: ToyConfig, pool) -> ObjectStats:
 
 def _progress_bar(total: int, enabled: bool):
     if not enabled:
-        from tqdm import tqdm
-
         return tqdm(total=total, disable=True)
-    from ov3common.log import progress  # imported here: it imports torch, which workers do not need
 
     return progress(total=total, desc="toy world", unit="img", mininterval=1.0)
 

@@ -16,6 +16,8 @@ from collections import Counter
 import numpy as np
 from PIL import Image
 
+from ov3common.toyworld.generate import TAR_MTIME
+
 from .render import jpeg_bytes, png_bytes, render_scene
 from .samples import Task, scene_sample
 from .text import short_caption
@@ -92,8 +94,6 @@ def write_poisoned_shard(path: str, n_good: int = 8, resolution: int = 32) -> di
     """Write ONE tar shard (DataComp convention: ``KEY.jpg|png``, ``KEY.txt``, ``KEY.json``) with ``n_good``
     good toy samples interleaved with one sample of every bad kind; returns :func:`poison_manifest`."""
     from webdataset import TarWriter
-
-    from .generate import TAR_MTIME
 
     good = scene_sample(Task("test", 0, n_good, POISON_SEED, resolution, 90), None)
     samples = []

@@ -16,6 +16,8 @@ from collections import Counter
 
 from PIL import Image
 
+from ov3common.shards import iter_tar
+
 from .generate import SPLITS, load_meta
 
 
@@ -25,8 +27,6 @@ def _read_jsonl(path: str) -> list[dict]:
 
 
 def _read_shards(root: str, split: str) -> tuple[int, list[dict], list[tuple[bytes, dict]]]:
-    from ov3common.shards import iter_tar
-
     urls = sorted(glob.glob(os.path.join(root, "wds", split, "shard-*.tar")))
     metas, firsts = [], []
     if not urls:

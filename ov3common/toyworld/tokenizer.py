@@ -10,6 +10,7 @@ import string
 from collections.abc import Iterable
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
 
 from . import llava, questions, text, world
 
@@ -97,7 +98,6 @@ def build_tokenizer(vocab: list[str] | None = None) -> Tokenizer:
 
 def save_tokenizer(out_dir: str, vocab: list[str] | None = None) -> None:
     """Save as a transformers ``PreTrainedTokenizerFast`` (load with ``AutoTokenizer.from_pretrained``)."""
-    from transformers import PreTrainedTokenizerFast
 
     fast = PreTrainedTokenizerFast(
         tokenizer_object=build_tokenizer(vocab), bos_token="<s>", eos_token="</s>", pad_token="<pad>",

@@ -6,7 +6,7 @@ samples/s and MFU against the GPU's dense bf16 peak. One prepared script, a few 
 Per model: the config's full-size model, a per-GPU batch that fits one 80 GB GPU (given in the table; the real runs
 shard or micro-batch, ``make smoke-real`` projects their memory), ``--warmup`` untimed steps, then ``--steps``
 timed steps (``torch.cuda.synchronize`` around them). FLOPs per sample come from ``FlopCounterMode`` on the meta
-device (``tools.profile``, forward + backward), so MFU = FLOPs/sample x samples/s / peak. LLaVA: the Llama-7B-width
+device (``eval.profile``, forward + backward), so MFU = FLOPs/sample x samples/s / peak. LLaVA: the Llama-7B-width
 LM cut to ``--llm-layers`` layers (a full 7B with AdamW does not fit one GPU without ZeRO), 2048 tokens, frozen OV3
 tower included. One GPU, no communication: what it measures is the kernels, not the scaling.
 
@@ -23,6 +23,16 @@ import time
 from pathlib import Path
 
 import torch
+
+from encoder.train import Config
+from eval import profile as P
+from ov3common.attention import set_attention_impl
+from ov3common.config import load_config
+from ov3common.log import measure_matmul_peak
+from ov3common.optim import build_adamw
+from rae_generation.config import RAETrainConfig
+from rae_generation.flow import flow_loss
+from rae_generation.train import update_ema
 
 ROOT = Path(__file__).resolve().parents[1]
 # dense bf16 peak (no sparsity) by device name; else the measured matmul peak is used
@@ -49,7 +59,6 @@ def peak_flops(device: torch.device) -> tuple[float, str]:
         for key, peak in PEAKS.items():
             if key in name:
                 return peak, f"{name}: {peak / 1e12:.0f} TFLOP/s dense bf16 (spec)"
-    from ov3common.log import measure_matmul_peak
 
     peak = measure_matmul_peak(torch.bfloat16, device)
     return peak, f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}: " \
@@ -59,12 +68,8 @@ def peak_flops(device: torch.device) -> tuple[float, str]:
 def build(kind: str, config: str, batch: int, size: int, device: torch.device, tiny: bool, attn: str,
           llm_layers: int):
     """(model, step function, FLOPs per sample) for one model of the table."""
-    from ov3common.config import load_config
-    from tools import profile as P
 
     if kind == "encoder":
-        from encoder.train import Config
-
         cfg = load_config(Config, str(ROOT / config), ["loss.lpips_backbone=random", *(TINY["encoder"] if tiny else []),
                                                        *([f"model.attn={attn}"] if attn != "sdpa" else [])])
         flops = P.profile_encoder(cfg, size).flops
@@ -75,14 +80,12 @@ def build(kind: str, config: str, batch: int, size: int, device: torch.device, t
         def forward():
             return model(b, 0, batch, batch * (cfg.data.max_text_len - 1), 1)["loss"]
     elif kind == "rae":
-        from rae_generation.config import RAETrainConfig
-        from rae_generation.flow import flow_loss
-
         cfg = load_config(RAETrainConfig, str(ROOT / config), [*(TINY["rae"] if tiny else []),
                                                                *([f"model.attn={attn}"] if attn != "sdpa" else [])])
         chans = 32 if tiny else 768
         flops = P.profile_dit(cfg, size, chans).flops
         model = P.dit_model(cfg, size, chans, device=device).train()
+        set_attention_impl(model, cfg.model.attn)
         x, y = torch.randn(batch, size, chans, device=device), torch.randint(0, 1000, (batch,), device=device)
         t = torch.rand(batch, device=device)
 
@@ -111,7 +114,6 @@ def build(kind: str, config: str, batch: int, size: int, device: torch.device, t
 
 def measure(name: str, spec: tuple, device: torch.device, steps: int, warmup: int, tiny: bool, attn: str,
             llm_layers: int, peak: float) -> dict:
-    from ov3common.optim import build_adamw
 
     config, kind, batch, size = spec
     if tiny:
@@ -132,8 +134,6 @@ def measure(name: str, spec: tuple, device: torch.device, steps: int, warmup: in
         opt.step()
         opt.zero_grad(set_to_none=True)
         if ema is not None:
-            from rae_generation.train import update_ema
-
             update_ema(ema, model, 0.9995)
         sync()
         if i >= warmup:
@@ -180,10 +180,6 @@ def main(argv=None) -> int:
         print("make gpu-smoke: no CUDA GPU here (torch.cuda.is_available() is False); nothing was measured. "
               "Run it on a GPU machine (make setup TORCH=\"torch==X+cuXXX ...\").", file=sys.stderr)
         return 2
-    if a.attn == "flash":
-        from ov3common.attention import require_flash
-
-        require_flash("--attn")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     peak, where = peak_flops(device)

@@ -27,7 +27,15 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from diffusers import AutoencoderKL
 from PIL import Image, ImageDraw
+from torchvision.models import vgg16
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from encoder.vae import FLUX_VAE_CONFIG
 
 WORDS = ("a photo of the red green blue dog cat car tree house on in with small large bright dark "
          "standing sitting next to near under over grass road sky water wall").split()
@@ -58,10 +66,7 @@ def sentence(rng: np.random.Generator, n: int) -> str:
 def flux_vae(out: str | Path, block_out_channels: list[int] | None = None, norm_num_groups: int | None = None,
              seed: int = 0) -> Path:
     """A FLUX.1-architecture VAE (diffusers layout, random weights); ``block_out_channels`` cuts the widths."""
-    import torch
-    from diffusers import AutoencoderKL
 
-    from encoder.vae import FLUX_VAE_CONFIG
 
     cfg = dict(FLUX_VAE_CONFIG)
     if block_out_channels:
@@ -76,8 +81,6 @@ def flux_vae(out: str | Path, block_out_channels: list[int] | None = None, norm_
 
 def vgg16_features(out: str | Path, seed: int = 0) -> Path:
     """A ``vgg16-397923af.pth``-layout file with random weights (the ``features.*`` tensors LPIPS maps)."""
-    import torch
-    from torchvision.models import vgg16
 
     torch.manual_seed(seed)
     out = Path(out)
@@ -107,8 +110,6 @@ def llama(out: str | Path, hidden: int = 64, intermediate: int = 128, layers: in
           seed: int = 0) -> Path:
     """An HF Llama (random weights) with :func:`sp_tokenizer`; Llama-2-7B is hidden 4096, intermediate 11008,
     32 heads."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     out = Path(out)
     tok = AutoTokenizer.from_pretrained(sp_tokenizer(out))
@@ -188,9 +189,6 @@ def llava_json(out: str | Path, n: int = 8, size: int = 64, words: int = 12) -> 
 
 
 def _parquet(rows: list[dict], path: Path) -> Path:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), path)
     return path.parent.parent

@@ -21,10 +21,13 @@ Fields (``PROTOCOL_FIELDS`` must match between compared rows; the rest identify 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
-from eval.provenance import sha256_file
+import numpy as np
+
+from ov3common.checkpoint import atomic_write_json, sha256_file
 
 FORMAT = "ov3-sampling-manifest-1"
 PROTOCOL_FIELDS = ("weights", "sampler", "steps", "cfg_scale", "cfg_interval", "guidance", "per_class",
@@ -56,7 +59,6 @@ def checkpoint_file_sha256(path: str | Path) -> str:
 
 def export_sha256(export_dir: str | Path) -> str:
     """sha256 of an encoder export: its config.json and model.safetensors, in that order."""
-    import hashlib
 
     root = Path(export_dir)
     h = hashlib.sha256()
@@ -70,7 +72,6 @@ def export_sha256(export_dir: str | Path) -> str:
 
 def class_balance(labels) -> tuple[str, int]:
     """('balanced', per_class) when every class present appears equally often, else ('unbalanced', max count)."""
-    import numpy as np
 
     counts = np.bincount(np.asarray(labels, dtype=np.int64)) if len(labels) else np.zeros(0, int)
     present = counts[counts > 0]
@@ -87,9 +88,7 @@ def guidance_kind(cfg_scale: float, autoguidance: bool) -> str:
 
 def write_manifest(npz: str | Path, fields: dict) -> Path:
     """Write ``<stem>.manifest.json`` beside ``npz`` (adds the format, the npz's sha256 and row count)."""
-    import numpy as np
 
-    from ov3common.checkpoint import atomic_write_json
 
     p = Path(npz)
     with np.load(p, allow_pickle=False) as z:

@@ -16,8 +16,20 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx.experimental._config as fx_config
+from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from encoder.losses import LPIPSLoss
+from encoder.ov3 import OV3Model
+from encoder.train import Config
+from encoder.vae import FLUX_VAE_CONFIG, FrozenVAE, build_random_vae
+from ov3common.config import load_config
+from rae_generation.config import RAETrainConfig
+from rae_generation.flow import flow_loss
+from rae_generation.models import DiTDH
+from rae_generation.train import model_config
 
 META = torch.device("meta")
 fx_config.meta_nonzero_assume_all_nonzero = True  # boolean masks on meta: every element counts (the caption mask)
@@ -92,9 +104,6 @@ def profile_step(step: Callable[[], None], blocks: list[nn.Module], batch: int) 
 def encoder_model(cfg, device=META, vae_widths: list[int] | None = None):
     """OV3Model of an encoder config with a FLUX.1-architecture VAE (``vae_widths`` cut its channels) and an LPIPS
     network (random weights)."""
-    from encoder.losses import LPIPSLoss
-    from encoder.ov3 import OV3Model
-    from encoder.vae import FLUX_VAE_CONFIG, FrozenVAE, build_random_vae
 
     with torch.device(device):
         vae_cfg = {**FLUX_VAE_CONFIG, **({"block_out_channels": vae_widths} if vae_widths else {})}
@@ -114,8 +123,6 @@ def encoder_batch(cfg, batch: int, resolution: int, device=META, alt_len: int = 
 
 
 def profile_encoder(cfg, resolution: int, batch: int = 2) -> Profile:
-    from omegaconf import OmegaConf
-
     model, vae, lpips = encoder_model(cfg)
     model.lc = OmegaConf.create({**OmegaConf.to_container(cfg.loss), "tau": 0.0})  # the noise draws from a
     # generator (not on meta); it is an elementwise add: no FLOPs or memory to speak of
@@ -135,16 +142,11 @@ def profile_encoder(cfg, resolution: int, batch: int = 2) -> Profile:
 
 # ------------------------------------------------------------------------------------------- DiT-DH (RAE)
 def dit_model(cfg, tokens: int = 256, channels: int = 768, classes: int = 1000, device=META):
-    from rae_generation.models import DiTDH
-    from rae_generation.train import model_config
-
     with torch.device(device):
         return DiTDH(model_config(cfg, channels, int(round(tokens ** 0.5)), classes))
 
 
 def dit_step(model, batch: int, tokens: int, channels: int, device=META, autocast: bool = False):
-    from rae_generation.flow import flow_loss
-
     x = torch.zeros(batch, tokens, channels, device=device)
     y = torch.zeros(batch, dtype=torch.long, device=device)
     t = torch.full((batch,), 0.5, device=device)
@@ -172,21 +174,16 @@ def autocast_ratio(kind: str) -> float:
     Per sample = the difference between batch 4 and batch 2 (the per-step weight casts cancel). Measured on small
     instances of the same blocks: DiT-DH ``toy`` on 16 tokens x 128; the encoder's towers at ``toy`` size with the
     FLUX VAE's blocks at a quarter of its widths, 32 px."""
-    from ov3common.config import load_config
 
     torch.manual_seed(0)
     per_device = []
     for device in (META, torch.device("cpu")):
         ac = device.type == "cpu"
         if kind == "dit":
-            from rae_generation.config import RAETrainConfig
-
             cfg = load_config(RAETrainConfig, None, ["model.size=toy", "model.class_dropout=0.0"])
             model = dit_model(cfg, 16, 128, device=device).train()
             steps = [dit_step(model, b, 16, 128, device, ac) for b in (2, 4)]
         else:
-            from encoder.train import Config
-
             cfg = load_config(Config, None, ["model.size=toy", "loss.tau=0.0", "loss.lpips_backbone=random"])
             model, _, _ = encoder_model(cfg, device, vae_widths=[32, 64, 128, 128])
 
@@ -207,8 +204,6 @@ def autocast_ratio(kind: str) -> float:
 
 # ------------------------------------------------------------------------------------------- LLaVA's LM
 def llama_model(layers: int | None = None, dtype=torch.bfloat16, device=META, **over):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     cfg = LlamaConfig(**{**LLAMA_7B, **over, **({"num_hidden_layers": layers} if layers else {})})
     cfg._attn_implementation = "sdpa"
     with torch.device(device):

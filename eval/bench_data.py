@@ -250,7 +250,7 @@ def probe_rae(root: Path, n: int, classes: int = 1000) -> dict:
 
 def run_probe(*argv: str, timeout: int = 900) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OV3_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-m", "encoder.bench_data", "--probe", *argv], capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "eval.bench_data", "--probe", *argv], capture_output=True,
                          text=True, env=env, cwd=REPO, timeout=timeout)
     if res.returncode != 0:
         raise RuntimeError(f"probe {argv} failed:\n{res.stderr[-3000:]}")

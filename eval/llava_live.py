@@ -1,11 +1,13 @@
-"""In-training evaluation: every ``train.eval_every`` steps, POPE / SeedBench on a fixed subset, on the live model.
+"""The LLaVA trainer's in-training evaluation: every ``train.eval_every`` steps, POPE / SeedBench on a fixed subset,
+on the live model. ``llava_bridge.train`` adds :func:`callback` by name (its config's ``eval.hook``), so the bridge
+imports nothing of ``eval``.
 
 The subset is the first ``eval.limit_per_category`` questions of each category (``eval.benchmarks``' own rule, as
-``python -m llava_bridge.predict --limit-per-category K``), and the predictions come from the same functions the
-offline path runs (``llava_bridge.predict.predict`` / ``predict_by_ranking``, greedy), written and scored by the
+``python -m eval.adapters --limit-per-category K``), and the predictions come from the same functions the
+offline path runs (``eval.adapters.predict_answers`` / ``rank_answers``, greedy), written and scored by the
 same code (``eval.benchmarks.write_predictions``, ``eval.score.score_file``). So the number logged at step N equals
-``python -m llava_bridge.predict --model out_dir/checkpoint-N ...`` + ``python -m eval.score`` on the checkpoint
-saved at that step (tests/test_llava_live_eval.py), when the offline run loads the weights in the training dtype
+``python -m eval.adapters --model out_dir/checkpoint-N ...`` + ``python -m eval.score`` on the checkpoint
+saved at that step (tests/test_llava_eval.py), when the offline run loads the weights in the training dtype
 (``--dtype``; the default float32 for fp32 runs). A LoRA model is evaluated with its adapter unmerged; offline
 loading merges it, which moves logits by float rounding only.
 
@@ -20,31 +22,23 @@ Rank 0 writes the files.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
+from transformers import TrainerCallback
+
+from eval.adapters import predict_answers, rank_answers
+from eval.benchmarks import BenchmarkError, load_pope, load_seedbench, write_predictions
+from eval.score import score_file
+from llava_bridge.config import LiveEvalConfig
 from ov3common.checkpoint import atomic_write_json
-from ov3common.config import ConfigError, choice_field
+from ov3common.config import ConfigError
 from ov3common.log import get_logger
 
 log = get_logger(__name__)
 
 
-@dataclass
-class LiveEvalConfig:
-    pope: str = ""  # POPE file/folder (eval.benchmarks formats: JSONL, parquet, save_to_disk); "" = none
-    seedbench: str = ""  # SeedBench file/folder; "" = none
-    image_root: str = ""  # "" = the benchmark's own (images embedded, or beside the file)
-    limit_per_category: int = 20  # the subset: the first K questions of each category (0 = all)
-    seedbench_protocol: str = choice_field("both", ("generate", "rank", "both"))  # letter | answer ranking
-    batch_size: int = 8
-    max_new_tokens: int = 16
-
-
 def load_subsets(cfg: LiveEvalConfig) -> dict[str, list[dict]]:
     """``{"pope": records, "seedbench": records}`` for the configured files (a config error names a bad one)."""
-    from eval.benchmarks import BenchmarkError, load_pope, load_seedbench
-
     out = {}
     for name, path, loader in (("pope", cfg.pope, load_pope), ("seedbench", cfg.seedbench, load_seedbench)):
         if not path:
@@ -64,10 +58,6 @@ def load_subsets(cfg: LiveEvalConfig) -> dict[str, list[dict]]:
 def evaluate(model, tokenizer, subsets: dict[str, list[dict]], cfg: LiveEvalConfig, out: Path | None) -> dict:
     """Predict and score every subset with ``model`` as it is (switched to eval mode and back); writes the
     prediction and score files under ``out`` (None: nothing written). Returns ``{"eval/...": number}``."""
-    from eval.benchmarks import write_predictions
-    from eval.score import score_file
-    from llava_bridge.predict import predict, predict_by_ranking
-
     runs = []
     if "pope" in subsets:
         runs.append(("pope", "pope", "generate"))
@@ -83,9 +73,9 @@ def evaluate(model, tokenizer, subsets: dict[str, list[dict]], cfg: LiveEvalConf
         for name, bench, protocol in runs:
             records = subsets[bench]
             if protocol == "rank":
-                preds = predict_by_ranking(model, tokenizer, records, cfg.batch_size)
+                preds = rank_answers(model, tokenizer, records, cfg.batch_size)
             else:
-                preds = predict(model, tokenizer, records, cfg.batch_size, cfg.max_new_tokens)
+                preds = predict_answers(model, tokenizer, records, cfg.batch_size, cfg.max_new_tokens)
             if out is None:
                 continue
             out.mkdir(parents=True, exist_ok=True)
@@ -102,10 +92,11 @@ def evaluate(model, tokenizer, subsets: dict[str, list[dict]], cfg: LiveEvalConf
     return metrics
 
 
-def callback(trainer, subsets: dict[str, list[dict]], cfg: LiveEvalConfig, every: int):
+def callback(trainer, cfg: LiveEvalConfig, every: int):
     """A TrainerCallback running :func:`evaluate` on ``trainer.model`` after every ``every``-th optimizer step
-    (before that step's checkpoint is written, so ``checkpoint-N`` holds the weights evaluated at step N)."""
-    from transformers import TrainerCallback
+    (before that step's checkpoint is written, so ``checkpoint-N`` holds the weights evaluated at step N). The
+    subsets are read now (a bad benchmark file is a :class:`ConfigError` before training starts)."""
+    subsets = load_subsets(cfg)
 
     class LiveEval(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):

@@ -2,7 +2,7 @@
 
 For each config (encoder B/2 and L/2, LLaVA-1.5 stage 1 / stage 2 / LoRA on a 7B LM, RAE DiT-DH S/B/L/XL):
 
-* the model at full size on the meta device (``tools.profile``): parameters, FLOPs per sample of one training step
+* the model at full size on the meta device (``eval.profile``): parameters, FLOPs per sample of one training step
   (forward + backward, ``FlopCounterMode``) and the activation bytes autograd saves per sample;
 * memory per GPU on 8 x 80 GB with the config's sharding plan, **projected** (not measured): parameters + gradients
   + optimizer states as the plan stores them (FSDP2 / ZeRO-3: sharded over the 8 GPUs; DDP / ZeRO-2 frozen weights:
@@ -22,6 +22,7 @@ Writes ``reports/smoke_real.md`` and ``reports/smoke_real.json``; ``--skip-steps
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -33,6 +34,20 @@ import time
 from pathlib import Path
 
 import torch
+
+from encoder.export import export_encoder
+from encoder.models import LatentViT, ViTDecoder, decoder_config_for, vit_config
+from encoder.train import Config
+from encoder.vae import FLUX_VAE_CONFIG, FrozenVAE, build_random_vae
+from eval import profile as P
+from eval import standins as S
+from eval.profile import autocast_ratio
+from llava_bridge.config import LlavaTrainConfig
+from ov3common.config import load_config
+from ov3common.optim import build_adamw
+from rae_generation.config import RAETrainConfig
+from rae_generation.flow import flow_loss, sample_t, shift_factor
+from rae_generation.train import update_ema
 
 ROOT = Path(__file__).resolve().parents[1]
 GPUS, GPU_MEM, USABLE, H100_PEAK, MFU = 8, 80e9, 0.9, 989e12, 0.40
@@ -47,8 +62,6 @@ GB = 1e9
 
 
 def load(schema, path: str, overrides=()):
-    from ov3common.config import load_config
-
     return load_config(schema, str(ROOT / path), list(overrides))
 
 
@@ -68,9 +81,6 @@ def hours(flops: float, ckpt: bool = False) -> float:
 
 
 def encoder_rows(ratio: float) -> list[dict]:
-    from encoder.train import Config
-    from tools import profile as P
-
     rows = []
     for name, path in ENCODERS.items():
         cfg = load(Config, path)
@@ -91,10 +101,6 @@ def encoder_rows(ratio: float) -> list[dict]:
 
 
 def llava_rows() -> list[dict]:
-    from encoder.train import Config
-    from llava_bridge.config import LlavaTrainConfig
-    from tools import profile as P
-
     tower = P.profile_tower(load(Config, ENCODERS["encoder B/2"]))
     rows = []
     for name, path in LLAVA.items():
@@ -127,9 +133,6 @@ def llava_rows() -> list[dict]:
 
 
 def rae_rows(ratio: float) -> list[dict]:
-    from rae_generation.config import RAETrainConfig
-    from tools import profile as P
-
     rows = []
     for name, path in RAE.items():
         cfg = load(RAETrainConfig, path)
@@ -155,10 +158,6 @@ def mem_available() -> float:
 
 
 def step_encoder() -> dict:
-    from encoder.train import Config
-    from ov3common.optim import build_adamw
-    from tools import profile as P
-
     cfg = load(Config, ENCODERS["encoder B/2"], ["loss.lpips_backbone=random"])
     torch.manual_seed(0)
     model, vae, lpips = P.encoder_model(cfg, device="cpu")
@@ -179,13 +178,7 @@ def step_encoder() -> dict:
 
 
 def step_rae() -> dict:
-    import copy
 
-    from ov3common.optim import build_adamw
-    from rae_generation.config import RAETrainConfig
-    from rae_generation.flow import flow_loss, sample_t, shift_factor
-    from rae_generation.train import update_ema
-    from tools import profile as P
 
     cfg = load(RAETrainConfig, RAE["RAE DiT-DH XL"])
     torch.manual_seed(0)
@@ -206,10 +199,6 @@ def step_rae() -> dict:
 
 def step_llava(work: Path) -> dict:
     """LLaVA stage 2 (real_stage2.yaml) through its trainer: 2 processes, ZeRO-3, on real-format stand-ins."""
-    from encoder.export import export_encoder
-    from encoder.models import LatentViT, ViTDecoder, decoder_config_for, vit_config
-    from encoder.vae import FLUX_VAE_CONFIG, FrozenVAE, build_random_vae
-    from tools import standins as S
 
     S.llama(work / "llm", hidden=4096, intermediate=11008, layers=2, heads=32)
     vae = FrozenVAE(build_random_vae(FLUX_VAE_CONFIG), scaling_factor=0.3611)
@@ -243,7 +232,7 @@ def run_step(name: str) -> dict:
     have = mem_available()
     if have < need:
         return {"skipped": f"needs ~{need / GB:.0f} GB, {have / GB:.1f} GB available now"}
-    cmd = [sys.executable, "-m", "tools.smoke_real", "--step", name]
+    cmd = [sys.executable, "-m", "eval.smoke_real", "--step", name]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     line = next((x for x in r.stdout.splitlines()[::-1] if x.startswith("SMOKE ")), None)
@@ -317,7 +306,6 @@ def main(argv=None) -> int:
         res["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
         print("SMOKE " + json.dumps(res))
         return 0
-    from tools.profile import autocast_ratio
 
     t0 = time.time()
     ratios = {k: autocast_ratio(k) for k in ("encoder", "dit")}
@@ -340,7 +328,10 @@ def main(argv=None) -> int:
                                                      "rows": rows}, indent=1))
     print(table(rows))
     print(f"-> {out / 'smoke_real.md'}")
-    return 0
+    failed = [r["name"] for r in rows if "failed" in (r.get("step") or {})]
+    if failed:
+        print(f"smoke-real: the real step failed for {', '.join(failed)} (the table says why)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -10,11 +10,11 @@ from pathlib import Path
 
 from transformers import TrainingArguments
 
+from ov3common.attention import require_flash
 from ov3common.config import ConfigError, choice_field, path_field
 
 TUNES = ("projector", "full", "lora")
 ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2")
-FLASH_INSTALL = "pip install flash-attn --no-build-isolation (or the project's extra: pip install -e '.[gpu]')"
 
 
 # ---- in-training evaluation (train.eval_every > 0): eval.llava_live, added by name
@@ -151,11 +151,7 @@ def check_attn(attn: str, key: str = "model.attn_implementation") -> None:
     if attn not in ATTN_IMPLEMENTATIONS:
         raise ConfigError(f"{key}: {attn!r} is not one of {ATTN_IMPLEMENTATIONS}")
     if attn == "flash_attention_2":
-        try:
-            import flash_attn  # noqa: F401
-        except ImportError as e:
-            raise ConfigError(f"{key}: flash_attention_2 needs flash-attn, which does not import here ({e}); "
-                              f"install it with `{FLASH_INSTALL}` or use sdpa") from e
+        require_flash(key, "flash_attention_2")
 
 
 def training_arguments(cfg, use_cpu: bool):

@@ -25,23 +25,28 @@ from torch import Tensor
 
 from ov3common.config import ConfigError
 
-__all__ = ["ATTN_IMPLS", "FLASH_INSTALL", "attention", "check_attn_impl", "set_attention_impl", "uses_explicit_path"]
+__all__ = ["ATTN_IMPLS", "FLASH_INSTALL", "attention", "check_attn_impl", "require_flash", "set_attention_impl",
+           "uses_explicit_path"]
 
 ATTN_IMPLS = ("sdpa", "flash")
 FLASH_INSTALL = "pip install flash-attn --no-build-isolation (or the project's extra: pip install -e '.[gpu]')"
 
 
+def require_flash(key: str, name: str = "flash") -> None:
+    """A :class:`ConfigError` naming ``key`` unless flash-attn imports here."""
+    try:
+        import flash_attn  # noqa: F401  (optional extra)
+    except ImportError as e:
+        raise ConfigError(f"{key}: {name} needs flash-attn, which does not import here ({e}); {FLASH_INSTALL}; "
+                          "or use sdpa") from e
+
+
 def check_attn_impl(impl: str, key: str = "model.attn") -> None:
     """``sdpa`` always; ``flash`` only where flash-attn imports (a :class:`ConfigError` naming ``key`` otherwise)."""
-
     if impl not in ATTN_IMPLS:
         raise ConfigError(f"{key}: {impl!r} is not one of {ATTN_IMPLS}")
     if impl == "flash":
-        try:
-            import flash_attn  # noqa: F401  (optional extra)
-        except ImportError as e:
-            raise ConfigError(f"{key}: flash needs flash-attn, which does not import here ({e}); {FLASH_INSTALL}; "
-                              "or set it to sdpa") from e
+        require_flash(key)
 
 
 def set_attention_impl(model: torch.nn.Module, impl: str, key: str = "model.attn") -> int:

@@ -153,13 +153,14 @@ llava-lora: setup ## LLaVA stage 2 as LoRA (LLAVA_LORA; r 128, alpha 256; projec
 	$(NEED) $@ $(LLAVA_LORA) $(call goal_args,$@)
 	$(TORCHRUN) -m llava_bridge.train --config $(LLAVA_LORA) $(call goal_args,$@)
 
-llava-predict: setup ## POPE + SeedBench (letter; answer ranking) of LLAVA_STAGE2's run, on EVAL_CONFIG's benchmarks
+llava-predict: setup ## POPE + SeedBench (letter; likelihood ranking; letter on blank images) of LLAVA_STAGE2's run, on EVAL_CONFIG's benchmarks
 	$(NEED) $@ $(LLAVA_STAGE2) $(call goal_args,$@)
 	@set -e; run="$(call cfg_get,$(LLAVA_STAGE2),out_dir)"; \
 	pope="$(call cfg_get,$(EVAL_CONFIG),pope.path)"; seed="$(call cfg_get,$(EVAL_CONFIG),seedbench.path)"; \
-	for spec in "pope $$pope pope generate" "seedbench $$seed seedbench generate" "seedbench $$seed seedbench_rank rank"; do \
+	for spec in "pope $$pope pope generate" "seedbench $$seed seedbench generate" "seedbench $$seed seedbench_rank rank" \
+		"seedbench $$seed seedbench_blind generate --blank-image"; do \
 		set -- $$spec; echo "== $$3 ($$1, $$2)"; \
-		$(PY) -m eval.adapters --model "$$run" --benchmark $$1 --data "$$2" --protocol $$4 \
+		$(PY) -m eval.adapters --model "$$run" --benchmark $$1 --data "$$2" --protocol $$4 $${5:-} \
 			--out "$$run/$$3_predictions.jsonl" $(LLAVA_PRED) $(call goal_args,$@); \
 		$(PY) -m eval.score $$1 --predictions "$$run/$$3_predictions.jsonl" --out "$$run/$$3_scores.json"; done
 
@@ -258,31 +259,37 @@ gpu-smoke: setup ## GPU: the real configs ~20 steps each (bf16): step time, samp
 
 # ---------------------------------------------------------------- demo: the whole chain on the toy world
 # Each line is one `make` run (ARGS are not passed down); its wall time goes to reports/demo_timings.tsv.
+# Both rows of the report: the OV3 encoder and the baseline encoder (no reconstruction loss), each through LLaVA
+# (on the one toy LLM) and RAE, then eval-all scores both.
 DEMO_NPROC ?= 2
-LLAVA_DEMO := toy-llm llava-stage1 llava-stage2 llava-predict
+LLAVA_DEMO := llava-stage1 llava-stage2 llava-predict
 RAE_DEMO   := cache-rae-latents rae-train rae-sample rae-classacc
-DEMO_STEPS := "data toy-vae" \
-	"pretrain-encoder pretrain-encoder-baseline NPROC=$(DEMO_NPROC)" \
-	"$(LLAVA_DEMO) NPROC=$(DEMO_NPROC)" \
-	"$(RAE_DEMO) NPROC=$(DEMO_NPROC)" \
-	"eval-all"
 # the baseline encoder's LLaVA and RAE rows: the same stages with the baseline toy configs
 BASELINE_LLAVA := LLAVA_STAGE1=configs/llava/toy_baseline_stage1.yaml LLAVA_STAGE2=configs/llava/toy_baseline_stage2.yaml
 BASELINE_RAE   := RAE_CACHE_CFG=configs/rae/cache_toy_baseline.yaml RAE_CFG=configs/rae/toy_baseline.yaml \
 	RAE_SAMPLE_CFG=configs/rae/sample_toy_baseline.yaml RAE_CLASSIFY_CFG=configs/rae/classify_toy_baseline.yaml
+DEMO_STEPS := "data toy-vae" \
+	"pretrain-encoder pretrain-encoder-baseline NPROC=$(DEMO_NPROC)" \
+	"toy-llm" \
+	"$(LLAVA_DEMO) NPROC=$(DEMO_NPROC)" \
+	"$(LLAVA_DEMO) NPROC=$(DEMO_NPROC) $(BASELINE_LLAVA)" \
+	"$(RAE_DEMO) NPROC=$(DEMO_NPROC)" \
+	"$(RAE_DEMO) NPROC=$(DEMO_NPROC) $(BASELINE_RAE)" \
+	"eval-all"
 .PHONY: demo demo-baselines
 
 ##@ demo
-demo: setup ## install, build the toy world, run the whole chain on CPU, write reports/ (step times: reports/demo_timings.tsv)
+demo: setup ## install, build the toy world, run the whole chain for both encoders on CPU, write reports/ (step times: reports/demo_timings.tsv)
 	@mkdir -p reports && printf 'step\tseconds\n' > reports/demo_timings.tsv
 	@set -e; for step in $(DEMO_STEPS); do \
 		t0=$$(date +%s); echo "== make $$step"; $(MAKE) --no-print-directory $$step ARGS=; \
-		printf '%s\t%s\n' "$$step" "$$(( $$(date +%s) - t0 ))" >> reports/demo_timings.tsv; done
+		printf '%s\t%s\n' "$$(echo $$step | sed 's/ [A-Z_0-9]*=configs[^ ]*//g')$$(case "$$step" in *baseline*) echo ' (baseline)';; esac)" \
+			"$$(( $$(date +%s) - t0 ))" >> reports/demo_timings.tsv; done
 	$(PY) -m ov3common.toyworld.summary --data $(DATA) --out reports
-	@echo "demo done: reports/summary.md, reports/toyworld.md, step times in reports/demo_timings.tsv"
-	@echo "the baseline row's LLaVA / gFID columns: make demo-baselines"
+	@echo "demo done: reports/summary.md (both rows), reports/toyworld.md, step times in reports/demo_timings.tsv"
 
-demo-baselines: setup ## after `make demo`: LLaVA + RAE on the baseline encoder, then eval-all
+demo-baselines: setup ## the baseline encoder's rows alone (part of `make demo`): LLaVA + RAE on it, then eval-all
+	$(MAKE) --no-print-directory toy-llm ARGS=
 	$(MAKE) --no-print-directory $(LLAVA_DEMO) NPROC=$(DEMO_NPROC) $(BASELINE_LLAVA) ARGS=
 	$(MAKE) --no-print-directory $(RAE_DEMO) NPROC=$(DEMO_NPROC) $(BASELINE_RAE) ARGS=
 	$(MAKE) --no-print-directory eval-all ARGS=

@@ -2,8 +2,8 @@
 
 * predictor: ``llava_predictor(run_dir, device, batch_size=8, max_new_tokens=16) -> predict(records) -> list[str]``
   (records from :mod:`eval.benchmarks`; greedy answers of a trained LLaVA folder: :func:`predict_answers`).
-* ranker: ``llava_ranker(run_dir, device, batch_size=8) -> predict(records) -> list[str]`` (SeedBench by answer
-  ranking: the letter of the most likely choice text, :func:`rank_answers`).
+* ranker: ``llava_ranker(run_dir, device, batch_size=8) -> predict(records) -> list[str]`` (SeedBench by
+  likelihood ranking, ours: the letter of the most likely choice text, :func:`rank_answers`).
 * sampler: ``rae_sampler(run_dir, device, seed=0, steps=0, cfg_scale=-1.0) -> (generate(labels), class_names)``
   (``rae_generation.sample.load_generator``; ``steps=0`` / ``cfg_scale<0`` keep the run's defaults; sample i's noise
   is a function of (seed, i) only, so the set does not depend on the batch size); ``generate.manifest`` holds the
@@ -16,8 +16,10 @@ trainer's in-training evaluation (:mod:`eval.llava_live`) all call them, so thei
         --data data/toy/pope/pope.jsonl --out runs/toy/llava/pope_predictions.jsonl
 
 SeedBench has two protocols: ``--protocol generate`` (LLaVA-1.5 / lmms-eval: lettered choices in the prompt, the
-model writes the letter) and ``--protocol rank`` (SEED-Bench's own: every choice's text is scored as the answer to
-the bare question and the most likely one is the prediction; its letter is written). Each output line has
+model writes the letter; ``--blank-image``: the blind control) and ``--protocol rank`` (likelihood ranking, ours:
+every choice's text is scored by the sum of its tokens' log-probabilities, no ``</s>``, as the answer to the bare
+question with the short-answer suffix, and the most likely one is the prediction; its letter is written; close to
+SEED-Bench's likelihood evaluation and lmms-eval's ``seedbench_ppl``, not their exact prompt). Each output line has
 ``question_id, answer, prediction, category`` (+ ``choices`` for SeedBench), for ``python -m eval.score``.
 """
 
@@ -28,6 +30,7 @@ import sys
 from collections.abc import Callable
 
 import torch
+from PIL import Image
 
 from eval.benchmarks import load_image, load_pope, load_seedbench, write_predictions
 from llava_bridge.generate import answer, rank_choices
@@ -39,14 +42,23 @@ log = get_logger("eval.adapters")
 
 
 # ---------------------------------------------------------------------------------------------------- LLaVA
+def blank_like(image: Image.Image) -> Image.Image:
+    """A uniform mid-grey image of the same size: the blind control (what the model answers without seeing)."""
+    return Image.new("RGB", image.size, (128, 128, 128))
+
+
 def predict_answers(model, tokenizer, records: list[dict], batch_size: int = 8, max_new_tokens: int = 16,
-                    chunk: int = 256) -> list[str]:
-    """Greedy answers of ``model`` to the records' prompts (+ images, decoded ``chunk`` at a time)."""
+                    chunk: int = 256, blank: bool = False) -> list[str]:
+    """Greedy answers of ``model`` to the records' prompts (+ images, decoded ``chunk`` at a time; every image
+    replaced by :func:`blank_like` when ``blank``: the blind control)."""
     out: list[str] = []
     with progress(total=len(records), desc="llava predict") as bar:
         for s in range(0, len(records), chunk):
             part = records[s:s + chunk]
-            out += answer(model, tokenizer, [load_image(r["image"]) for r in part], [r["prompt"] for r in part],
+            images = [load_image(r["image"]) for r in part]
+            if blank:
+                images = [blank_like(im) for im in images]
+            out += answer(model, tokenizer, images, [r["prompt"] for r in part],
                           max_new_tokens=max_new_tokens, batch_size=batch_size)
             bar.update(len(part))
     return out
@@ -118,7 +130,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--protocol", choices=("generate", "rank"), default="generate",
-                    help="SeedBench: generate the letter (LLaVA-1.5) or rank the choices' texts (SEED-Bench)")
+                    help="SeedBench: generate the letter (LLaVA-1.5) or rank the choices' texts (likelihood ranking, ours)")
+    ap.add_argument("--blank-image", action="store_true",
+                    help="the blind control: every image replaced by a uniform grey one of the same size")
     ap.add_argument("--vision-tower", default=None, help="override mm_vision_tower from config.json")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
@@ -126,12 +140,14 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.protocol == "rank" and a.benchmark != "seedbench":
         ap.error("--protocol rank is for SeedBench (multiple choice)")
+    if a.protocol == "rank" and a.blank_image:
+        ap.error("--blank-image is for --protocol generate")
     records = load_records(a.benchmark, a.data, a.image_root, a.limit_per_category)
     model, tok = load_llava(a.model, a.vision_tower, getattr(torch, a.dtype), a.device)
     if a.protocol == "rank":
         preds = rank_answers(model, tok, records, a.batch_size)
     else:
-        preds = predict_answers(model, tok, records, a.batch_size, a.max_new_tokens)
+        preds = predict_answers(model, tok, records, a.batch_size, a.max_new_tokens, blank=a.blank_image)
     path = write_predictions(records, preds, a.out)
     log.info("%d %s predictions -> %s", len(preds), a.benchmark, path)
     return 0

@@ -30,7 +30,7 @@ Accepted layouts (lmms-eval's columns: POPE ``question_id, question, answer, ima
 Prompts: POPE ``question\\nAnswer the question using a single word or phrase.``; SeedBench ``question\\nA. ..\\n
 B. ..\\nC. ..\\nD. ..\\nAnswer with the option's letter from the given choices directly.`` (``prompt``: LLaVA-1.5's
 protocol, the model writes a letter) and ``question\\nAnswer the question using a single word or phrase.``
-(``answer_prompt``: SEED-Bench's own answer-ranking protocol, where each choice's text is scored as the answer and
+(``answer_prompt``: likelihood ranking (ours, close to but not exactly SEED-Bench's or lmms-eval's seedbench_ppl), where each choice's text is scored as the answer and
 the most likely one is the prediction, so a model that cannot map contents to letters is still measured).
 """
 
@@ -66,7 +66,7 @@ def pope_prompt(question: str) -> str:
 
 
 def seed_answer_prompt(question: str) -> str:
-    """The question alone, for answer ranking (each choice's text is scored as the answer; SEED-Bench's protocol)."""
+    """The question alone, for likelihood ranking (ours: each choice's text is scored as the answer)."""
     return pope_prompt(question)
 
 

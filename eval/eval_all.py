@@ -8,7 +8,7 @@ reconstruction weight 0) it runs, when the inputs exist:
     predictor ``llava.predictor = "module:function"`` (default :func:`eval.adapters.llava_predictor`) as
     ``function(run_dir, device, batch_size=, max_new_tokens=) -> predict`` with ``predict(records) -> list[str]``
     on the records of :mod:`eval.benchmarks`;
-  * SeedBench by answer ranking (piece ``seedbench_rank``, SEED-Bench's own protocol): scores
+  * SeedBench by likelihood ranking (ours; piece ``seedbench_rank``): scores
     ``<llava>/seedbench_rank_predictions.jsonl`` if present, else calls ``llava.ranker`` (default
     :func:`eval.adapters.llava_ranker`) as ``function(run_dir, device, batch_size=) -> predict``;
   * gFID: ``<rae>/samples/samples.npz`` (``make rae-sample``) or ``<rae>/samples.npz`` if present, else the
@@ -51,6 +51,7 @@ from eval.provenance import identify_reference, sha256_file
 from eval.recon import LPIPSMetric
 from eval.report import TOY_DISCLAIMER, plot_curves, render_markdown
 from eval.rfid import run_rfid, select_images
+from eval.toygen import toy_metrics
 from ov3common.checkpoint import atomic_write_json, atomic_write_text
 from ov3common.config import ConfigError, choice_field, import_object, parse_cli, path_field, to_dict
 from ov3common.log import get_logger, read_jsonl
@@ -133,6 +134,15 @@ class GfidConfig:
 
 
 @dataclass
+class ToygenConfig:
+    """The toy world's generation metrics (piece ``toygen``, :mod:`eval.toygen`): samples <rae>/samples/samples.npz,
+    real images gfid.real (every image of the class split)."""
+    classifier: str = "runs/toy/rae/pixel_classifier"   # make rae-classacc's pixel classifier (its pixel_dir)
+    image_size: int = 64
+    bootstrap: int = 200      # resamples of the toy FID's interval
+
+
+@dataclass
 class CompareConfig:
     allow_protocol_mismatch: bool = False   # compare rows whose sampling manifests differ in a protocol field
 
@@ -147,7 +157,8 @@ class EvalAllConfig:
     device: str = "auto"
     toy: bool = True
     rows: list[RowConfig] = field(default_factory=list)  # configs/eval/toy.yaml: the toy rows
-    pieces: list[str] = field(default_factory=lambda: ["seedbench", "seedbench_rank", "pope", "gfid", "rfid"])
+    pieces: list[str] = field(default_factory=lambda: ["seedbench", "seedbench_blind", "seedbench_rank", "pope",
+                                                       "gfid", "toygen", "rfid"])
     fid: FidConfig = field(default_factory=FidConfig)
     lpips: LpipsConfig = field(default_factory=LpipsConfig)
     pope: PopeConfig = field(default_factory=PopeConfig)
@@ -155,6 +166,7 @@ class EvalAllConfig:
     llava: LlavaConfig = field(default_factory=LlavaConfig)
     rfid: RfidConfig = field(default_factory=RfidConfig)
     gfid: GfidConfig = field(default_factory=GfidConfig)
+    toygen: ToygenConfig = field(default_factory=ToygenConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
 
 
@@ -175,7 +187,7 @@ def _records(bench: str, cfg, cache: dict) -> list[dict]:
     """The benchmark's records as configured (data type, limit); the whole file is identified once
     (:func:`eval.provenance.identify`: sha256, row counts, variant) into ``cache['identity'][bench]``."""
 
-    bench = "seedbench" if bench == "seedbench_rank" else bench
+    bench = "seedbench" if bench.startswith("seedbench") else bench
     bc = getattr(cfg, bench)
     if bench not in cache:
         kw = dict(image_root=bc.image_root or None, split=bc.split)
@@ -193,6 +205,9 @@ def run_understanding(bench: str, cfg, row: RowConfig, out: Path, device: str, c
     have_preds = found is not None and found.is_file()
     factory = None
     rank = bench == "seedbench_rank"
+    base = "seedbench" if bench.startswith("seedbench") else bench
+    if not have_preds and bench == "seedbench_blind":  # the blind control: predictions on blank images only
+        raise Missing(f"no {found} (make llava-predict writes it: --blank-image)")
     if not have_preds:
         if not row.llava or not Path(row.llava).is_dir():
             raise Missing(f"no LLaVA run at {row.llava or '(row.llava not set)'}")
@@ -207,7 +222,7 @@ def run_understanding(bench: str, cfg, row: RowConfig, out: Path, device: str, c
         if not have_preds:
             raise
         records, cache.setdefault("identity", {})[bench.replace("_rank", "")] = None, {
-            "kind": bench, "path": str(getattr(cfg, bench.replace("_rank", "")).path), "warning":
+            "kind": bench, "path": str(getattr(cfg, base).path), "warning":
             f"the benchmark file could not be read, so the scored predictions are not identified: {e}"}
     if have_preds:
         preds = found
@@ -222,7 +237,7 @@ def run_understanding(bench: str, cfg, row: RowConfig, out: Path, device: str, c
         preds = benchmarks.write_predictions(records, cache[key](records), out / f"{bench}_predictions.jsonl")
     result = (score.score_file(bench, preds, cfg.pope.parser) if bench == "pope"
               else score.score_file("seedbench", preds))
-    identity = cache["identity"][bench.replace("_rank", "")]
+    identity = cache["identity"][base]
     result["benchmark_file"] = {k: identity.get(k) for k in ("path", "sha256", "rows", "variant", "warning")}
     if records is not None:
         expected = {r["question_id"] for r in records}
@@ -364,16 +379,35 @@ def run_gfid_piece(cfg, row: RowConfig, out: Path, device: str, cache: dict) -> 
     return res
 
 
+def run_toygen_piece(cfg, row: RowConfig, out: Path) -> dict:
+    """Toy FID + class accuracy of ``<rae>/samples/samples.npz`` (make rae-sample) in the feature space of the pixel
+    classifier ``toygen.classifier`` (make rae-classacc), against the real class split ``gfid.real``:
+    :mod:`eval.toygen`."""
+    samples = Path(row.rae or ".") / "samples" / "samples.npz"
+    if not row.rae or not samples.is_file():
+        raise Missing(f"no {samples} (make rae-sample)")
+    if not (Path(cfg.toygen.classifier) / "pixels.safetensors").is_file():
+        raise Missing(f"no pixel classifier in {cfg.toygen.classifier} (make rae-classacc)")
+    res = toy_metrics(cfg.toygen.classifier, samples, cfg.gfid.real, cfg.toygen.image_size, cfg.toygen.bootstrap)
+    atomic_write_json(out / "toygen.json", res)
+    return res
+
+
 def compare_rows(rows: list[dict], allow_mismatch: bool = False) -> list[dict]:
     """Every pair (first row vs each other row) for every metric with an interval: "no measurable difference" when
     the 95% intervals overlap; gFID pairs whose sampling manifests differ in a protocol field are refused."""
 
     metrics = [("SeedBench (img)", "seedbench", ("intervals", "image"), True),
+               ("SeedBench blind control (blank image)", "seedbench_blind", ("intervals", "image"), True),
                ("SeedBench rank", "seedbench_rank", ("intervals", "image"), True),
                ("POPE F1 (mean of categories)", "pope", ("intervals", "mean_f1"), True),
                ("POPE acc (mean of categories)", "pope", ("intervals", "mean_accuracy"), True),
-               ("gFID", "gfid", ("fid_interval",), False), ("rFID", "rfid", ("fid_interval",), False),
-               ("PSNR", "rfid", ("intervals", "psnr"), True), ("SSIM", "rfid", ("intervals", "ssim"), True)]
+               ("gFID", "gfid", ("fid_interval",), False),
+               ("toy FID (classifier features)", "toygen", ("toy_fid_interval",), False),
+               ("class accuracy of samples", "toygen", ("class_acc_interval",), True),
+               ("rFID", "rfid", ("fid_interval",), False),
+               ("PSNR", "rfid", ("intervals", "psnr"), True), ("SSIM", "rfid", ("intervals", "ssim"), True),
+               ("LPIPS", "rfid", ("intervals", "lpips"), False)]
 
     def interval(row: dict, piece: str, path: tuple[str, ...]) -> Interval | None:
         d = row.get("results", {}).get(piece)
@@ -475,14 +509,17 @@ def evaluate(cfg) -> dict:
         for piece in cfg.pieces:
             t = time.perf_counter()
             try:
-                if piece in ("pope", "seedbench", "seedbench_rank"):
+                if piece in ("pope", "seedbench", "seedbench_rank", "seedbench_blind"):
                     res = run_understanding(piece, cfg, row, rout, device, caches)
                 elif piece == "rfid":
                     res = run_rfid_piece(cfg, row, rout, device, lpips_cache, caches)
                 elif piece == "gfid":
                     res = run_gfid_piece(cfg, row, rout, device, caches)
+                elif piece == "toygen":
+                    res = run_toygen_piece(cfg, row, rout)
                 else:
-                    raise ValueError(f"pieces: unknown piece {piece!r} (seedbench | seedbench_rank | pope | gfid | rfid)")
+                    raise ValueError(f"pieces: unknown piece {piece!r} "
+                                     "(seedbench | seedbench_rank | seedbench_blind | pope | gfid | toygen | rfid)")
                 entry["results"][piece] = res
                 log.info("%s / %s: done in %.0f s", row.name, piece, time.perf_counter() - t)
             except Missing as e:

@@ -13,7 +13,8 @@ from rae_generation.manifest import PROTOCOL_FIELDS
 
 TOY_DISCLAIMER = ("Toy-world numbers: they check that the pipeline runs end to end on tiny models and tiny sets; "
                   "they are not, and must never be presented as, paper numbers.")
-COLUMNS = ("Encoder", "SeedBench (img)", "SeedBench rank", "POPE F1", "POPE acc", "gFID", "rFID", "PSNR", "SSIM", "LPIPS")
+COLUMNS = ("Encoder", "SeedBench (img)", "SeedBench blind", "SeedBench rank", "POPE F1", "POPE acc", "gFID", "toy FID", "class acc",
+           "rFID", "PSNR", "SSIM", "LPIPS")
 CURVE_SKIP = {"step", "epoch", "samples", "time", "elapsed", "consumed", "tokens"}
 
 
@@ -36,19 +37,25 @@ def _with_interval(v: object, iv: object, digits: int, scale: float = 1.0) -> st
 def row_cells(row: dict, first_note: int = 1) -> tuple[list[str], list[tuple[str, str]]]:
     """Table cells of one row and the (piece, reason) notes for its '—' cells, numbered from ``first_note``."""
     res, missing = row.get("results", {}), {**row.get("missing", {}), **row.get("errors", {})}
-    seed, rank, pope, gfid, rfid = (res.get(k) or {} for k in ("seedbench", "seedbench_rank", "pope", "gfid", "rfid"))
-    lp = _num(rfid.get("lpips"), 3)
+    seed, blind, rank, pope, gfid, toygen, rfid = (res.get(k) or {} for k in (
+        "seedbench", "seedbench_blind", "seedbench_rank", "pope", "gfid", "toygen", "rfid"))
+    riv = rfid.get("intervals", {})
+    lp = _with_interval(rfid.get("lpips"), riv.get("lpips"), 3)
     if lp is not None and rfid.get("lpips_random_backbone"):
         lp += " †"
     piv = pope.get("intervals", {})
     values = {
         "seedbench": [_with_interval(seed.get("image"), seed.get("intervals", {}).get("image"), 1, 100)],
+        "seedbench_blind": [_with_interval(blind.get("image"), blind.get("intervals", {}).get("image"), 1, 100)],
         "seedbench_rank": [_with_interval(rank.get("image"), rank.get("intervals", {}).get("image"), 1, 100)],
         "pope": [_with_interval(pope.get("mean_f1"), piv.get("mean_f1"), 1, 100),
                  _with_interval(pope.get("mean_accuracy"), piv.get("mean_accuracy"), 1, 100)],
         "gfid": [_with_interval(gfid.get("gfid"), gfid.get("fid_interval"), 2)],
-        "rfid": [_with_interval(rfid.get("rfid"), rfid.get("fid_interval"), 2), _num(rfid.get("psnr"), 2),
-                 _num(rfid.get("ssim"), 3), lp],
+        "toygen": [_with_interval(toygen.get("toy_fid"), toygen.get("toy_fid_interval"), 2),
+                   _with_interval(toygen.get("class_acc"), toygen.get("class_acc_interval"), 1, 100)],
+        "rfid": [_with_interval(rfid.get("rfid"), rfid.get("fid_interval"), 2),
+                 _with_interval(rfid.get("psnr"), riv.get("psnr"), 2),
+                 _with_interval(rfid.get("ssim"), riv.get("ssim"), 3), lp],
     }
     cells, notes = [row["name"]], []
     for piece in values:
@@ -82,12 +89,20 @@ def render_markdown(summary: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
         all_notes += [(row["name"], piece, reason) for piece, reason in notes]
     lines += ["", "SeedBench: accuracy (%) on image questions, the model writing the option's letter (LLaVA-1.5's "
-              "protocol; scored by lmms-eval's rule: first character, case-insensitive); SeedBench rank: the same "
-              "questions by answer ranking (SEED-Bench's protocol: the most likely choice text is the answer); "
+              "protocol; scored by lmms-eval's rule: first character, case-insensitive); SeedBench blind: the same "
+              "model and prompts with every image replaced by a uniform grey one (the blind control: what the "
+              "model gets right without seeing; chance 25); SeedBench rank: likelihood ranking (ours) — each "
+              "choice's text is scored by the sum of its tokens' log-probabilities (no `</s>`) as the answer to "
+              "the bare question with the short-answer suffix, and the highest wins; close in spirit to "
+              "SEED-Bench's likelihood evaluation and lmms-eval's `seedbench_ppl`, but matching neither's prompt "
+              "exactly, so not comparable with their numbers; "
               "POPE: the mean over adversarial/popular/random of F1 and of accuracy (%) — LLaVA-1.5's number, "
               "not lmms-eval's pooled one (in the details) — parser "
               f"`{summary.get('pope_parser', 'llava')}`; gFID / rFID: FID as ADM reports it (Inception pool3, "
-              "torch-fidelity, fp32); PSNR (dB) / SSIM (Gaussian 11x11, sigma 1.5, data range 1) / LPIPS: "
+              "torch-fidelity, fp32); toy FID / class acc (toy world only, `make rae-classacc`): the Fréchet distance "
+              "between the generated samples and the real val class split in the pooled features of a small CNN "
+              "trained on the toy world's 64 classes (Inception features of 64 px flat shapes carry little class "
+              "signal), and that CNN's top-1 class accuracy (%) on the decoded samples (chance 1.6); PSNR (dB) / SSIM (Gaussian 11x11, sigma 1.5, data range 1) / LPIPS: "
               "reconstructions of the rFID set (τ = 0).",
               "", "Brackets: 95% intervals — accuracies by the Wilson score interval, F1 and mean accuracy by a "
               "percentile bootstrap over questions (stratified by category), FID by a percentile bootstrap over "

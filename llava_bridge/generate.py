@@ -127,7 +127,7 @@ def score_continuations(model, tokenizer, images: Sequence[Image.Image | None], 
 def rank_choices(model, tokenizer, images: Sequence[Image.Image | None], questions: Sequence[str],
                  choices: Sequence[Sequence[str]], batch_size: int = 8,
                  template: str | None = None) -> list[tuple[int, list[float]]]:
-    """Multiple choice by answer ranking (SEED-Bench's own protocol): the index of the choice whose text is the
+    """Multiple choice by likelihood ranking (ours; summed log-probabilities of the choice text, no EOS): the index of the choice whose text is the
     most likely answer to ``questions[i]`` (sum of token log-probabilities), and every choice's score."""
     flat = [(im, q, c) for im, q, cs in zip(images, questions, choices, strict=True) for c in cs]
     scores = score_continuations(model, tokenizer, [f[0] for f in flat], [f[1] for f in flat],

@@ -41,6 +41,7 @@ class ClassifyConfig:
     npz: str = path_field("", "file")  # samples to score (arr_0 / arr_1); tokens: <stem>_tokens.safetensors
     RENAMED = {"out": "out_dir"}
     out_dir: str = "runs/toy/rae/classifier"
+    pixel_dir: str = ""  # where the pixel classifier is trained once and shared by every row ("" = out_dir)
     image_size: int = 64
     epochs: int = 4
     token_epochs: int = 15
@@ -66,9 +67,13 @@ class ToyClassifier(nn.Module):
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(8 * w, num_classes)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def embed(self, x: Tensor) -> Tensor:
+        """The pooled features the head reads ``[B, 8 * width]`` (eval.toygen's toy-FID feature space)."""
         f = self.features(x)
-        return self.head(torch.cat([f.amax((2, 3)), f.mean((2, 3))], dim=1))
+        return torch.cat([f.amax((2, 3)), f.mean((2, 3))], dim=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.embed(x))
 
 
 class TokenClassifier(nn.Module):
@@ -137,6 +142,12 @@ def fit(model: nn.Module, x: Tensor, y: Tensor, epochs: int, cfg, augment, desc:
     return model.eval()
 
 
+@torch.no_grad()
+def embed(model: ToyClassifier, x: Tensor, batch: int = 256) -> np.ndarray:
+    model.eval()
+    return torch.cat([model.embed(_float(x[i:i + batch])) for i in range(0, len(x), batch)]).double().numpy()
+
+
 def _hflip(xb: Tensor, g: torch.Generator) -> Tensor:
     flip = torch.rand(len(xb), generator=g) < 0.5  # every toy shape is left-right symmetric
     return torch.where(flip[:, None, None, None], xb.flip(-1), xb)
@@ -161,7 +172,10 @@ def factor_accuracy(pred: Tensor, labels: Tensor, classes: list[str], factors: l
 
 
 def pixel_classifier(cfg, out: Path) -> tuple[ToyClassifier, dict]:
-    weights, info_path = out / "pixels.safetensors", out / "pixels.json"
+    """The pixel CNN (trained once in ``pixel_dir``, shared by every row so their toy FIDs share one feature space)
+    and its info; the encoder's reconstruction ceiling is kept per row in ``out``."""
+    shared = Path(cfg.pixel_dir) if cfg.pixel_dir else out
+    weights, info_path = shared / "pixels.safetensors", shared / "pixels.json"
     if weights.is_file() and info_path.is_file() and not cfg.retrain:
         info = json.loads(info_path.read_text())
         model = ToyClassifier(len(info["classes"]))
@@ -173,15 +187,17 @@ def pixel_classifier(cfg, out: Path) -> tuple[ToyClassifier, dict]:
         info = {"classes": classes, "val_accuracy_real": accuracy(model, vx, vy)[0], "epochs": cfg.epochs}
         save_safetensors(weights, model.state_dict())
         atomic_write_json(info_path, info)
-    if cfg.encoder and info.get("encoder") != str(Path(cfg.encoder).resolve()):
+    recon_path = out / "pixels_reconstructed.json"
+    rec = json.loads(recon_path.read_text()) if recon_path.is_file() else {}
+    if cfg.encoder and (rec.get("encoder") != str(Path(cfg.encoder).resolve()) or cfg.retrain):
         enc = load_encoder(cfg.encoder)
         vx, vy, _ = load_folder(cfg.val, cfg.image_size)
         recon = torch.cat([enc.decode(enc.encode(_float(vx[i:i + 128]))[0]) for i in range(0, len(vx), 128)])
-        info.update(val_accuracy_reconstructed=accuracy(model, recon, vy)[0], encoder=str(Path(cfg.encoder).resolve()),
-                    val_factor_accuracy_reconstructed=factor_accuracy(predict(model, recon), vy, info["classes"],
-                                                                      list(cfg.factors)))
-        atomic_write_json(info_path, info)
-    return model, info
+        rec = {"val_accuracy_reconstructed": accuracy(model, recon, vy)[0], "encoder": str(Path(cfg.encoder).resolve()),
+               "val_factor_accuracy_reconstructed": factor_accuracy(predict(model, recon), vy, info["classes"],
+                                                                    list(cfg.factors))}
+        atomic_write_json(recon_path, rec)
+    return model, {**info, **rec} if cfg.encoder else info
 
 
 def token_classifier(cfg, out: Path) -> tuple[TokenClassifier, Normalizer, dict]:

@@ -10,7 +10,9 @@ from PIL import Image
 
 from encoder.export import write_random_export
 from eval import eval_all, inception, report
+from ov3common.checkpoint import save_safetensors
 from ov3common.config import load_config
+from rae_generation.classify import ToyClassifier
 from rae_generation.manifest import write_manifest
 
 PALETTE = torch.tensor([[1.0, -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, -1]])
@@ -74,11 +76,17 @@ def world(tmp_path_factory, request):
     preds = [dict(question_id=r["question_id"], answer=r["answer"], category=r["category"],
                   prediction="Yes" if k % 3 else "No.") for k, r in enumerate(pope)]
     (runs / "llava" / "pope_predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
+    blind = [dict(question_id=r["question_id"], answer=r["answer"], category=r["category"], prediction="C")
+             for r in seed]  # the blind control (blank images): always 'C', never right here
+    (runs / "llava" / "seedbench_blind_predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in blind))
     gen, _ = fake_sampler("", "cpu")
     x = gen(torch.arange(4))
     (runs / "rae" / "samples").mkdir(parents=True)
     np.savez(runs / "rae" / "samples" / "samples.npz", arr_0=((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy(),
              arr_1=np.arange(4))
+
+    save_safetensors(runs / "clf" / "pixels.safetensors", ToyClassifier(4).state_dict())  # make rae-classacc's
+    (runs / "clf" / "pixels.json").write_text(json.dumps({"classes": ["c0", "c1", "c2", "c3"]}))
     (runs / "rae_b").mkdir()
     weights = Path(request.config.cache.mkdir("eval_inception")) / "inception.pth"
     if not weights.is_file() or not inception.weights_note(weights).get("check", {}).get("passed"):
@@ -96,14 +104,20 @@ def test_eval_all_on_a_miniature_toy_world(world):
         f"pope.path={d / 'pope' / 'pope.jsonl'}", f"seedbench.path={d / 'seedbench' / 'seedbench.jsonl'}",
         f"rfid.images={d / 'images' / 'val'}", f"gfid.real={d / 'classes' / 'val'}", "gfid.per_class=1",
         "llava.predictor=tests.test_eval_all:fake_predictor", "llava.ranker=tests.test_eval_all:fake_ranker",
-        "gfid.sampler=tests.test_eval_all:fake_sampler",
+        "gfid.sampler=tests.test_eval_all:fake_sampler", f"toygen.classifier={r / 'clf'}", "toygen.image_size=32",
+        "toygen.bootstrap=20",
         f"rows=[{{name: OV3, encoder: {r / 'enc' / 'export'}, encoder_run: {r / 'enc'}, llava: {r / 'llava'},"
         f" rae: {r / 'rae'}}}, {{name: baseline, encoder: {r / 'nope'}, rae: {r / 'rae_b'}}}]",
     ])
     s = eval_all.evaluate(cfg)
     ov3, base = s["rows"]
-    assert set(ov3["results"]) == {"seedbench", "seedbench_rank", "pope", "gfid", "rfid"} and not ov3["errors"]
+    assert set(ov3["results"]) == {"seedbench", "seedbench_blind", "seedbench_rank", "pope", "gfid", "toygen",
+                                   "rfid"} and not ov3["errors"]
     assert ov3["results"]["seedbench"]["image"] == 0.5  # the fake predictor always answers 'A'
+    assert ov3["results"]["seedbench_blind"]["image"] == 0.0  # read from the file (never predicted)
+    t = ov3["results"]["toygen"]  # the 4 samples in the pixel classifier's features, against the class split
+    assert t["n"] == 4 and t["num_real"] == 4 and t["toy_fid"] >= 0 and 0 <= t["class_acc"] <= 1
+    assert "llava-predict" in base["missing"]["seedbench_blind"] and "rae-sample" in base["missing"]["toygen"]
     assert ov3["results"]["seedbench_rank"]["image"] == 0.5  # the fake ranker always answers 'B'
     assert ov3["results"]["pope"]["overall"]["n"] == 6 and ov3["results"]["gfid"]["n"] == 4
     assert ov3["results"]["rfid"]["n"] == 4 and ov3["results"]["rfid"]["rfid"] > 0
@@ -115,10 +129,12 @@ def test_eval_all_on_a_miniature_toy_world(world):
     js = json.loads((out / "summary.json").read_text())
     assert js["toy"] and js["rows"][0]["name"] == "OV3"
     md = (out / "summary.md").read_text()
-    assert ("| Encoder | SeedBench (img) | SeedBench rank | POPE F1 | POPE acc | gFID | rFID | PSNR | SSIM | LPIPS |"
-            in md)
-    assert report.TOY_DISCLAIMER in md and "| baseline | —[1] | —[2] | —[3] | —[3] |" in md
-    assert "- [4] baseline / rfid: no encoder export" in md
+    assert ("| Encoder | SeedBench (img) | SeedBench blind | SeedBench rank | POPE F1 | POPE acc | gFID | toy FID | "
+            "class acc | rFID | PSNR | SSIM | LPIPS |" in md)
+    assert report.TOY_DISCLAIMER in md and "| baseline | —[1] | —[2] | —[3] | —[4] | —[4] |" in md
+    ov3_cells = md.split("| OV3 |")[1].split("\n")[0].split(" | ")
+    assert all("[" in c for c in ov3_cells[:-1]), ov3_cells  # an interval on every cell (LPIPS: † last)
+    assert "- [6] baseline / rfid: no encoder export" in md
     assert " †" in md and "random backbone: not a real perceptual score" in md
     for f in ("curves_encoder.png", "curves_llava.png", "ov3/rfid/recon_grid.png", "ov3/gfid/samples_grid.png",
               "baseline/gfid/samples_grid.png"):
@@ -144,9 +160,14 @@ def test_row_cells_and_errors():
                                              "lpips_random_backbone": True}},
            "missing": {"pope": "no LLaVA run"}, "errors": {"gfid": "error: RuntimeError: boom"}}
     cells, notes = report.row_cells(row, first_note=4)
-    assert cells == ["x", "—[4]", "—[5]", "—[6]", "—[6]", "—[7]", "1.23", "20.00", "0.500", "0.250 †"]
-    assert notes == [("seedbench", "not available"), ("seedbench_rank", "not available"), ("pope", "no LLaVA run"),
-                     ("gfid", "error: RuntimeError: boom")]
+    assert cells == ["x", "—[4]", "—[5]", "—[6]", "—[7]", "—[7]", "—[8]", "—[9]", "—[9]", "1.23", "20.00", "0.500",
+                     "0.250 †"]
+    assert notes == [("seedbench", "not available"), ("seedbench_blind", "not available"),
+                     ("seedbench_rank", "not available"), ("pope", "no LLaVA run"),
+                     ("gfid", "error: RuntimeError: boom"), ("toygen", "not available")]
+    iv = {"value": 20.0, "low": 19.5, "high": 20.4, "method": "bootstrap", "n": 8}  # every cell with an interval
+    row["results"]["rfid"]["intervals"] = {"psnr": iv}
+    assert report.row_cells(row)[0][10] == "20.00 [19.50, 20.40]"
     md = report.render_markdown({"rows": [row], "toy": False})
     assert "random backbone: not a real perceptual score" in md and report.TOY_DISCLAIMER not in md
 
@@ -223,7 +244,7 @@ def test_gfid_allow_partial_scores_and_marks(tmp_path, world):
     row = eval_all.evaluate(cfg)["rows"][0]
     assert row["results"]["gfid"]["n"] == 4 and "protocol asks for 8" in row["results"]["gfid"]["partial"]
     md = (tmp_path / "r" / "summary.md").read_text()
-    assert "‡[4]" in md and "- [4] p / gfid: PARTIAL (not the protocol's set)" in md
+    assert "‡[5]" in md and "- [5] p / gfid: PARTIAL (not the protocol's set)" in md
 
 
 def _row(name: str, fid: tuple[float, float, float], manifest: dict | None, acc: tuple[float, float, float]) -> dict:

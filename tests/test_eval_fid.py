@@ -1,5 +1,6 @@
 """FID: weight conversion check, self-FID ~ 0, Gaussian closed form, ADM npz reading, statistics cache."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,9 @@ from torch_fidelity.metric_fid import fid_statistics_to_metric
 
 from eval import fid as F
 from eval import inception as I
+from eval.toygen import toy_metrics
+from ov3common.checkpoint import save_safetensors
+from rae_generation.classify import ToyClassifier
 
 
 @pytest.fixture(scope="session")
@@ -228,3 +232,25 @@ def test_features_and_scores_do_not_depend_on_batch_size(weights):
         else:
             assert np.abs(f["pool"] - base_f["pool"]).max() <= 1e-4 * np.abs(base_f["pool"]).max()
             assert abs(fid - base_fid) < 1e-6 * base_fid and abs(sfid - base_sfid) < 1e-6 * base_sfid
+
+
+def test_toy_fid_in_classifier_features_sees_a_colour_shift(tmp_path):
+
+
+    torch.manual_seed(0)
+    save_safetensors(tmp_path / "clf" / "pixels.safetensors", ToyClassifier(2).state_dict())
+    (tmp_path / "clf" / "pixels.json").write_text(json.dumps({"classes": ["a", "b"]}))
+    rng = np.random.default_rng(0)
+    real = rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
+    for i, im in enumerate(real):
+        folder = tmp_path / "real" / "ab"[i % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(folder / f"{i}.png")
+    labels = np.arange(40) % 2
+    np.savez(tmp_path / "same.npz", arr_0=real, arr_1=labels)
+    np.savez(tmp_path / "dark.npz", arr_0=real // 3, arr_1=labels)  # darker: the features move, FID rises
+    same = toy_metrics(tmp_path / "clf", tmp_path / "same.npz", tmp_path / "real", image_size=16, n_boot=20)
+    dark = toy_metrics(tmp_path / "clf", tmp_path / "dark.npz", tmp_path / "real", image_size=16, n_boot=20)
+    assert abs(same["toy_fid"]) < 1e-6 and same["num_real"] == 40 and same["toy_fid_interval"]["n"] == 40
+    assert dark["toy_fid_interval"]["low"] > same["toy_fid_interval"]["high"]
+    assert 0 <= same["class_acc_interval"]["low"] <= same["class_acc"] <= same["class_acc_interval"]["high"] <= 1

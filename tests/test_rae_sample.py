@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from encoder.export import write_random_export
+from eval.toygen import toy_metrics
 from ov3common.checkpoint import CheckpointManager
 from ov3common.config import load_config
 from ov3common.dist import init_distributed
@@ -103,12 +104,19 @@ def test_class_accuracy_of_samples_pixels_and_tokens(run, tmp_path):
     out = tmp_path / "samples.npz"
     main([f"run={run}", f"out={out}", "per_class=2", "guidance.steps=2", "device=cpu", "save_tokens=true"])
     res = classify([f"train={root / 'imgs'}", f"val={root / 'imgs'}", f"latents={root / 'lat'}",
-                    f"encoder={root / 'export'}", f"npz={out}", f"out_dir={tmp_path / 'clf'}", "image_size=32",
+                    f"encoder={root / 'export'}", f"npz={out}", f"out_dir={tmp_path / 'clf'}",
+                    f"pixel_dir={tmp_path / 'clf'}", "image_size=32",
                     "epochs=8", "token_epochs=2", "batch_size=8", "lr=3e-3"])
     assert res["pixels"]["val_accuracy_real"] > 0.9  # 3 colours: an easy task for the pixel CNN
     assert 0 <= res["pixels"]["val_accuracy_reconstructed"] <= 1 and 0 <= res["pixels"]["sample_accuracy"] <= 1
     assert 0 <= res["tokens"]["sample_accuracy"] <= 1 and res["num_samples"] == 6
     assert (tmp_path / "samples_class_accuracy.json").is_file()
+    # eval-all's toygen piece: toy FID + class accuracy with intervals, in the features of that pixel classifier
+
+    t = toy_metrics(tmp_path / "clf", out, root / "imgs", image_size=32, n_boot=20)
+    assert t["n"] == 6 and t["toy_fid"] >= 0 and t["toy_fid_interval"]["n"] == 6
+    assert abs(t["class_acc"] - res["pixels"]["sample_accuracy"]) < 1e-6  # float32 mean vs k / n
+    assert t["class_acc_interval"]["low"] <= t["class_acc"] <= t["class_acc_interval"]["high"]
 
 
 def test_factor_accuracy_counts_each_part():
@@ -118,3 +126,4 @@ def test_factor_accuracy_counts_each_part():
     assert factor_accuracy(pred, labels, classes, []) == {}
     with pytest.raises(ValueError, match="a_b"):
         factor_accuracy(pred, labels, ["red", "blue", "x", "y"], ["colour", "shape"])
+

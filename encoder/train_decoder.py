@@ -345,7 +345,6 @@ def train(cfg: Config) -> dict:
     return summary
 
 
-
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_cli(Config, argv, default_config="configs/encoder/decoder_toy.yaml")
     try:

@@ -490,16 +490,17 @@ def evaluate(cfg) -> dict:
 
     log = get_logger("eval.eval_all")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    needs = {"pope": ("pope", "path"), "seedbench": ("seedbench", "path"), "seedbench_rank": ("seedbench", "path"),
+             "rfid": ("rfid", "images")}
+    for piece in cfg.pieces:
+        section, name = needs.get(piece, (None, None))
+        if section and not getattr(getattr(cfg, section), name):
+            raise ConfigError(f"{section}.{name}: required for piece {piece!r} (the benchmark's local path; no default)")
+    if not cfg.rows:
+        raise ConfigError("rows: empty (one row per encoder: name, encoder, encoder_run, llava, rae)")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0, caches, lpips_cache = time.perf_counter(), {}, {}
-    needs = {"pope": "pope.path", "seedbench": "seedbench.path", "seedbench_rank": "seedbench.path", "rfid": "rfid.images"}
-    for piece in cfg.pieces:
-        key = needs.get(piece)
-        if key and not getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]):
-            raise ConfigError(f"{key}: required for piece {piece!r} (the benchmark's local path; no default)")
-    if not cfg.rows:
-        raise ConfigError("rows: empty (one row per encoder: name, encoder, encoder_run, llava, rae)")
     rows = []
     for row in cfg.rows:
         rout = out / slug(row.name)

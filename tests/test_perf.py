@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 
 import ov3common.log as L
-from encoder.models import LatentViT, vit_config
+from encoder.models import LatentViT, residual_linear, vit_config
 from encoder.train import train
 from encoder.vae import FrozenVAE, build_random_vae, tiny_vae_config
 from llava_bridge.config import LlavaTrainConfig, training_arguments
-from ov3common.attention import attention, uses_explicit_path
+from ov3common.attention import attention, packed_attention, uses_explicit_path, uses_packed_cpu_path
 from ov3common.bench import interleaved, machine, ratio, write_report
 from ov3common.log import read_jsonl
 from ov3common.optim import build_adamw
@@ -53,6 +53,48 @@ def test_explicit_attention_path_matches_sdpa_values_and_grads(mask):
     torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
     for g, r in zip(grads, (q32.grad, k32.grad, v32.grad)):
         torch.testing.assert_close(g, r, atol=6e-2, rtol=6e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_attention_matches_sdpa_values_and_grads(dtype):
+    """packed [B, N, 3, H, D] in, token-major [B, N, H*D] out: values and the packed gradient against fp32 SDPA
+    (bf16 takes the hand-written CPU backward, fp32 takes SDPA)."""
+    b, n, h, d = 2, 7, 3, 8
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(b, n, 3, h, d, generator=g).to(dtype).requires_grad_(True)
+    go = torch.randn(b, n, h * d, generator=g)
+    assert uses_packed_cpu_path(qkv) == (dtype == torch.bfloat16)
+    out = packed_attention(qkv)
+    out.float().mul(go).sum().backward()
+    q32 = qkv.detach().float().requires_grad_(True)
+    q, k, v = q32.permute(2, 0, 3, 1, 4).unbind(0)
+    ref = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, h * d)
+    ref.mul(go).sum().backward()
+    assert out.shape == (b, n, h * d) and out.dtype == dtype and out.is_contiguous()
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(qkv.grad.float(), q32.grad, atol=2 * tol, rtol=2 * tol)
+    assert not uses_packed_cpu_path(qkv, attn_mask=torch.ones(n, n, dtype=torch.bool))
+    assert not uses_packed_cpu_path(qkv, is_causal=True)
+
+
+def test_residual_linear_equals_linear_plus_residual():
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(12, 6)
+    x = torch.randn(2, 5, 6, generator=g).requires_grad_(True)
+    h = torch.randn(2, 5, 12, generator=g).requires_grad_(True)
+    out = residual_linear(x, h, lin)
+    out.square().sum().backward()
+    grads = [t.grad.clone() for t in (x, h, lin.weight, lin.bias)]
+    for t in (x, h, lin.weight, lin.bias):
+        t.grad = None
+    ref = x + lin(h)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref)
+    for got, t in zip(grads, (x, h, lin.weight, lin.bias)):
+        torch.testing.assert_close(got, t.grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed dtypes: the plain Linear + add
+        assert residual_linear(x, h, lin).dtype == torch.float32
 
 
 def test_attention_uses_sdpa_in_fp32_and_without_grad():

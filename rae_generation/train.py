@@ -235,7 +235,8 @@ def train(cfg, info: D.DistInfo) -> Path:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        skipped = loop.guard.bad(loss, step, grads_of=model)  # raises TrainingDiverged after K in a row
+        # the clip's total norm is non-finite iff a gradient is: no second pass over the gradients to check them
+        skipped = loop.guard.bad(torch.stack([loss.detach().float(), gnorm.detach().float()]), step)  # K in a row: raise
         if skipped:
             opt.zero_grad(set_to_none=True)
         else:

@@ -6,9 +6,13 @@ interleaved rounds (``ov3common.bench``).
   imported from the local checkout whose ``src/`` is ``$RAE_SRC``; nothing of it is copied here) at RAE's
   DiT-DH-S config (``configs/stage2/training/ImageNet256/DiTDH-S_DINOv2-B.yaml``: trunk 12 × 384, 6 heads; head
   2 × 2048, 16 heads; SwiGLU, RMSNorm, RoPE, sin-cos positions; 16 × 16 tokens × 768 channels, 1000 classes).
-  Each side steps the way its trainer does: forward, MSE to a target, backward, AdamW (RAE:
-  ``utils.optim_utils.build_optimizer``, fused; ours: ``ov3common.optim.build_adamw``, fused), zero_grad.
-  Without ``RAE_SRC`` the comparison is skipped and the output says so.
+  Two steps per precision: the **model step** (forward, MSE to a target, backward, AdamW — RAE:
+  ``utils.optim_utils.build_optimizer``, fused; ours: ``ov3common.optim.build_adamw``, fused — zero_grad) and the
+  **trainer step**, which adds what each trainer does every step after the backward: gradient clipping at 1.0
+  (``torch.nn.utils.clip_grad_norm_`` on both sides), the non-finite check (ours: ``ov3common.guard`` on the clip's
+  norm; RAE has none) and the EMA update (RAE: ``utils.train_utils.update_ema``, a per-parameter ``mul_`` +
+  ``add_``; ours: ``rae_generation.train.update_ema``, one ``_foreach_lerp_``). Same work on both sides; the
+  trainer step is what a training run pays. Without ``RAE_SRC`` the comparison is skipped and the output says so.
 * **torch.compile**: eager vs ``nn.Module.compile()`` of ours (and of RAE's model when present).
 * **vs diffusers** (``diffusers=true``, with ``run`` or a size): diffusers' ``DiTTransformer2DModel`` with
   adaLN-Zero, patch 1 on the same grid, width = the trunk width, depth = trunk + head blocks; sampling images/s
@@ -17,6 +21,7 @@ interleaved rounds (``ov3common.bench``).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import statistics
@@ -30,10 +35,12 @@ from diffusers import DiTTransformer2DModel
 
 from ov3common.bench import interleaved, machine, ratio
 from ov3common.config import parse_cli, path_field
+from ov3common.guard import NonFiniteGuard
 from ov3common.log import count_flops, get_logger
 from ov3common.optim import build_adamw
 from rae_generation.models import DiTDH, DiTDHConfig, count_params, dit_config
 from rae_generation.sample import load_generator
+from rae_generation.train import update_ema
 
 log = get_logger("rae.bench")
 
@@ -118,24 +125,28 @@ def train_step_fn(model, kind: str, cfg: DiTDHConfig, batch: int, device: torch.
     return step
 
 
-def load_rae() -> tuple[type | None, object | None, str]:
-    """(DiTwDDTHead, build_optimizer, note) from ``$RAE_SRC``; (None, None, why) when it is not available."""
+def load_rae() -> tuple[type | None, object | None, object | None, str]:
+    """(DiTwDDTHead, build_optimizer, update_ema, note) from ``$RAE_SRC``; (None, None, None, why) when it is not
+    available."""
     src = os.environ.get("RAE_SRC", "")
     if not src:
-        return None, None, "skipped: RAE_SRC is not set (point it at the src/ folder of a bytetriper/RAE checkout)"
+        return None, None, None, ("skipped: RAE_SRC is not set (point it at the src/ folder of a bytetriper/RAE "
+                                  "checkout)")
     if not (Path(src) / "stage2" / "models" / "DDT.py").is_file():
-        return None, None, f"skipped: RAE_SRC={src} has no stage2/models/DDT.py"
+        return None, None, None, f"skipped: RAE_SRC={src} has no stage2/models/DDT.py"
     if src not in sys.path:
         sys.path.insert(0, src)
     from stage2.models.DDT import DiTwDDTHead  # noqa: PLC0415 (RAE_SRC's own code: on sys.path from here on)
     from utils.optim_utils import build_optimizer  # noqa: PLC0415
+    from utils.train_utils import update_ema as rae_update_ema  # noqa: PLC0415
 
-    return DiTwDDTHead, build_optimizer, f"RAE_SRC={src}"
+    return DiTwDDTHead, build_optimizer, rae_update_ema, f"RAE_SRC={src}"
 
 
-def rae_pair(batch: int, device: torch.device, bf16: bool, compiled: bool = False):
-    """Step functions of ours and RAE's DiT-DH-S on one batch, and both models."""
-    DiTwDDTHead, build_optimizer, _ = load_rae()
+def rae_pair(batch: int, device: torch.device, bf16: bool, compiled: bool = False, trainer: bool = False):
+    """Step functions of ours and RAE's DiT-DH-S on one batch, and both models. ``trainer``: each step also clips
+    the gradients, checks them (ours) and updates an EMA copy, as the two trainers do."""
+    DiTwDDTHead, build_optimizer, rae_update_ema, _ = load_rae()
     torch.manual_seed(0)
     k = RAE_DITDH_S
     ref = DiTwDDTHead(**k).to(device).train()
@@ -156,36 +167,58 @@ def rae_pair(batch: int, device: torch.device, bf16: bool, compiled: bool = Fals
     opt_ref, _ = build_optimizer([p for p in ref.parameters() if p.requires_grad],
                                  {"optimizer": {"lr": 2e-4, "betas": [0.9, 0.95], "weight_decay": 0.0}})
 
-    def step(model, opt, inp, tgt):
+    guard = NonFiniteGuard()
+
+    def after_ours(model, loss, ema):  # rae_generation.train: clip, guard on the clip's norm, step, EMA
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if not guard.bad(torch.stack([loss.detach().float(), gnorm.detach().float()]), 0):
+            opt_ours.step()
+            update_ema(ema, model, 0.9995)
+
+    def after_rae(model, loss, ema):  # RAE's train.py: clip, step, EMA
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt_ref.step()
+        rae_update_ema(ema, model, decay=0.9995)
+
+    def step(model, opt, inp, tgt, after):
+        ema = copy.deepcopy(model).requires_grad_(False) if trainer else None
+
         def f():
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = model(inp, t, y)
-            (out.float() - tgt).pow(2).mean().backward()
-            opt.step()
+            loss = (out.float() - tgt).pow(2).mean()
+            loss.backward()
+            if trainer:
+                after(model, loss, ema)
+            else:
+                opt.step()
             opt.zero_grad(set_to_none=True)
         return f
 
-    return step(ours, opt_ours, x, target), step(ref, opt_ref, img, target_img), ours, ref
+    return (step(ours, opt_ours, x, target, after_ours), step(ref, opt_ref, img, target_img, after_rae), ours,
+            ref)
 
 
 def vs_rae(cfg: BenchConfig, device: torch.device) -> dict:
-    _, _, note = load_rae()
-    res: dict = {"note": note, "config": dict(RAE_DITDH_S), "batch": cfg.rae_batch, "rows": []}
+    note = load_rae()[-1]
+    res: dict = {"note": note, "config": dict(RAE_DITDH_S), "batch": cfg.rae_batch, "rounds": cfg.rounds, "rows": []}
     if note.startswith("skipped"):
         print(f"ours vs RAE: {note}")
         return res
     for prec in cfg.precisions:
-        s_ours, s_ref, ours, ref = rae_pair(cfg.rae_batch, device, prec == "bf16")
-        f_ours, f_ref = count_flops(s_ours), count_flops(s_ref)
-        t = interleaved({"ours": s_ours, "rae": s_ref}, cfg.rounds, 1, device)
-        row = {"precision": prec, "params_ours": count_params(ours), "params_rae": count_params(ref),
-               "flops_per_step": f_ours, "flops_ratio_ours_over_rae": f_ours / f_ref,
-               "step_s": {k: statistics.median(v) for k, v in t.items()}, "ours_over_rae": ratio(t["ours"], t["rae"])}
-        res["rows"].append(row)
-        print(f"DiT-DH-S {prec}, batch {cfg.rae_batch}: ours {row['step_s']['ours'] * 1e3:.0f} ms, RAE "
-              f"{row['step_s']['rae'] * 1e3:.0f} ms -> ours/RAE {row['ours_over_rae']['median']:.3f} "
-              f"(FLOP ratio {row['flops_ratio_ours_over_rae']:.3f})", flush=True)
-        del s_ours, s_ref, ours, ref
+        for kind in ("model", "trainer"):
+            s_ours, s_ref, ours, ref = rae_pair(cfg.rae_batch, device, prec == "bf16", trainer=kind == "trainer")
+            f_ours, f_ref = count_flops(s_ours), count_flops(s_ref)
+            t = interleaved({"ours": s_ours, "rae": s_ref}, cfg.rounds, 1, device)
+            row = {"precision": prec, "step": kind, "params_ours": count_params(ours), "params_rae": count_params(ref),
+                   "flops_per_step": f_ours, "flops_ratio_ours_over_rae": f_ours / f_ref,
+                   "step_s": {k: statistics.median(v) for k, v in t.items()},
+                   "ours_over_rae": ratio(t["ours"], t["rae"])}
+            res["rows"].append(row)
+            print(f"DiT-DH-S {prec} {kind} step, batch {cfg.rae_batch}: ours {row['step_s']['ours'] * 1e3:.0f} ms, "
+                  f"RAE {row['step_s']['rae'] * 1e3:.0f} ms -> ours/RAE {row['ours_over_rae']['median']:.3f} "
+                  f"(FLOP ratio {row['flops_ratio_ours_over_rae']:.3f})", flush=True)
+            del s_ours, s_ref, ours, ref
     return res
 
 
@@ -193,7 +226,7 @@ def compile_speedups(cfg: BenchConfig, device: torch.device) -> dict:
     """Eager vs compiled step of ours (and RAE's) DiT-DH-S, or of the toy size without RAE."""
     prec = cfg.precisions[0]
     bf16 = prec == "bf16"
-    have_rae = not load_rae()[2].startswith("skipped")
+    have_rae = not load_rae()[-1].startswith("skipped")
     if have_rae:
         e_ours, e_ref, *_ = rae_pair(cfg.rae_batch, device, bf16)
         c_ours, c_ref, *_ = rae_pair(cfg.rae_batch, device, bf16, compiled=True)
@@ -284,12 +317,16 @@ def markdown(res: dict) -> str:
         lines.append(f"**Ours vs RAE's own `DiTwDDTHead`** at RAE's DiT-DH-S config (trunk 12 × 384, head 2 × 2048, "
                      f"16 × 16 tokens × 768 channels, 1000 classes), batch {r['batch']}, {m['device']} "
                      f"({m['device_name']}), {m['threads']} threads; both with fused AdamW as their trainers use. "
-                     f"RAE: {r['note']}.")
+                     "*model step*: forward, MSE, backward, AdamW, zero_grad; *trainer step*: + clipping at 1.0, "
+                     "the non-finite check (ours) and the EMA update, each as its trainer does it (RAE: a "
+                     "per-parameter `mul_`/`add_`; ours: one `_foreach_lerp_`). Ratios: median of per-round ratios "
+                     f"[min–max] over {r.get('rounds', '?')} interleaved rounds. RAE: {r['note']}.")
         if r["rows"]:
-            lines += ["", "| precision | params ours / RAE (M) | FLOP ratio ours/RAE | ours ms | RAE ms | **ours/RAE** |",
-                      "| --- | --- | --- | --- | --- | --- |"]
+            lines += ["", "| precision | step | params ours / RAE (M) | FLOP ratio ours/RAE | ours ms | RAE ms | "
+                      "**ours/RAE** |", "| --- | --- | --- | --- | --- | --- | --- |"]
             for row in r["rows"]:
-                lines.append(f"| {row['precision']} | {row['params_ours'] / 1e6:.1f} / {row['params_rae'] / 1e6:.1f} | "
+                lines.append(f"| {row['precision']} | {row.get('step', 'model')} | "
+                             f"{row['params_ours'] / 1e6:.1f} / {row['params_rae'] / 1e6:.1f} | "
                              f"{row['flops_ratio_ours_over_rae']:.3f} | {row['step_s']['ours'] * 1e3:.0f} | "
                              f"{row['step_s']['rae'] * 1e3:.0f} | **{_r(row['ours_over_rae'])}** |")
     c = res.get("compile")

@@ -37,7 +37,7 @@ from encoder.losses import LPIPSLoss, find_lpips_backbone
 from encoder.models import LatentViT, vit_config
 from encoder.ov3 import LossConfig, ModelConfig, OV3Model
 from encoder.vae import FLUX_VAE_CONFIG, FrozenVAE, build_random_vae, load_frozen_vae, tiny_vae_config
-from ov3common.bench import interleaved, machine, ratio
+from ov3common.bench import interleaved, machine, op_profile, op_profile_markdown, ratio
 from ov3common.checkpoint import atomic_write_json
 from ov3common.config import import_object, parse_cli
 from ov3common.images import center_crop_resize, decode_image, to_tensor_pm1
@@ -58,6 +58,8 @@ class BenchConfig:
     timm_optimizer: bool = True  # also time timm with timm's own optimizer factory (what its users get)
     mfu_size: str = "B/2"  # MFU of this size's step (fp32 and bf16), peak probed in the same rounds
     compile_sizes: list[str] = field(default_factory=lambda: ["S/2"])  # [] = no compile section
+    profile_sizes: list[str] = field(default_factory=lambda: ["S/2"])  # torch.profiler top ops; [] = none
+    profile_steps: int = 3
     compile_rounds: int = 5
     device: str = "auto"
     threads: int = 0  # 0 = torch's default (all cores)
@@ -152,6 +154,17 @@ def vs_timm(size: str, precision: str, cfg: BenchConfig, device: torch.device, p
                    mfu=flops / out["step_s"]["ours"] / peak,
                    mfu_rounds=[flops / s / p for s, p in zip(t["ours"], rates)])
     return out
+
+
+def profile_steps(size: str, precision: str, cfg: BenchConfig, device: torch.device) -> dict:
+    """Where the step's time goes: torch.profiler of ours, timm+fused and timm (its own optimizer)."""
+    bf16 = precision == "bf16"
+    _, ours, ref, f_ours, f_ref = contenders(size, cfg, device, bf16)
+    steps = {"ours": make_step(ours, f_ours, bf16, device), "timm+fused": make_step(ref, f_ref, bf16, device)}
+    if cfg.timm_optimizer:
+        steps["timm"] = make_step(ref, f_ref, bf16, device,
+                                  timm.optim.create_optimizer_v2(ref, "adamw", lr=1e-4, weight_decay=0.1))
+    return {"size": size, "precision": precision, **op_profile(steps, cfg.profile_steps, device=device)}
 
 
 def compile_speedups(size: str, precision: str, cfg: BenchConfig, device: torch.device) -> dict:
@@ -295,6 +308,8 @@ def markdown(res: dict) -> str:
             lines.append(f"| {v['size']} | {v['precision']} | {v['flops_per_step'] / 1e9:.1f} | "
                          f"{v['achieved_flops'] / 1e9:.1f} | {v['matmul_peak_flops'] / 1e9:.1f} | **{v['mfu']:.2f}** "
                          f"[{min(v['mfu_rounds']):.2f}–{max(v['mfu_rounds']):.2f}] |")
+    for pr in res.get("profiles", []):
+        lines += [""] + op_profile_markdown(pr, f"Where the time goes: {pr['size']} {pr['precision']}")
     if res.get("compile"):
         lines += ["", "**torch.compile** (inductor; `nn.Module.compile()` on the model, the optimizer eager):", "",
                   "| size | precision | compile s (ours / timm) | speed-up ours | speed-up timm | "
@@ -336,7 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     torch.manual_seed(0)
     res: dict = {"machine": machine(dev), "config": {"batch": cfg.batch, "resolution": cfg.resolution},
-                 "command": "python -m encoder.bench", "vs_timm": [], "compile": []}
+                 "command": "python -m encoder.bench", "vs_timm": [], "compile": [], "profiles": []}
     for size in cfg.sizes:
         for prec in cfg.precisions:
             v = vs_timm(size, prec, cfg, dev, peak_probe=size == cfg.mfu_size)
@@ -348,6 +363,9 @@ def main(argv: list[str] | None = None) -> dict:
             if "mfu" in v:
                 msg += f"; MFU {v['mfu']:.2f} of {v['matmul_peak_flops'] / 1e9:.0f} GFLOP/s"
             print(msg, flush=True)
+    for size in cfg.profile_sizes:
+        for prec in cfg.precisions:
+            res["profiles"].append(profile_steps(size, prec, cfg, dev))
     for size in cfg.compile_sizes:
         for prec in cfg.precisions:
             c = compile_speedups(size, prec, cfg, dev)

@@ -23,8 +23,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
-__all__ = ["sync", "interleaved", "ratio", "machine", "write_report"]
+__all__ = ["sync", "interleaved", "ratio", "machine", "op_profile", "op_profile_markdown", "write_report"]
 
 
 def sync(device: torch.device | str) -> None:
@@ -64,6 +65,61 @@ def machine(device: torch.device | str) -> dict:
     return {"device": str(dev), "device_name": name, "threads": torch.get_num_threads(),
             "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2), "torch": torch.__version__,
             "python": platform.python_version(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
+
+
+def _op_class(name: str) -> str:
+    if name in GEMM_OPS:
+        return "matmul (mm, addmm, bmm, baddbmm)"
+    low = name.lower()
+    if "adam" in low or low.startswith("optimizer."):
+        return "optimizer (AdamW)"
+    if "attention" in low or "softmax" in low:
+        return "attention kernels (SDPA, softmax)"
+    return name
+
+
+def op_profile(fns: dict[str, Callable[[], object]], steps: int = 3, warmup: int = 2, top: int = 12,
+               device: torch.device | str = "cpu") -> dict:
+    """torch.profiler over ``steps`` calls of each function: self time per op class in ms per call (matmuls,
+    the optimizer and the attention kernels grouped; every other op by its name), the ``top`` classes of the
+    first function and their share of its total, for each contender."""
+    cuda = torch.device(device).type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    per: dict[str, dict[str, float]] = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        sync(device)
+        with profile(activities=acts) as prof:
+            for _ in range(steps):
+                fn()
+            sync(device)
+        classes: dict[str, float] = {}
+        for e in prof.key_averages():
+            t = (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3 / steps
+            classes[_op_class(e.key)] = classes.get(_op_class(e.key), 0.0) + t
+        per[name] = classes
+    first = next(iter(per.values()))
+    order = sorted(first, key=lambda k: -first[k])[:top]
+    totals = {n: sum(c.values()) for n, c in per.items()}
+    return {"steps": steps, "clock": "device" if cuda else "cpu (self time, all threads' ops on the main thread)",
+            "totals_ms": totals,
+            "rows": [{"op": k, **{n: per[n].get(k, 0.0) for n in per}} for k in order]}
+
+
+def op_profile_markdown(prof: dict, title: str) -> list[str]:
+    """The profile as a markdown table: ms per step and share of the total for each contender."""
+    names = list(prof["totals_ms"])
+    lines = [f"**{title}** (torch.profiler, self time per op class, ms per step over {prof['steps']} steps):", "",
+             "| op | " + " | ".join(f"{n} ms (%)" for n in names) + " |", "| --- |" + " --- |" * len(names)]
+    for r in prof["rows"]:
+        lines.append(f"| {r['op']} | " + " | ".join(f"{r[n]:.1f} ({100 * r[n] / prof['totals_ms'][n]:.1f})"
+                                                   for n in names) + " |")
+    lines.append("| **total** | " + " | ".join(f"**{prof['totals_ms'][n]:.1f}**" for n in names) + " |")
+    return lines
 
 
 def write_report(out: str | Path, parts: list[str | Path], title: str = "Benchmarks") -> Path:

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from diffusers import DiTTransformer2DModel
 
-from ov3common.bench import interleaved, machine, ratio
+from ov3common.bench import interleaved, machine, op_profile, op_profile_markdown, ratio
 from ov3common.config import parse_cli, path_field
 from ov3common.guard import NonFiniteGuard
 from ov3common.log import count_flops, get_logger
@@ -56,6 +56,8 @@ class BenchConfig:
     rae_batch: int = 2
     precisions: list[str] = field(default_factory=lambda: ["fp32", "bf16"])
     rounds: int = 5
+    profile: bool = True  # torch.profiler top ops of both model steps (with RAE), every precision
+    profile_steps: int = 2
     compile: bool = True  # compile speed-ups (ours; RAE's too when present), first precision only
     compile_rounds: int = 3
     diffusers: bool = False  # ours vs diffusers' DiT (+ sampling with `run`)
@@ -219,6 +221,11 @@ def vs_rae(cfg: BenchConfig, device: torch.device) -> dict:
                   f"RAE {row['step_s']['rae'] * 1e3:.0f} ms -> ours/RAE {row['ours_over_rae']['median']:.3f} "
                   f"(FLOP ratio {row['flops_ratio_ours_over_rae']:.3f})", flush=True)
             del s_ours, s_ref, ours, ref
+        if cfg.profile:
+            s_ours, s_ref, *_ = rae_pair(cfg.rae_batch, device, prec == "bf16")
+            res.setdefault("profiles", []).append(
+                {"precision": prec, **op_profile({"ours": s_ours, "rae": s_ref}, cfg.profile_steps, device=device)})
+            del s_ours, s_ref
     return res
 
 
@@ -329,6 +336,8 @@ def markdown(res: dict) -> str:
                              f"{row['params_ours'] / 1e6:.1f} / {row['params_rae'] / 1e6:.1f} | "
                              f"{row['flops_ratio_ours_over_rae']:.3f} | {row['step_s']['ours'] * 1e3:.0f} | "
                              f"{row['step_s']['rae'] * 1e3:.0f} | **{_r(row['ours_over_rae'])}** |")
+        for pr in r.get("profiles", []):
+            lines += [""] + op_profile_markdown(pr, f"Where the time goes: DiT-DH-S model step, {pr['precision']}")
     c = res.get("compile")
     if c:
         lines += ["", f"**torch.compile** (DiT-DH {c['size']}, {c['precision']}): compile "

@@ -53,7 +53,7 @@ class BenchConfig:
     precisions: list[str] = field(default_factory=lambda: ["fp32", "bf16"])
     resolution: int = 128  # image px: latent resolution/8, tokens (resolution/16)^2
     batch: int = 8
-    rounds: int = 7
+    rounds: int = 9
     warmup: int = 2
     timm_optimizer: bool = True  # also time timm with timm's own optimizer factory (what its users get)
     mfu_size: str = "B/2"  # MFU of this size's step (fp32 and bf16), peak probed in the same rounds

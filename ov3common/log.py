@@ -229,9 +229,15 @@ def measure_matmul_peak(dtype: torch.dtype = torch.bfloat16, device: str | torch
     return max(matmul_rate(s, dtype, device, seconds / len(sizes)) for s in sizes)
 
 
+def _addmm_flops(self_shape, a_shape, b_shape, *args, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
 def count_flops(fn: Callable, *args, **kwargs) -> int:
     """Total FLOPs of one call (forward, and backward if ``fn`` runs it), counted by torch's FlopCounterMode."""
 
-    with FlopCounterMode(display=False) as counter:
+    # In-place ``addmm_`` (the fused residual GEMM of ``encoder.models.residual_linear``) is absent from torch's
+    # registry; it costs what ``addmm`` costs.
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_flops}) as counter:
         fn(*args, **kwargs)
     return int(counter.get_total_flops())

@@ -9,6 +9,7 @@ import scipy.linalg
 import torch
 from PIL import Image
 from skimage import data
+from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 from torch_fidelity.metric_fid import fid_statistics_to_metric
 
 from eval import fid as F
@@ -232,6 +233,31 @@ def test_features_and_scores_do_not_depend_on_batch_size(weights):
         else:
             assert np.abs(f["pool"] - base_f["pool"]).max() <= 1e-4 * np.abs(base_f["pool"]).max()
             assert abs(fid - base_fid) < 1e-6 * base_fid and abs(sfid - base_sfid) < 1e-6 * base_sfid
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 32, 40), (1, 3, 400, 300), (1, 3, 299, 299), (3, 3, 256, 256)])
+def test_tf1_resize_is_torch_fidelitys_bitwise(shape):
+    """Up, down, non-square and identity: the separable resize gives torch-fidelity's TF 1.x resize bit for bit."""
+    u = torch.from_numpy(np.random.default_rng(shape[-1]).integers(0, 256, shape, dtype=np.uint8))
+    ref = interpolate_bilinear_2d_like_tensorflow1x(u.float(), size=(299, 299), align_corners=False)
+    got = I.tf1_resize(u)
+    assert got.shape == ref.shape and got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("kernel, stride, padding", [((3, 3), 2, (0, 0)), ((1, 7), 1, (0, 3)), ((1, 1), 1, (0, 0))])
+def test_conv_relu_fused_equals_conv_then_relu(kernel, stride, padding):
+    """oneDNN's convolution with a ReLU post-op on reordered weights = conv2d then ReLU, bit for bit; at a batch
+    size other than the one the weights were reordered for, and on the fallback path."""
+    g = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv2d(16, 24, kernel, stride=stride, padding=padding)
+    x = torch.randn(5, 16, 17, 17, generator=g).contiguous(memory_format=torch.channels_last)
+    ref = torch.relu(conv(x)).detach()
+    m = I.ConvReLU(conv)
+    assert torch.equal(m(x), ref)  # not packed: conv2d + relu_
+    m.pack([I.PACK_BATCH, 16, 17, 17])
+    got = m(x)
+    assert m._packed is not None and torch.equal(got, ref) and (ref == 0).any() and (ref > 0).any()
 
 
 def test_toy_fid_in_classifier_features_sees_a_colour_shift(tmp_path):

@@ -37,6 +37,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d
 from torch_fidelity.utils import create_feature_extractor
 
+from eval.fused import ConvReLU
 from ov3common.checkpoint import sha256_file
 
 DEFAULT_WEIGHTS = "weights/inception_fid/inception-2015-12-05-fidhelper.pth"
@@ -179,7 +180,6 @@ def fold_batch_norms(net: torch.nn.Module) -> torch.nn.Module:
 
 
 INPUT_SIZE = 299  # torch-fidelity's INPUT_IMAGE_SIZE
-PACK_BATCH = 32  # the batch size oneDNN's weight layouts are chosen for (any batch runs; results do not depend on it)
 # torch-fidelity's top-level layer sequence between the resize and pool3 (FeatureExtractorInceptionV3.forward)
 LAYERS = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPool_1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
           "MaxPool_2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
@@ -210,40 +210,6 @@ def tf1_resize(images: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
     return (top + (bottom - top) * dy.view(-1, 1, 1)).permute(0, 3, 1, 2)
 
 
-class ConvReLU(torch.nn.Module):
-    """A BN-folded BasicConv2d (convolution + bias) with its ReLU fused into the convolution: on CPU float32 one
-    oneDNN primitive with the ReLU as a post-op and the weights reordered once into oneDNN's blocked layout (what
-    inductor's freezing does); elsewhere (CUDA, autocast) ``relu(conv2d(x))``. Same values as conv then ReLU
-    (bitwise on CPU, tested)."""
-
-    def __init__(self, conv: torch.nn.Conv2d):
-        super().__init__()
-        self.weight = torch.nn.Parameter(conv.weight.detach().clone(), requires_grad=False)
-        self.bias = torch.nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
-        self.padding, self.stride = list(conv.padding), list(conv.stride)
-        self.dilation, self.groups = list(conv.dilation), conv.groups
-        self._packed: torch.Tensor | None = None
-
-    def pack(self, input_size: list[int]) -> None:
-        """Reorder the weights for oneDNN once, for inputs of ``input_size`` (N, C, H, W)."""
-        w = self.weight.detach().contiguous(memory_format=torch.channels_last)
-        self._packed = torch.ops.mkldnn._reorder_convolution_weight(w, self.padding, self.stride, self.dilation,
-                                                                    self.groups, input_size)
-
-    def _apply(self, fn, recurse=True):  # .to(device) / .float(): the packed copy is stale
-        self._packed = None
-        return super()._apply(fn, recurse)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self._packed is not None and x.device.type == "cpu" and x.dtype == torch.float32
-                and not torch.is_autocast_enabled("cpu")):
-            return torch.ops.mkldnn._convolution_pointwise(x, self._packed, self.bias, self.padding, self.stride,
-                                                           self.dilation, self.groups, "relu", [], "")
-        y = torch.nn.functional.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype), self.stride, self.padding,
-                                       self.dilation, self.groups)
-        return torch.relu_(y)
-
-
 def fuse_conv_relu(net: torch.nn.Module) -> dict[str, ConvReLU]:
     """Replace every (BN-folded) BasicConv2d of ``net`` by a :class:`ConvReLU`, in place; returns them by name."""
     out = {}
@@ -263,8 +229,9 @@ class InceptionExtractor(torch.nn.Module):
     The spatial features are read by a forward hook on ``Mixed_6d.branch1x1`` (ADM's ``mixed_6/conv``).
     ``fused=False``: torch-fidelity's module as is (its resize, normalisation and layers: the reference).
     ``fused=True`` (default): the same layers and blocks with batch norms folded into the convolutions, ReLUs fused
-    into them (:class:`ConvReLU`, oneDNN weights reordered once), channels_last, and the TF 1.x resize computed
-    separably (:func:`tf1_resize`, bitwise the same); features within ~1e-5 of the reference module (tested).
+    into them (:class:`eval.fused.ConvReLU`: one oneDNN primitive, weights reordered once), channels_last, and the
+    TF 1.x resize computed separably (:func:`tf1_resize`, bitwise the same); features within ~1e-5 of the reference
+    module (tested).
     ``compile``: the BN-folded module through torch.compile (inductor, frozen weights; it does its own fusions).
     ``precision``: fp32 (default) or bf16 (autocast; measurements only)."""
 
@@ -296,19 +263,6 @@ class InceptionExtractor(torch.nn.Module):
         return (f"torch-fidelity inception-v3-compat (pool3 2048, mixed_6/conv[:7] 2023"
                 f"{', logits' if self.with_logits else ''}; {kind}, {self.precision})")
 
-    def _pack(self) -> None:
-        """Reorder every convolution's weights for oneDNN (CPU, fp32), for the input shapes of a 299 px batch."""
-        shapes: dict[str, list[int]] = {}
-        hooks = [m.register_forward_pre_hook(lambda m, i, n=n: shapes.__setitem__(n, [PACK_BATCH, *i[0].shape[1:]]))
-                 for n, m in self.convs.items()]
-        try:
-            self._layers(torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE).to(memory_format=torch.channels_last))
-        finally:
-            for h in hooks:
-                h.remove()
-        for n, m in self.convs.items():
-            m.pack(shapes[n])
-
     def _layers(self, x: torch.Tensor) -> torch.Tensor:
         for name in LAYERS:
             x = getattr(self.net, name)(x)
@@ -317,9 +271,6 @@ class InceptionExtractor(torch.nn.Module):
     def _fused_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 [B, 3, H, W] images, got {images.dtype} {tuple(images.shape)}")
-        use_packed = images.device.type == "cpu" and self.precision == "fp32"
-        if use_packed and any(m._packed is None for m in self.convs.values()):
-            self._pack()
         pool = self._layers((tf1_resize(images) - 128) / 128)  # torch-fidelity's normalisation, same op
         return (pool, pool.mm(self.net.fc.weight.T)) if self.with_logits else (pool,)
 

@@ -42,6 +42,7 @@ RANDOM_LABEL = "random backbone: not a real perceptual score"
 SSIM_K1, SSIM_K2 = 0.01, 0.03
 GAUSS_SIGMA, GAUSS_TRUNCATE = 1.5, 3.5
 SSIM_WINDOWS = ("gaussian", "uniform")
+CHUNK_PIXELS = 4 * 256 * 256
 
 
 def _unit(x: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -55,11 +56,23 @@ def _check_pair(ref: torch.Tensor, rec: torch.Tensor) -> None:
         raise ValueError(f"reference {tuple(ref.shape)} and reconstruction {tuple(rec.shape)} differ in shape")
 
 
+def _chunk(x: torch.Tensor) -> int:
+    """Images per chunk of CHUNK_PIXELS: per-image metrics run chunk by chunk, so that their many elementwise passes
+    stay in the CPU's caches (about 3x faster than whole batches at 256 px; the values do not depend on it)."""
+    return max(1, CHUNK_PIXELS // (x.shape[-2] * x.shape[-1]))
+
+
 @torch.no_grad()
 def psnr(ref: torch.Tensor, rec: torch.Tensor) -> np.ndarray:
-    """Per-image PSNR (dB) on [0, 1], capped at PSNR_CAP."""
+    """Per-image PSNR (dB) on [0, 1], capped at PSNR_CAP. The squared error in float64: a float32 image in [-1, 1]
+    is exact in float64, and so is (a - b) / 2 = the difference on [0, 1]."""
     _check_pair(ref, rec)
-    mse = (_unit(ref) - _unit(rec.to(ref.device))).square().flatten(1).mean(1)
+    if ref.ndim != 4 or ref.shape[1] != 3:
+        raise ValueError(f"images must be [B, 3, H, W]; got {tuple(ref.shape)}")
+    rec = rec.to(ref.device)
+    mse = torch.cat([torch.linalg.vector_norm((a.detach().clamp(-1, 1).double() - b.detach().clamp(-1, 1).double())
+                                              .flatten(1), dim=1).square()
+                     for a, b in zip(ref.split(_chunk(ref)), rec.split(_chunk(ref)))]) / (4 * ref[0].numel())
     val = 10 * torch.log10(1.0 / mse.clamp(min=1e-300))
     return torch.where(mse == 0, torch.full_like(val, PSNR_CAP), val.clamp(max=PSNR_CAP)).cpu().numpy()
 
@@ -82,31 +95,43 @@ def _window_1d(window: str) -> tuple[torch.Tensor, float]:
 def ssim(ref: torch.Tensor, rec: torch.Tensor, window: str = "gaussian",
          dtype: torch.dtype = torch.float32) -> np.ndarray:
     """Per-image SSIM on [0, 1] (data range 1), RGB channels averaged (see the module docstring). float32 (default,
-    ~2e-6 from scikit-image, 2x its speed on CPU) or float64 (1e-14, slower: no oneDNN float64 convolution)."""
+    ~2e-6 from scikit-image) or float64 (1e-14, slower: no oneDNN float64 convolution)."""
     _check_pair(ref, rec)
-    k, cov_norm = _window_1d(window)
-    k = k.to(dtype)
-    size = len(k)
+    size = len(_window_1d(window)[0])
     if min(ref.shape[-2:]) < size:
         raise ValueError(f"SSIM ({window} window) needs images of at least {size}x{size} pixels; "
                          f"got {tuple(ref.shape[-2:])}")
+    rec = rec.to(ref.device)
+    return np.concatenate([_ssim_chunk(a, b, window, dtype) for a, b in zip(ref.split(_chunk(ref)),
+                                                                               rec.split(_chunk(ref)))])
+
+
+def _ssim_chunk(ref: torch.Tensor, rec: torch.Tensor, window: str, dtype: torch.dtype) -> np.ndarray:
+    k, cov_norm = _window_1d(window)
+    size = len(k)
     # centred on each image-channel's mean (SSIM's variances do not depend on it; the means get it back): float32
     # then loses no precision to the cancellation in E[x^2] - E[x]^2 that C2 = 9e-4 would amplify
-    x, y = _unit(ref, dtype), _unit(rec.to(ref.device), dtype)
+    x, y = _unit(ref, dtype), _unit(rec, dtype)
     cx, cy = x.mean((2, 3), keepdim=True), y.mean((2, 3), keepdim=True)
-    x, y = x - cx, y - cy
-    b, c = x.shape[:2]
-    stack = torch.cat([x, y, x * x, y * y, x * y], dim=1)  # [B, 5C, H, W]
-    k = k.to(stack.device)
-    groups = stack.shape[1]
+    b, c, h, w = x.shape
+    # the five maps of each channel as 5C channels of one channels_last tensor (oneDNN's depthwise convolution is
+    # ~2x faster on it than on NCHW); the window is separable: a column pass, then a row pass
+    stack = torch.empty(b, h, w, 5 * c, dtype=dtype, device=x.device).permute(0, 3, 1, 2)
+    xc, yc = torch.sub(x, cx, out=stack[:, :c]), torch.sub(y, cy, out=stack[:, c:2 * c])
+    torch.mul(xc, xc, out=stack[:, 2 * c:3 * c])
+    torch.mul(yc, yc, out=stack[:, 3 * c:4 * c])
+    torch.mul(xc, yc, out=stack[:, 4 * c:])
+    k = k.to(stack.device, dtype)
+    groups = 5 * c
     f = F.conv2d(stack, k.view(1, 1, size, 1).expand(groups, 1, size, 1), groups=groups)
     f = F.conv2d(f, k.view(1, 1, 1, size).expand(groups, 1, 1, size), groups=groups)
     mx, my, sxx, syy, sxy = f.split(c, dim=1)
-    vx, vy, vxy = cov_norm * (sxx - mx * mx), cov_norm * (syy - my * my), cov_norm * (sxy - mx * my)
+    num = (sxy - mx * my).mul_(2 * cov_norm).add_(SSIM_K2 ** 2)  # 2 cov(x, y) + C2
+    den = (sxx + syy).sub_(mx.square()).sub_(my.square()).mul_(cov_norm).add_(SSIM_K2 ** 2)  # var x + var y + C2
     mx, my = mx + cx, my + cy
-    c1, c2 = SSIM_K1 ** 2, SSIM_K2 ** 2
-    s = ((2 * mx * my + c1) * (2 * vxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-    return s.double().mean(dim=(1, 2, 3)).cpu().numpy()
+    num.mul_((mx * my).mul_(2).add_(SSIM_K1 ** 2))
+    den.mul_(mx.square_().add_(my.square_()).add_(SSIM_K1 ** 2))
+    return num.div_(den).double().mean(dim=(1, 2, 3)).cpu().numpy()
 
 
 # ---------------------------------------------------------------------------------------------------- references

@@ -14,6 +14,7 @@ from torch_fidelity.metric_fid import fid_statistics_to_metric
 
 from eval import fid as F
 from eval import inception as I
+from eval.fused import ConvReLU
 from eval.toygen import toy_metrics
 from ov3common.checkpoint import save_safetensors
 from rae_generation.classify import ToyClassifier
@@ -253,9 +254,11 @@ def test_conv_relu_fused_equals_conv_then_relu(kernel, stride, padding):
     conv = torch.nn.Conv2d(16, 24, kernel, stride=stride, padding=padding)
     x = torch.randn(5, 16, 17, 17, generator=g).contiguous(memory_format=torch.channels_last)
     ref = torch.relu(conv(x)).detach()
-    m = I.ConvReLU(conv)
-    assert torch.equal(m(x), ref)  # not packed: conv2d + relu_
-    m.pack([I.PACK_BATCH, 16, 17, 17])
+    m = ConvReLU(conv)
+    ref64 = torch.relu(torch.nn.functional.conv2d(x.double(), conv.weight.double(), conv.bias.double(), stride,
+                                                  padding))
+    assert torch.equal(m.double()(x.double()), ref64)  # float64: the fallback, conv2d + relu_
+    m.float().pack([32, 16, 17, 17])  # reordered for batch 32, run at 5
     got = m(x)
     assert m._packed is not None and torch.equal(got, ref) and (ref == 0).any() and (ref > 0).any()
 

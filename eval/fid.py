@@ -52,6 +52,7 @@ from torch_fidelity.metric_fid import fid_features_to_statistics
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 
+from eval.fused import heap_reuse
 from eval.inception import (
     DEFAULT_WEIGHTS,
     FidWeightsError,
@@ -244,7 +245,7 @@ def extract(images: list[Path] | np.ndarray, weights: str | Path, batch_size: in
 
     ext = _extractor(str(weights), with_logits, str(device), fused, precision, compile)
     out: dict[str, list[np.ndarray]] = {}
-    with torch.no_grad(), exact_kernels(), progress(total=len(images), desc=desc) as bar:
+    with torch.no_grad(), exact_kernels(), heap_reuse(), progress(total=len(images), desc=desc) as bar:
         for batch in iter_uint8_batches(images, batch_size):
             n = len(batch)
             if compile and n < batch_size:

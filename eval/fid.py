@@ -245,7 +245,8 @@ def extract(images: list[Path] | np.ndarray, weights: str | Path, batch_size: in
 
     ext = _extractor(str(weights), with_logits, str(device), fused, precision, compile)
     out: dict[str, list[np.ndarray]] = {}
-    with torch.no_grad(), exact_kernels(), heap_reuse(), progress(total=len(images), desc=desc) as bar:
+    with torch.no_grad(), exact_kernels(), heap_reuse() if fused else contextlib.nullcontext(), \
+            progress(total=len(images), desc=desc) as bar:
         for batch in iter_uint8_batches(images, batch_size):
             n = len(batch)
             if compile and n < batch_size:

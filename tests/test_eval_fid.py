@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from torch_fidelity.metric_fid import fid_statistics_to_metric
 
 from eval import fid as F
 from eval import inception as I
+from eval.bench_fid import encoder_bench_rfid
 from eval.fused import ConvReLU
 from eval.toygen import toy_metrics
 from ov3common.checkpoint import save_safetensors
@@ -283,3 +285,23 @@ def test_toy_fid_in_classifier_features_sees_a_colour_shift(tmp_path):
     assert abs(same["toy_fid"]) < 1e-6 and same["num_real"] == 40 and same["toy_fid_interval"]["n"] == 40
     assert dark["toy_fid_interval"]["low"] > same["toy_fid_interval"]["high"]
     assert 0 <= same["class_acc_interval"]["low"] <= same["class_acc"] <= same["class_acc_interval"]["high"] <= 1
+
+
+def test_bench_pipeline_variants_agree_and_warm_reads_the_cache(weights, tmp_path):
+    """``make bench``'s rFID row (eval.bench_fid): before / now cold / now warm on 4 pairs give the same numbers;
+    the warm run takes the originals' features from the cache (only the reconstructions through Inception)."""
+    (tmp_path / "val").mkdir()
+    for i, a in enumerate(_photo_crops(4, size=32)):
+        Image.fromarray(a).save(tmp_path / "val" / f"{i}.png")
+    cfg = SimpleNamespace(rfid_images=tmp_path / "val", rfid_max_images=4, rfid_batch=2, rfid_weights=weights)
+    r = encoder_bench_rfid(cfg, torch.device("cpu"))
+    v = r["variants"]
+    assert list(v) == ["before", "now_cold", "now_warm"] and r["n"] == 4 and r["image_size"] == [32, 32]
+    assert [v[k]["inception_images"] for k in v] == [8, 8, 4]
+    for k in ("now_cold", "now_warm"):
+        p = r["parity"][k]
+        assert p["same_numbers"] and p["fid_abs_diff"] < 1e-6 * v["before"]["fid"] and p["psnr_abs_diff"] < 1e-9
+        assert p["ssim_abs_diff_max_image"] < 1e-5 and p["lpips_abs_diff_max_image"] < 1e-6
+        assert r["speedup"][k]["total"] > 0 and isinstance(r["meets_3x"][k], bool)
+    assert v["now_warm"]["fid"] == v["now_cold"]["fid"]  # the cache holds the cold run's features
+    assert "| now_warm |" in r["markdown"] and "now_warm: as now_cold" in r["markdown"]

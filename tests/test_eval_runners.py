@@ -156,6 +156,10 @@ def test_rfid_with_random_export(weights, val_images, tmp_path):
     assert res["lpips"] is None and res["lpips_note"] == "LPIPS not computed"
     assert Path(res["grid"]).is_file()
     assert json.loads((tmp_path / "out" / "rfid.json").read_text())["rfid"] == pytest.approx(res["rfid"])
+    assert res["fid_details"]["real_stats"] == "computed"
+    again = rfid.run_rfid(exp, val_images, tmp_path / "out2", weights=weights, max_images=5, batch_size=4,
+                          cache_dir=tmp_path / "cache", kid_subsets=2)  # a second evaluation on the same val set
+    assert again["fid_details"]["real_stats"] == "cache" and again["rfid"] == res["rfid"]  # originals cached
 
 
 def test_gfid_with_fake_generator(weights, tmp_path):

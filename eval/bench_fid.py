@@ -233,8 +233,8 @@ def bench_spread(n: int = 200, size: int = 64, batch_sizes: tuple[int, ...] = (1
     rows = {}
     for bs in batch_sizes:
         f = F.extract(fake, weights, bs, fused=fused)
-        rows[bs] = {"fid": F.frechet_distance(*F.gaussian_stats(f["pool"]), mu, sg),
-                    "sfid": F.frechet_distance(*F.gaussian_stats(f["spatial"]), mu_s, sg_s)}
+        rows[bs] = {"fid": F.frechet_distance(*F.gaussian_stats(f["pool"]), mu, sg, features1=f["pool"]),
+                    "sfid": F.frechet_distance(*F.gaussian_stats(f["spatial"]), mu_s, sg_s, features1=f["spatial"])}
     fids, sfids = [r["fid"] for r in rows.values()], [r["sfid"] for r in rows.values()]
     return {"n": n, "fused": fused, "by_batch_size": rows, "fid_spread": max(fids) - min(fids),
             "sfid_spread": max(sfids) - min(sfids)}
@@ -274,6 +274,10 @@ def main(argv=None) -> int:
         r = bench_pipeline(photo_set(args.n or 1000, args.size or 256), batch_size=args.batch_size,
                            weights=args.weights, lpips=None if args.no_lpips else "auto", compile=not args.no_compile)
         print(pipeline_markdown(r), file=sys.stderr)
+    elif args.what == "spread":
+        r = bench_spread(args.n or 200, args.size or 64, weights=args.weights, fused=not args.reference_module)
+    else:
+        r = bench_bf16(args.n or 300, args.size or 96, args.weights)
     text = json.dumps(r, indent=2, default=float)
     print(text)
     if args.out:

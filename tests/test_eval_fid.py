@@ -16,6 +16,7 @@ from torch_fidelity.metric_fid import fid_statistics_to_metric
 from eval import fid as F
 from eval import inception as I
 from eval.bench_fid import encoder_bench_rfid
+from eval.bench_fid import main as bench_fid_main
 from eval.fused import ConvReLU
 from eval.toygen import toy_metrics
 from ov3common.checkpoint import save_safetensors
@@ -305,3 +306,11 @@ def test_bench_pipeline_variants_agree_and_warm_reads_the_cache(weights, tmp_pat
         assert r["speedup"][k]["total"] > 0 and isinstance(r["meets_3x"][k], bool)
     assert v["now_warm"]["fid"] == v["now_cold"]["fid"]  # the cache holds the cold run's features
     assert "| now_warm |" in r["markdown"] and "now_warm: as now_cold" in r["markdown"]
+
+
+def test_bench_fid_cli_spread(weights, tmp_path):
+    """``python -m eval.bench_fid spread``: FID / sFID at batch sizes 1, 7, 100 are the same (fused extractor)."""
+    assert bench_fid_main(["spread", "--n", "6", "--size", "32", "--weights", str(weights),
+                           "--out", str(tmp_path / "s.json")]) == 0
+    r = json.loads((tmp_path / "s.json").read_text())
+    assert r["fused"] and set(r["by_batch_size"]) == {"1", "7", "100"} and r["fid_spread"] == r["sfid_spread"] == 0.0

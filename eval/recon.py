@@ -14,14 +14,19 @@ bootstrap intervals over images).
       channel_axis=-1, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)``;
     - ``uniform``: scikit-image's default window — 7x7 uniform, sample covariance (N / (N - 1)); =
       ``structural_similarity(a, b, data_range=1, channel_axis=-1)``.
-  Both are tested against scikit-image within 1e-4 (float32: ~2e-6; float64: ~1e-14; the cropped border never sees
-  padding, so only 'valid' convolutions are needed). Images must be at least the window's size.
+  Both are tested against scikit-image within 1e-5 (float32: ~2e-6; float64: ~1e-14; the cropped border never sees
+  padding, so only 'valid' convolutions are needed). Images must be at least the window's size. The window is
+  applied separably (a column pass, then a row pass) to the five maps of all channels at once, as one channels_last
+  depthwise convolution.
 * LPIPS: on [-1, 1] through ``encoder.losses.LPIPSLoss`` (the project's one LPIPS loader: torchvision backbone
   weights from a local file or ``$TORCH_HOME/hub/checkpoints``). Without local backbone weights it runs with a
   random backbone and every output says so (:data:`RANDOM_LABEL`): such a number is not a perceptual score.
+  :class:`LPIPSMetric` runs the package's network and formula faster (see there), within 1e-6 of its forward.
 
-``psnr_skimage`` / ``ssim_skimage`` are the per-image scikit-image references (tests and ``eval.bench_fid``'s
-"before" pipeline).
+PSNR and SSIM run over chunks of ``CHUNK_PIXELS`` (4 images at 256 px) so that their elementwise passes stay in the
+CPU's caches; the values do not depend on the batch or the chunk (tested). ``psnr_skimage`` / ``ssim_skimage`` are
+the per-image scikit-image references and :meth:`LPIPSMetric.package` the lpips package's forward (tests and
+``eval.bench_fid``'s "before" pipeline).
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ Each image is centre-cropped/resized to the export's ``image_size``; ``encode`` 
 noise: τ = 0 at inference) the reconstruction. Reported: FID (+ sFID, KID, precision/recall) of the
 reconstructions against the processed originals (with a bootstrap interval and the sha256 of the originals'
 statistics), PSNR, SSIM (Gaussian 11x11 window, sigma 1.5, data range 1 on [0, 1]), LPIPS — batched in torch
-(:mod:`eval.recon`) — and a PNG grid (originals on odd rows, reconstructions below them).
+(:mod:`eval.recon`) — and a PNG grid (originals on odd rows, reconstructions below them). With ``cache_dir`` the
+originals' Inception statistics are cached by content: a later evaluation on the same val set and image size only
+runs the reconstructions through Inception.
 
     python -m eval.rfid --encoder runs/toy/encoder/export --images data/toy/images/val --out runs/eval/rfid
 """

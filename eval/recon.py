@@ -176,7 +176,8 @@ class LPIPSMetric:
     squared differences weighted by the ``lin`` layers, spatial means, summed over layers) with its weights, faster:
     both images of each pair in one trunk pass, channels_last, each convolution + ReLU as one oneDNN primitive
     (:class:`eval.fused.ConvReLU`) and each ``lin`` 1x1 convolution as a matrix-vector product. Within ~1e-6 of
-    the package's own forward (tested); :meth:`package` is that forward as is (the reference)."""
+    the package's own forward, the same at any batch size (tested); :meth:`package` is that forward as is (the
+    reference)."""
 
     def __init__(self, net: str = "alex", backbone: str = "auto", backbone_path: str = "",
                  device: str | torch.device = "cpu"):
@@ -203,9 +204,11 @@ class LPIPSMetric:
         total = torch.zeros(n, device=self.device)
         for layer, w in zip(self._slices, self._lins):
             h = layer(h)
-            unit = h / torch.linalg.vector_norm(h, dim=1, keepdim=True).add_(LPIPS_EPS)  # the package's normalize
+            # the package's normalize (x / (|x| + eps)), as a product with the per-pixel reciprocal: ~5x cheaper
+            unit = h * torch.linalg.vector_norm(h, dim=1, keepdim=True).add_(LPIPS_EPS).reciprocal_()
             d = (unit[:n] - unit[n:]).square_()
-            total += (d.permute(0, 2, 3, 1) @ w).mean((1, 2))  # lin (1x1, no bias), spatial mean
+            # lin (1x1, no bias) as a matrix-vector product per image (a batched one is not batch-independent)
+            total += torch.stack([(di.permute(1, 2, 0) @ w).mean() for di in d])
         return total.double().cpu().numpy()
 
     @torch.no_grad()

@@ -193,7 +193,8 @@ def pipeline_markdown(r: dict) -> str:
     """The report's lines: one table row per variant."""
     head = (f"rFID pipeline metric work, {r['n']} pairs at {r['image_size'][0]} px, batch {r['batch_size']}, "
             f"{r['machine']['threads']} threads (load {r['machine']['load_avg_1m']} at start), LPIPS {r['lpips']}:")
-    lines = [head, "", "| variant | s | images/s | × before (metrics / features) | FID | FID diff | SSIM diff (max per image) |",
+    lines = [head, "", "| variant | s | images/s | × before (metrics / features) | FID | FID diff | "
+             "SSIM diff (max per image) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for v, x in r["variants"].items():
         s, p = r["speedup"].get(v), r["parity"].get(v)

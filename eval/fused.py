@@ -93,10 +93,11 @@ def heap_reuse():
     """Inside: glibc's malloc keeps freed memory for reuse (no mmap'd blocks, no trimming of the heap top).
 
     Why: the networks' activations are tens to hundreds of MB; glibc serves blocks above its mmap threshold (at
-    most 32 MB) with fresh mmaps and unmaps them on free, so every batch pays ~10^4 page faults per image (measured:
-    ~1.3-2M minor faults and 2.5-4 s of system time per 100-150 Inception images; with this ~1.5e5 and ~0.2 s). On exit the
-    thresholds are set to the values glibc's dynamic adjustment reaches for large blocks (mmap above 32 MB, trim
-    above 64 MB) and the unused heap is returned (``malloc_trim``). A no-op where the C library is not glibc."""
+    most 32 MB) with fresh mmaps and unmaps them on free, so every batch pays ~10^4 page faults per image
+    (measured: 1.3-2M minor faults and 2.5-4 s of system time per 100-150 Inception images; with this ~1.5e5 and
+    ~0.2 s). On exit the thresholds are set to the values glibc's dynamic adjustment reaches for large blocks (mmap
+    above 32 MB, trim above 64 MB) and the unused heap is returned (``malloc_trim``). A no-op where the C library
+    is not glibc. Process-wide (as the setting is); nested uses leave it to the outermost."""
     libc = _glibc()
     if libc is None or _heap_depth[0]:  # not glibc, or already inside (nested: the outermost one restores)
         yield

@@ -14,10 +14,10 @@ bootstrap intervals over images).
       channel_axis=-1, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)``;
     - ``uniform``: scikit-image's default window — 7x7 uniform, sample covariance (N / (N - 1)); =
       ``structural_similarity(a, b, data_range=1, channel_axis=-1)``.
-  Both are tested against scikit-image within 1e-5 (float32: ~2e-6; float64: ~1e-14; the cropped border never sees
-  padding, so only 'valid' convolutions are needed). Images must be at least the window's size. The window is
-  applied separably (a column pass, then a row pass) to the five maps of all channels at once, as one channels_last
-  depthwise convolution.
+  Both are tested against scikit-image within 1e-5 (float32: up to ~7e-6 on photos; float64: ~1e-14; the cropped
+  border never sees padding, so only 'valid' convolutions are needed). Images must be at least the window's size.
+  The window is applied separably (a column pass, then a row pass) to the five maps of all channels at once, as one
+  channels_last depthwise convolution.
 * LPIPS: on [-1, 1] through ``encoder.losses.LPIPSLoss`` (the project's one LPIPS loader: torchvision backbone
   weights from a local file or ``$TORCH_HOME/hub/checkpoints``). Without local backbone weights it runs with a
   random backbone and every output says so (:data:`RANDOM_LABEL`): such a number is not a perceptual score.
@@ -102,7 +102,7 @@ def _window_1d(window: str) -> tuple[torch.Tensor, float]:
 def ssim(ref: torch.Tensor, rec: torch.Tensor, window: str = "gaussian",
          dtype: torch.dtype = torch.float32) -> np.ndarray:
     """Per-image SSIM on [0, 1] (data range 1), RGB channels averaged (see the module docstring). float32 (default,
-    ~2e-6 from scikit-image) or float64 (1e-14, slower: no oneDNN float64 convolution)."""
+    up to ~7e-6 from scikit-image on photos) or float64 (1e-14, slower: no oneDNN float64 convolution)."""
     _check_pair(ref, rec)
     size = len(_window_1d(window)[0])
     if min(ref.shape[-2:]) < size:
@@ -204,7 +204,8 @@ class LPIPSMetric:
         total = torch.zeros(n, device=self.device)
         for layer, w in zip(self._slices, self._lins):
             h = layer(h)
-            # the package's normalize (x / (|x| + eps)), as a product with the per-pixel reciprocal: ~5x cheaper
+            # the package's normalize, x / (|x| + eps), as a product with the per-pixel reciprocal (no division per
+            # element)
             unit = h * torch.linalg.vector_norm(h, dim=1, keepdim=True).add_(LPIPS_EPS).reciprocal_()
             d = (unit[:n] - unit[n:]).square_()
             # lin (1x1, no bias) as a matrix-vector product per image (a batched one is not batch-independent)

@@ -226,8 +226,8 @@ def test_features_and_scores_do_not_depend_on_batch_size(weights):
     runs = {}
     for bs, fused in ((1, True), (7, True), (100, True), (7, False)):
         f = F.extract(fake, weights, batch_size=bs, fused=fused)
-        runs[bs, fused] = (f, F.frechet_distance(*F.gaussian_stats(f["pool"]), mu, sigma),
-                           F.frechet_distance(*F.gaussian_stats(f["spatial"]), mu_s, sigma_s))
+        runs[bs, fused] = (f, F.frechet_distance(*F.gaussian_stats(f["pool"]), mu, sigma, features1=f["pool"]),
+                           F.frechet_distance(*F.gaussian_stats(f["spatial"]), mu_s, sigma_s, features1=f["spatial"]))
     base_f, base_fid, base_sfid = runs[100, True]
     assert base_fid > 10 and base_sfid > 1  # different crops: a real distance
     for key, (f, fid, sfid) in runs.items():

@@ -21,15 +21,19 @@ shuffled 10 splits are not used); precision / recall = Kynkäänniemi et al. wit
 the same rule as ADM's ``ManifoldEstimator``; ADM computes the distances in float16 with a float32 fallback, we in
 float32). Every result carries ``n_fake`` / ``n_real`` and the sha256 of the reference statistics it used.
 
-Exactness: features do not depend on the batch size (tested at 1, 7 and 100): images are resized one by one by
-torch-fidelity's TF-compatible resize, never padded, and extraction runs in fp32 under :func:`exact_kernels` (no
-TF32, no cuDNN autotuning, deterministic cuDNN / oneDNN algorithms). ``fused=True`` (default) folds each batch norm
-into its convolution and runs channels_last: ~1.5x faster on CPU, features within 1e-5 of the reference module
-(FID within 1e-4, tested). ``precision="bf16"`` is offered for measurements only; its FID shift is reported by
-``python -m eval.bench_fid`` and it is not the default.
+Exactness: features do not depend on the batch size (tested at 1, 7 and 100: bitwise): every image is resized on
+its own by torch-fidelity's TF-compatible resize, never padded, and extraction runs in fp32 under
+:func:`exact_kernels` (no TF32, no cuDNN autotuning, deterministic cuDNN / oneDNN algorithms). ``fused=True``
+(default) runs torch-fidelity's layers with each batch norm folded into its convolution, the ReLU fused into it
+(one oneDNN primitive, weights reordered once: :mod:`eval.fused`), channels_last, the resize computed separably
+(bitwise torch-fidelity's) and glibc's heap kept between batches (:func:`eval.fused.heap_reuse`): features within
+~1e-5 of the reference module (FID within 1e-4, tested); speed in ``eval/README.md``. ``precision="bf16"`` is
+offered for measurements only: its FID shift (``python -m eval.bench_fid bf16``: 0.017 at n = 100, 96 px) is above
+the 0.01 that would allow it, so fp32 is the default.
 
-Statistics of real sets are cached under ``--cache-dir`` keyed by a hash of the file list (paths, sizes, mtimes),
-of the weights file and of the extractor settings.
+Statistics of real sets are cached under ``--cache-dir`` keyed by a hash of the file list (paths, sizes, mtimes) or,
+for an image array (rFID's processed originals), of its bytes, plus the weights file and the extractor settings: a
+second rFID evaluation on the same val set (another checkpoint, the baseline row) reads the originals' features.
 
     python -m eval.fid --fake samples.npz --real data/toy/classes/val [--weights PATH] [--out fid.json]
 """
@@ -52,6 +56,7 @@ from torch_fidelity.metric_fid import fid_features_to_statistics
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 
+from eval.fused import heap_reuse
 from eval.inception import (
     DEFAULT_WEIGHTS,
     FidWeightsError,
@@ -244,7 +249,8 @@ def extract(images: list[Path] | np.ndarray, weights: str | Path, batch_size: in
 
     ext = _extractor(str(weights), with_logits, str(device), fused, precision, compile)
     out: dict[str, list[np.ndarray]] = {}
-    with torch.no_grad(), exact_kernels(), progress(total=len(images), desc=desc) as bar:
+    with torch.no_grad(), exact_kernels(), heap_reuse() if fused else contextlib.nullcontext(), \
+            progress(total=len(images), desc=desc) as bar:
         for batch in iter_uint8_batches(images, batch_size):
             n = len(batch)
             if compile and n < batch_size:

@@ -4,7 +4,9 @@ Each image is centre-cropped/resized to the export's ``image_size``; ``encode`` 
 noise: τ = 0 at inference) the reconstruction. Reported: FID (+ sFID, KID, precision/recall) of the
 reconstructions against the processed originals (with a bootstrap interval and the sha256 of the originals'
 statistics), PSNR, SSIM (Gaussian 11x11 window, sigma 1.5, data range 1 on [0, 1]), LPIPS — batched in torch
-(:mod:`eval.recon`) — and a PNG grid (originals on odd rows, reconstructions below them).
+(:mod:`eval.recon`) — and a PNG grid (originals on odd rows, reconstructions below them). With ``cache_dir`` the
+originals' Inception statistics are cached by content: a later evaluation on the same val set and image size only
+runs the reconstructions through Inception.
 
     python -m eval.rfid --encoder runs/toy/encoder/export --images data/toy/images/val --out runs/eval/rfid
 """
@@ -21,6 +23,7 @@ import torch
 
 from encoder.export import load_encoder
 from eval.fid import DEFAULT_WEIGHTS, compute_metrics, list_images
+from eval.fused import heap_reuse
 from eval.recon import LPIPSMetric, ReconMetrics
 from ov3common.checkpoint import atomic_write_json
 from ov3common.images import center_crop_resize, decode_image, save_image_grid, to_tensor_pm1, to_uint8
@@ -45,16 +48,17 @@ def reconstruct(encoder, paths: list[Path], batch_size: int = 16, lpips: LPIPSMe
 
     metrics = ReconMetrics(lpips)
     orig, recs, grid_o, grid_r = [], [], [], []
-    for i in progress(range(0, len(paths), batch_size), desc="rfid reconstruct"):
-        x = _load_batch(paths[i:i + batch_size], encoder.image_size)
-        tokens, _ = encoder.encode(x.to(encoder.device, encoder.dtype))
-        rec = encoder.decode(tokens).float().cpu().clamp(-1, 1)
-        metrics.update(x, rec)
-        orig.append(to_uint8(x))
-        recs.append(to_uint8(rec))
-        if sum(len(g) for g in grid_o) < grid_images:
-            grid_o.append(x)
-            grid_r.append(rec)
+    with heap_reuse():
+        for i in progress(range(0, len(paths), batch_size), desc="rfid reconstruct"):
+            x = _load_batch(paths[i:i + batch_size], encoder.image_size)
+            tokens, _ = encoder.encode(x.to(encoder.device, encoder.dtype))
+            rec = encoder.decode(tokens).float().cpu().clamp(-1, 1)
+            metrics.update(x, rec)
+            orig.append(to_uint8(x))
+            recs.append(to_uint8(rec))
+            if sum(len(g) for g in grid_o) < grid_images:
+                grid_o.append(x)
+                grid_r.append(rec)
     o, r = torch.cat(grid_o)[:grid_images], torch.cat(grid_r)[:grid_images]
     rows = [t for k in range(0, len(o), 8) for t in (o[k:k + 8], r[k:k + 8])]
     return np.concatenate(orig), np.concatenate(recs), metrics.result(), torch.cat(rows)

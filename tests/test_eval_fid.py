@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,10 +10,14 @@ import scipy.linalg
 import torch
 from PIL import Image
 from skimage import data
+from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 from torch_fidelity.metric_fid import fid_statistics_to_metric
 
 from eval import fid as F
 from eval import inception as I
+from eval.bench_fid import encoder_bench_rfid
+from eval.bench_fid import main as bench_fid_main
+from eval.fused import ConvReLU
 from eval.toygen import toy_metrics
 from ov3common.checkpoint import save_safetensors
 from rae_generation.classify import ToyClassifier
@@ -221,8 +226,8 @@ def test_features_and_scores_do_not_depend_on_batch_size(weights):
     runs = {}
     for bs, fused in ((1, True), (7, True), (100, True), (7, False)):
         f = F.extract(fake, weights, batch_size=bs, fused=fused)
-        runs[bs, fused] = (f, F.frechet_distance(*F.gaussian_stats(f["pool"]), mu, sigma),
-                           F.frechet_distance(*F.gaussian_stats(f["spatial"]), mu_s, sigma_s))
+        runs[bs, fused] = (f, F.frechet_distance(*F.gaussian_stats(f["pool"]), mu, sigma, features1=f["pool"]),
+                           F.frechet_distance(*F.gaussian_stats(f["spatial"]), mu_s, sigma_s, features1=f["spatial"]))
     base_f, base_fid, base_sfid = runs[100, True]
     assert base_fid > 10 and base_sfid > 1  # different crops: a real distance
     for key, (f, fid, sfid) in runs.items():
@@ -232,6 +237,33 @@ def test_features_and_scores_do_not_depend_on_batch_size(weights):
         else:
             assert np.abs(f["pool"] - base_f["pool"]).max() <= 1e-4 * np.abs(base_f["pool"]).max()
             assert abs(fid - base_fid) < 1e-6 * base_fid and abs(sfid - base_sfid) < 1e-6 * base_sfid
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 32, 40), (1, 3, 400, 300), (1, 3, 299, 299), (3, 3, 256, 256)])
+def test_tf1_resize_is_torch_fidelitys_bitwise(shape):
+    """Up, down, non-square and identity: the separable resize gives torch-fidelity's TF 1.x resize bit for bit."""
+    u = torch.from_numpy(np.random.default_rng(shape[-1]).integers(0, 256, shape, dtype=np.uint8))
+    ref = interpolate_bilinear_2d_like_tensorflow1x(u.float(), size=(299, 299), align_corners=False)
+    got = I.tf1_resize(u)
+    assert got.shape == ref.shape and got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("kernel, stride, padding", [((3, 3), 2, (0, 0)), ((1, 7), 1, (0, 3)), ((1, 1), 1, (0, 0))])
+def test_conv_relu_fused_equals_conv_then_relu(kernel, stride, padding):
+    """oneDNN's convolution with a ReLU post-op on reordered weights = conv2d then ReLU, bit for bit; at a batch
+    size other than the one the weights were reordered for, and on the fallback path."""
+    g = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv2d(16, 24, kernel, stride=stride, padding=padding)
+    x = torch.randn(5, 16, 17, 17, generator=g).contiguous(memory_format=torch.channels_last)
+    ref = torch.relu(conv(x)).detach()
+    m = ConvReLU(conv)
+    ref64 = torch.relu(torch.nn.functional.conv2d(x.double(), conv.weight.double(), conv.bias.double(), stride,
+                                                  padding))
+    assert torch.equal(m.double()(x.double()), ref64)  # float64: the fallback, conv2d + relu_
+    m.float().pack([32, 16, 17, 17])  # reordered for batch 32, run at 5
+    got = m(x)
+    assert m._packed is not None and torch.equal(got, ref) and (ref == 0).any() and (ref > 0).any()
 
 
 def test_toy_fid_in_classifier_features_sees_a_colour_shift(tmp_path):
@@ -254,3 +286,31 @@ def test_toy_fid_in_classifier_features_sees_a_colour_shift(tmp_path):
     assert abs(same["toy_fid"]) < 1e-6 and same["num_real"] == 40 and same["toy_fid_interval"]["n"] == 40
     assert dark["toy_fid_interval"]["low"] > same["toy_fid_interval"]["high"]
     assert 0 <= same["class_acc_interval"]["low"] <= same["class_acc"] <= same["class_acc_interval"]["high"] <= 1
+
+
+def test_bench_pipeline_variants_agree_and_warm_reads_the_cache(weights, tmp_path):
+    """``make bench``'s rFID row (eval.bench_fid): before / now cold / now warm on 4 pairs give the same numbers;
+    the warm run takes the originals' features from the cache (only the reconstructions through Inception)."""
+    (tmp_path / "val").mkdir()
+    for i, a in enumerate(_photo_crops(4, size=32)):
+        Image.fromarray(a).save(tmp_path / "val" / f"{i}.png")
+    cfg = SimpleNamespace(rfid_images=tmp_path / "val", rfid_max_images=4, rfid_batch=2, rfid_weights=weights)
+    r = encoder_bench_rfid(cfg, torch.device("cpu"))
+    v = r["variants"]
+    assert list(v) == ["before", "now_cold", "now_warm"] and r["n"] == 4 and r["image_size"] == [32, 32]
+    assert [v[k]["inception_images"] for k in v] == [8, 8, 4]
+    for k in ("now_cold", "now_warm"):
+        p = r["parity"][k]
+        assert p["same_numbers"] and p["fid_abs_diff"] < 1e-6 * v["before"]["fid"] and p["psnr_abs_diff"] < 1e-9
+        assert p["ssim_abs_diff_max_image"] < 1e-5 and p["lpips_abs_diff_max_image"] < 1e-6
+        assert r["speedup"][k]["total"] > 0 and isinstance(r["meets_3x"][k], bool)
+    assert v["now_warm"]["fid"] == v["now_cold"]["fid"]  # the cache holds the cold run's features
+    assert "| now_warm |" in r["markdown"] and "now_warm: as now_cold" in r["markdown"]
+
+
+def test_bench_fid_cli_spread(weights, tmp_path):
+    """``python -m eval.bench_fid spread``: FID / sFID at batch sizes 1, 7, 100 are the same (fused extractor)."""
+    assert bench_fid_main(["spread", "--n", "6", "--size", "32", "--weights", str(weights),
+                           "--out", str(tmp_path / "s.json")]) == 0
+    r = json.loads((tmp_path / "s.json").read_text())
+    assert r["fused"] and set(r["by_batch_size"]) == {"1", "7", "100"} and r["fid_spread"] == r["sfid_spread"] == 0.0

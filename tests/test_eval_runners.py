@@ -106,6 +106,27 @@ def test_lpips_random_backbone_is_labelled(monkeypatch, tmp_path):
     assert not real.random_backbone and str(local) in real.label and real(x, -x).shape == (2,)
 
 
+@pytest.mark.parametrize("net", ["alex", "vgg"])
+def test_lpips_fast_path_matches_the_lpips_package(net, tmp_path, monkeypatch):
+    """The batched channels_last forward (fused conv + ReLU, lin as a matrix-vector product) against the lpips
+    package's own forward, with a torchvision-initialised backbone loaded as weights (values up to ~0.1)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    torch.manual_seed(0)
+    tv = {"alex": torchvision.models.alexnet, "vgg": torchvision.models.vgg16}[net]()
+    torch.save(tv.state_dict(), tmp_path / "backbone.pth")
+    m = recon.LPIPSMetric(net, backbone="pretrained", backbone_path=str(tmp_path / "backbone.pth"))
+    x, y = _ssim_test_set()
+    x, y = x[:, :, :64, :48], y[:, :, :64, :48]  # non-square, small
+    ref = m.package(x, y)
+    got = m(x, y)
+    assert ref.max() > 0.05 and np.abs(got - ref).max() < 1e-6
+    assert np.array_equal(np.concatenate([m(x[i:i + 1], y[i:i + 1]) for i in range(len(x))]), got)  # per image
+    fast, slow = recon.ReconMetrics(m), recon.ReconMetrics(m, reference=True)
+    fast.update(x, y)
+    slow.update(x, y)
+    assert fast.result()["lpips"] == pytest.approx(slow.result()["lpips"], abs=1e-6)
+
+
 @pytest.fixture(scope="module")
 def val_images(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("val")
@@ -135,6 +156,10 @@ def test_rfid_with_random_export(weights, val_images, tmp_path):
     assert res["lpips"] is None and res["lpips_note"] == "LPIPS not computed"
     assert Path(res["grid"]).is_file()
     assert json.loads((tmp_path / "out" / "rfid.json").read_text())["rfid"] == pytest.approx(res["rfid"])
+    assert res["fid_details"]["real_stats"] == "computed"
+    again = rfid.run_rfid(exp, val_images, tmp_path / "out2", weights=weights, max_images=5, batch_size=4,
+                          cache_dir=tmp_path / "cache", kid_subsets=2)  # a second evaluation on the same val set
+    assert again["fid_details"]["real_stats"] == "cache" and again["rfid"] == res["rfid"]  # originals cached
 
 
 def test_gfid_with_fake_generator(weights, tmp_path):

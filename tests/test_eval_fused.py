@@ -1,0 +1,37 @@
+"""eval.fused: heap_reuse keeps large freed blocks for reuse (no page faults on reallocation), and restores glibc's
+behaviour on exit. (ConvReLU's bitwise parity with conv2d + ReLU is tested with the Inception in test_eval_fid.)"""
+
+import platform
+import resource
+
+import pytest
+import torch
+
+from eval.fused import heap_reuse
+
+pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="heap_reuse acts on glibc only")
+
+MB = 1 << 20
+
+
+def _faults_of_reallocations(n: int = 8, size: int = 96 * MB) -> int:
+    """Minor page faults while a block larger than glibc's largest mmap threshold (32 MB) is allocated, written and
+    freed ``n`` times after a first time."""
+    torch.ones(size // 4).sum()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(n):
+        torch.ones(size // 4).sum()  # allocate, touch every page, free
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def test_heap_reuse_avoids_page_faults_and_is_undone_on_exit():
+    pages = 8 * 96 * MB // 4096  # what re-faulting every page of every allocation costs
+    outside = _faults_of_reallocations()
+    with heap_reuse():
+        with heap_reuse():  # nested: the inner one leaves the setting to the outer one
+            pass
+        inside = _faults_of_reallocations()
+    after = _faults_of_reallocations()
+    assert outside > 0.5 * pages  # glibc mmaps and unmaps such a block each time
+    assert inside < 0.2 * pages  # reused from the heap (at most the first reallocation grows it)
+    assert after > 0.5 * pages  # restored: large blocks are mmap'd again (and the heap was returned)

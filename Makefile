@@ -264,7 +264,10 @@ gpu-smoke: setup ## GPU: the real configs ~20 steps each (bf16): step time, samp
 # Both rows of the report: the OV3 encoder and the baseline encoder (no reconstruction gradient), each through LLaVA
 # (on the one toy LLM) and RAE, then eval-all scores both. The pixel classifier both rows' toy FID share is trained
 # by the first rae-classacc, so the two run one after the other, in the last phase.
-DEMO_NPROC ?= 2
+# DEMO_FLAGS=--serial: one lane at a time (a one-core or shared machine); the timings add each phase's time with
+# its lanes in parallel (the longest lane)
+DEMO_FLAGS ?=
+DEMO_NPROC ?= 2   # make demo-baselines (one chain at a time, DDP over both cores)
 LLAVA_DEMO := llava-stage1 llava-stage2 llava-predict
 RAE_DEMO   := cache-rae-latents rae-train rae-sample rae-classacc
 # the baseline encoder's LLaVA and RAE rows: the same stages with the baseline toy configs
@@ -282,7 +285,7 @@ DEMO_PHASES := --phase "data" \
 
 ##@ demo
 demo: setup ## install, build the toy world, run the whole chain for both encoders on CPU, write reports/ (step times: reports/demo_timings.tsv)
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m ov3common.demo --make "$(OV3_MAKE) ARGS=" --out reports $(DEMO_PHASES)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m ov3common.demo --make "$(OV3_MAKE) ARGS=" --out reports $(DEMO_FLAGS) $(DEMO_PHASES)
 	$(PY) -m ov3common.toyworld.summary --data $(DATA) --out reports
 	@echo "demo done: reports/summary.md (both rows), reports/toyworld.md, step times in reports/demo_timings.tsv"
 

@@ -12,6 +12,10 @@ is done. Each lane's output goes to ``<out>/demo_logs/<phase>-<lane>.log`` (one 
 ``<out>/demo_timings.tsv`` gets one row per step (its wall seconds, its lane) and one ``phase`` row per phase
 (the phase's wall seconds: the sum of the phase rows is the chain's time). A failed step stops its lane; the other
 lanes of the phase finish, then the runner prints the failed lane's log tail and exits with the step's status.
+
+``--serial`` runs the lanes of a phase one after the other (a machine with one core, or a shared one where a run
+should hold one core only) and adds a ``phase N, lanes in parallel`` row per phase: the longest lane's seconds,
+what the phase takes when each lane has a core of its own (the steps are one-thread processes).
 """
 
 from __future__ import annotations
@@ -76,12 +80,12 @@ def run_lane(lane: Lane, make: list[str], log: Path | None, tag: str) -> None:
             out.close()
 
 
-def run(phases: list[str], make: list[str], out_dir: Path) -> int:
+def run(phases: list[str], make: list[str], out_dir: Path, serial: bool = False) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     logs = out_dir / "demo_logs"
     tsv = out_dir / "demo_timings.tsv"
     tsv.write_text("step\tlane\tseconds\n")
-    t_start = time.time()
+    t_start, projected = time.time(), 0.0
     for p, text in enumerate(phases, 1):
         lanes = parse_phase(text)
         if len(lanes) > 1:
@@ -93,6 +97,10 @@ def run(phases: list[str], make: list[str], out_dir: Path) -> int:
             tag = f"[phase {p} lane {i}] " if len(lanes) > 1 else ""
             threads.append(threading.Thread(target=run_lane, args=(lane, make, log, tag)))
             threads[-1].start()
+            if serial:
+                threads[-1].join()
+                if lane.failed:
+                    break
         for t in threads:
             t.join()
         with tsv.open("a") as f:
@@ -100,6 +108,10 @@ def run(phases: list[str], make: list[str], out_dir: Path) -> int:
                 for name, sec in lane.rows:
                     f.write(f"{name}\t{p}.{i}\t{sec:.1f}\n")
             f.write(f"phase {p}\t{p}\t{time.time() - t0:.1f}\n")
+            longest = max(sum(sec for _, sec in lane.rows) for lane in lanes)
+            projected += longest if serial else time.time() - t0
+            if serial and len(lanes) > 1:
+                f.write(f"phase {p}, lanes in parallel\t{p}\t{longest:.1f}\n")
         for i, lane in enumerate(lanes, 1):
             if lane.failed:
                 if len(lanes) > 1:
@@ -109,6 +121,8 @@ def run(phases: list[str], make: list[str], out_dir: Path) -> int:
                 return lane.failed
     with tsv.open("a") as f:
         f.write(f"total\t-\t{time.time() - t_start:.1f}\n")
+        if serial:
+            f.write(f"total, lanes in parallel\t-\t{projected:.1f}\n")
     return 0
 
 
@@ -118,10 +132,11 @@ def main(argv=None) -> int:
     ap.add_argument("--make", default="make", help="the make command (the Makefile passes $(MAKE))")
     ap.add_argument("--out", default="reports", help="folder of demo_timings.tsv and demo_logs/")
     ap.add_argument("--phase", action="append", required=True, help="lanes separated by ||, steps by ;")
+    ap.add_argument("--serial", action="store_true", help="run the lanes of a phase one after the other")
     a = ap.parse_args(argv)
     for text in a.phase:
         parse_phase(text)  # every phase is checked before anything runs
-    return run(a.phase, shlex.split(a.make), Path(a.out))
+    return run(a.phase, shlex.split(a.make), Path(a.out), a.serial)
 
 
 if __name__ == "__main__":

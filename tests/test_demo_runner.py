@@ -60,3 +60,16 @@ def test_a_failed_step_stops_its_lane_and_the_chain_with_its_status(tmp_path, ca
     assert "never" not in calls and "later" not in calls and "z" in calls  # the other lane finished its steps
     assert "phase 1 lane 1 failed" in capsys.readouterr().err
     assert "total" not in (out / "demo_timings.tsv").read_text()
+
+
+def test_serial_runs_one_lane_at_a_time_and_projects_the_parallel_time(tmp_path):
+    out = tmp_path / "reports"
+    assert main(["--make", fake_make(tmp_path), "--out", str(out), "--serial",
+                 "--phase", "x ; y || z", "--phase", "last"]) == 0
+    rows = {r.split("\t")[0]: r.split("\t") for r in (out / "demo_timings.tsv").read_text().splitlines()}
+    sec = {k: float(v[2]) for k, v in rows.items() if k != "step"}
+    assert sec["phase 1"] >= 1.8  # x, y and z one after the other
+    assert sec["phase 1, lanes in parallel"] == pytest.approx(sec["x"] + sec["y"], abs=0.11)
+    assert "phase 2, lanes in parallel" not in rows  # one lane: nothing to project
+    assert sec["total, lanes in parallel"] == pytest.approx(sec["phase 1, lanes in parallel"] + sec["phase 2"],
+                                                            abs=0.11)

@@ -155,14 +155,9 @@ llava-lora: setup ## LLaVA stage 2 as LoRA (LLAVA_LORA; r 128, alpha 256; projec
 
 llava-predict: setup ## POPE + SeedBench (letter; likelihood ranking; letter on blank images) of LLAVA_STAGE2's run, on EVAL_CONFIG's benchmarks
 	$(NEED) $@ $(LLAVA_STAGE2) $(call goal_args,$@)
-	@set -e; run="$(call cfg_get,$(LLAVA_STAGE2),out_dir)"; \
-	pope="$(call cfg_get,$(EVAL_CONFIG),pope.path)"; seed="$(call cfg_get,$(EVAL_CONFIG),seedbench.path)"; \
-	for spec in "pope $$pope pope generate" "seedbench $$seed seedbench generate" "seedbench $$seed seedbench_rank rank" \
-		"seedbench $$seed seedbench_blind generate --blank-image"; do \
-		set -- $$spec; echo "== $$3 ($$1, $$2)"; \
-		$(PY) -m eval.adapters --model "$$run" --benchmark $$1 --data "$$2" --protocol $$4 $${5:-} \
-			--out "$$run/$$3_predictions.jsonl" $(LLAVA_PRED) $(call goal_args,$@); \
-		$(PY) -m eval.score $$1 --predictions "$$run/$$3_predictions.jsonl" --out "$$run/$$3_scores.json"; done
+	$(PY) -m eval.llava_predict --model "$(call cfg_get,$(LLAVA_STAGE2),out_dir)" \
+		--pope "$(call cfg_get,$(EVAL_CONFIG),pope.path)" --seedbench "$(call cfg_get,$(EVAL_CONFIG),seedbench.path)" \
+		$(LLAVA_PRED) $(call goal_args,$@)
 
 # lmms-eval pins its own versions: it lives in .venv-lmms, which sees .venv's packages through a .pth file
 LMMS_VENV ?= .venv-lmms

@@ -155,14 +155,9 @@ llava-lora: setup ## LLaVA stage 2 as LoRA (LLAVA_LORA; r 128, alpha 256; projec
 
 llava-predict: setup ## POPE + SeedBench (letter; likelihood ranking; letter on blank images) of LLAVA_STAGE2's run, on EVAL_CONFIG's benchmarks
 	$(NEED) $@ $(LLAVA_STAGE2) $(call goal_args,$@)
-	@set -e; run="$(call cfg_get,$(LLAVA_STAGE2),out_dir)"; \
-	pope="$(call cfg_get,$(EVAL_CONFIG),pope.path)"; seed="$(call cfg_get,$(EVAL_CONFIG),seedbench.path)"; \
-	for spec in "pope $$pope pope generate" "seedbench $$seed seedbench generate" "seedbench $$seed seedbench_rank rank" \
-		"seedbench $$seed seedbench_blind generate --blank-image"; do \
-		set -- $$spec; echo "== $$3 ($$1, $$2)"; \
-		$(PY) -m eval.adapters --model "$$run" --benchmark $$1 --data "$$2" --protocol $$4 $${5:-} \
-			--out "$$run/$$3_predictions.jsonl" $(LLAVA_PRED) $(call goal_args,$@); \
-		$(PY) -m eval.score $$1 --predictions "$$run/$$3_predictions.jsonl" --out "$$run/$$3_scores.json"; done
+	$(PY) -m eval.llava_predict --model "$(call cfg_get,$(LLAVA_STAGE2),out_dir)" \
+		--pope "$(call cfg_get,$(EVAL_CONFIG),pope.path)" --seedbench "$(call cfg_get,$(EVAL_CONFIG),seedbench.path)" \
+		$(LLAVA_PRED) $(call goal_args,$@)
 
 # lmms-eval pins its own versions: it lives in .venv-lmms, which sees .venv's packages through a .pth file
 LMMS_VENV ?= .venv-lmms
@@ -258,33 +253,34 @@ gpu-smoke: setup ## GPU: the real configs ~20 steps each (bf16): step time, samp
 	$(PY) -m eval.gpu_smoke $(call goal_args,$@)
 
 # ---------------------------------------------------------------- demo: the whole chain on the toy world
-# Each line is one `make` run (ARGS are not passed down); its wall time goes to reports/demo_timings.tsv.
-# Both rows of the report: the OV3 encoder and the baseline encoder (no reconstruction loss), each through LLaVA
-# (on the one toy LLM) and RAE, then eval-all scores both.
-DEMO_NPROC ?= 2
+# `ov3common.demo` runs the chain as phases of two lanes (`||`), each lane a sequence of `make` runs (`;`); every
+# toy stage is a one-thread process, so two lanes keep both cores busy (NPROC=1 each: a DDP run of a tiny model
+# spends much of its time in all-reduce). Wall time per step and per phase: reports/demo_timings.tsv.
+# Both rows of the report: the OV3 encoder and the baseline encoder (no reconstruction gradient), each through LLaVA
+# (on the one toy LLM) and RAE, then eval-all scores both. The pixel classifier both rows' toy FID share is trained
+# by the first rae-classacc, so the two run one after the other, in the last phase.
+# DEMO_FLAGS=--serial: one lane at a time (a one-core or shared machine); the timings add each phase's time with
+# its lanes in parallel (the longest lane)
+DEMO_FLAGS ?=
+DEMO_NPROC ?= 2   # make demo-baselines (one chain at a time, DDP over both cores)
 LLAVA_DEMO := llava-stage1 llava-stage2 llava-predict
 RAE_DEMO   := cache-rae-latents rae-train rae-sample rae-classacc
 # the baseline encoder's LLaVA and RAE rows: the same stages with the baseline toy configs
 BASELINE_LLAVA := LLAVA_STAGE1=configs/llava/toy_baseline_stage1.yaml LLAVA_STAGE2=configs/llava/toy_baseline_stage2.yaml
 BASELINE_RAE   := RAE_CACHE_CFG=configs/rae/cache_toy_baseline.yaml RAE_CFG=configs/rae/toy_baseline.yaml \
 	RAE_SAMPLE_CFG=configs/rae/sample_toy_baseline.yaml RAE_CLASSIFY_CFG=configs/rae/classify_toy_baseline.yaml
-DEMO_STEPS := "data toy-vae" \
-	"pretrain-encoder pretrain-encoder-baseline NPROC=$(DEMO_NPROC)" \
-	"toy-llm" \
-	"$(LLAVA_DEMO) NPROC=$(DEMO_NPROC)" \
-	"$(LLAVA_DEMO) NPROC=$(DEMO_NPROC) $(BASELINE_LLAVA)" \
-	"$(RAE_DEMO) NPROC=$(DEMO_NPROC)" \
-	"$(RAE_DEMO) NPROC=$(DEMO_NPROC) $(BASELINE_RAE)" \
-	"eval-all"
+# one lane's steps: $(call demo_seq,TARGETS,VARS) = "t1 VARS ; t2 VARS ; ..."
+demo_seq = $(foreach t,$(1),$(t) NPROC=1 $(2) ;)
+DEMO_PHASES := --phase "data" \
+	--phase "toy-llm || toy-vae ; pretrain-encoder NPROC=1 ; pretrain-encoder-baseline NPROC=1" \
+	--phase "$(call demo_seq,$(LLAVA_DEMO),) $(call demo_seq,cache-rae-latents rae-train rae-sample,$(BASELINE_RAE)) || \
+		$(call demo_seq,cache-rae-latents rae-train rae-sample,) $(call demo_seq,$(LLAVA_DEMO),$(BASELINE_LLAVA))" \
+	--phase "rae-classacc NPROC=1 ; rae-classacc NPROC=1 $(BASELINE_RAE) ; eval-all"
 .PHONY: demo demo-baselines
 
 ##@ demo
 demo: setup ## install, build the toy world, run the whole chain for both encoders on CPU, write reports/ (step times: reports/demo_timings.tsv)
-	@mkdir -p reports && printf 'step\tseconds\n' > reports/demo_timings.tsv
-	@set -e; for step in $(DEMO_STEPS); do \
-		t0=$$(date +%s); echo "== make $$step"; $(MAKE) --no-print-directory $$step ARGS=; \
-		printf '%s\t%s\n' "$$(echo $$step | sed 's/ [A-Z_0-9]*=configs[^ ]*//g')$$(case "$$step" in *baseline*) echo ' (baseline)';; esac)" \
-			"$$(( $$(date +%s) - t0 ))" >> reports/demo_timings.tsv; done
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m ov3common.demo --make "$(OV3_MAKE) ARGS=" --out reports $(DEMO_FLAGS) $(DEMO_PHASES)
 	$(PY) -m ov3common.toyworld.summary --data $(DATA) --out reports
 	@echo "demo done: reports/summary.md (both rows), reports/toyworld.md, step times in reports/demo_timings.tsv"
 

@@ -13,6 +13,7 @@ Results go to ``<npz stem>_class_accuracy.json`` beside the samples.
 
 from __future__ import annotations
 
+import fcntl
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,17 +177,21 @@ def pixel_classifier(cfg, out: Path) -> tuple[ToyClassifier, dict]:
     and its info; the encoder's reconstruction ceiling is kept per row in ``out``."""
     shared = Path(cfg.pixel_dir) if cfg.pixel_dir else out
     weights, info_path = shared / "pixels.safetensors", shared / "pixels.json"
-    if weights.is_file() and info_path.is_file() and not cfg.retrain:
-        info = json.loads(info_path.read_text())
-        model = ToyClassifier(len(info["classes"]))
-        model.load_state_dict(load_safetensors(weights))
-    else:
-        x, y, classes = load_folder(cfg.train, cfg.image_size)
-        model = fit(ToyClassifier(len(classes)), x, y, cfg.epochs, cfg, _hflip, "pixel classifier")
-        vx, vy, _ = load_folder(cfg.val, cfg.image_size)
-        info = {"classes": classes, "val_accuracy_real": accuracy(model, vx, vy)[0], "epochs": cfg.epochs}
-        save_safetensors(weights, model.state_dict())
-        atomic_write_json(info_path, info)
+    shared.mkdir(parents=True, exist_ok=True)
+    # two rows' rae-classacc may run at once (make demo's lanes): the first trains, the other waits and loads
+    with open(shared / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if weights.is_file() and info_path.is_file() and not cfg.retrain:
+            info = json.loads(info_path.read_text())
+            model = ToyClassifier(len(info["classes"]))
+            model.load_state_dict(load_safetensors(weights))
+        else:
+            x, y, classes = load_folder(cfg.train, cfg.image_size)
+            model = fit(ToyClassifier(len(classes)), x, y, cfg.epochs, cfg, _hflip, "pixel classifier")
+            vx, vy, _ = load_folder(cfg.val, cfg.image_size)
+            info = {"classes": classes, "val_accuracy_real": accuracy(model, vx, vy)[0], "epochs": cfg.epochs}
+            save_safetensors(weights, model.state_dict())
+            atomic_write_json(info_path, info)
     recon_path = out / "pixels_reconstructed.json"
     rec = json.loads(recon_path.read_text()) if recon_path.is_file() else {}
     if cfg.encoder and (rec.get("encoder") != str(Path(cfg.encoder).resolve()) or cfg.retrain):

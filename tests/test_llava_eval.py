@@ -12,6 +12,7 @@ from eval.adapters import main as predict_main
 from eval.adapters import predict_answers, rank_answers
 from eval.benchmarks import load_image
 from eval.llava_live import load_subsets
+from eval.llava_predict import main as predict_all
 from eval.score import main as score_main
 from llava_bridge.config import LiveEvalConfig
 from llava_bridge.conversation import generation_prompt
@@ -164,3 +165,23 @@ def test_eval_all_scores_a_trained_run_through_the_real_adapters(live_run, llava
         want = json.loads((live / f"{name}_scores.json").read_text())
         for k in ("mean_f1", "overall") if name == "pope" else ("all",):
             assert got[name][k] == want[k], (name, k)
+
+
+def test_llava_predict_writes_what_the_per_protocol_cli_writes(random_llava, llava_world, tmp_path):
+    """make llava-predict (one process, the model loaded once) = eval.adapters + eval.score run per protocol."""
+    w = llava_world
+    common = ["--model", str(random_llava), "--image-root", str(w["images"]), "--limit-per-category", "3",
+              "--batch-size", "8", "--max-new-tokens", "6"]
+    assert predict_all([*common, "--pope", str(w["pope"]), "--seedbench", str(w["seed"]),
+                        "--out-dir", str(tmp_path / "all")]) == 0
+    for name, bench, extra in (("pope", "pope", []), ("seedbench", "seedbench", []),
+                               ("seedbench_rank", "seedbench", ["--protocol", "rank"]),
+                               ("seedbench_blind", "seedbench", ["--blank-image"])):
+        pred, scores = tmp_path / f"{name}.jsonl", tmp_path / f"{name}.json"
+        assert predict_main([*common, "--benchmark", bench, "--data", str(w["pope" if bench == "pope" else "seed"]),
+                             "--out", str(pred), *extra]) == 0
+        assert score_main([bench, "--predictions", str(pred), "--out", str(scores)]) == 0
+        assert (tmp_path / "all" / f"{name}_predictions.jsonl").read_text() == pred.read_text(), name
+        one, per = (json.loads(p.read_text()) for p in (tmp_path / "all" / f"{name}_scores.json", scores))
+        one.pop("predictions"), per.pop("predictions")
+        assert one == per, name

@@ -1,6 +1,9 @@
 """Sampling API used by the eval harness, the ADM npz layout, the labelled grid and AutoGuidance via the CLI."""
 
 import json
+import threading
+import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ from eval.toygen import toy_metrics
 from ov3common.checkpoint import CheckpointManager
 from ov3common.config import load_config
 from ov3common.dist import init_distributed
+from rae_generation import classify as classify_mod
 from rae_generation.cache_latents import build_cache
 from rae_generation.classify import factor_accuracy
 from rae_generation.classify import main as classify
@@ -127,3 +131,29 @@ def test_factor_accuracy_counts_each_part():
     with pytest.raises(ValueError, match="a_b"):
         factor_accuracy(pred, labels, ["red", "blue", "x", "y"], ["colour", "shape"])
 
+
+
+def test_two_rows_classifying_at_once_train_the_shared_pixel_classifier_once(tmp_path, monkeypatch):
+    """make demo's lanes may run two rows' rae-classacc together: one trains pixel_dir's CNN, the other loads it."""
+    trained = []
+
+    def slow_fit(model, *args, **kwargs):
+        trained.append(1)
+        time.sleep(0.5)  # the other row asks meanwhile
+        return model
+
+    x, y = torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 0, 1])
+    monkeypatch.setattr(classify_mod, "fit", slow_fit)
+    monkeypatch.setattr(classify_mod, "load_folder", lambda *a: (x, y, ["a_b", "c_d"]))
+    cfg = SimpleNamespace(pixel_dir=str(tmp_path / "shared"), retrain=False, train="t", val="v", image_size=8,
+                          epochs=1, encoder="", factors=[])
+    got = []
+    rows = [threading.Thread(target=lambda o: got.append(classify_mod.pixel_classifier(cfg, o)),
+                             args=(tmp_path / f"row{i}",)) for i in range(2)]
+    for t in rows:
+        t.start()
+    for t in rows:
+        t.join()
+    assert len(trained) == 1 and len(got) == 2
+    a, b = (m.state_dict() for m, _ in got)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -118,6 +118,27 @@ def rae_sampler(run_dir: str, device: str, seed: int = 0, steps: int = 0, cfg_sc
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
+def add_run_args(ap: argparse.ArgumentParser) -> None:
+    """The options every LLaVA prediction CLI shares (this one and ``eval.llava_predict``)."""
+    ap.add_argument("--image-root", default=None)
+    ap.add_argument("--limit-per-category", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--vision-tower", default=None, help="override mm_vision_tower from config.json")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                    help="weights dtype (the training dtype reproduces the in-training eval exactly)")
+
+
+def run_protocol(model, tok, records: list[dict], protocol: str, batch_size: int, max_new_tokens: int,
+                 blank: bool = False) -> list[str]:
+    """Predictions of one protocol: ``rank`` (likelihood ranking, ours) or ``generate`` (``blank``: the blind
+    control)."""
+    if protocol == "rank":
+        return rank_answers(model, tok, records, batch_size)
+    return predict_answers(model, tok, records, batch_size, max_new_tokens, blank=blank)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m eval.adapters", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,18 +146,11 @@ def main(argv=None) -> int:
     ap.add_argument("--benchmark", required=True, choices=("pope", "seedbench"))
     ap.add_argument("--data", required=True, help="benchmark file/folder (JSONL, parquet, save_to_disk)")
     ap.add_argument("--out", required=True, help="predictions JSONL for eval.score")
-    ap.add_argument("--image-root", default=None)
-    ap.add_argument("--limit-per-category", type=int, default=None)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--protocol", choices=("generate", "rank"), default="generate",
                     help="SeedBench: generate the letter (LLaVA-1.5) or rank the choices' texts (likelihood ranking, ours)")
     ap.add_argument("--blank-image", action="store_true",
                     help="the blind control: every image replaced by a uniform grey one of the same size")
-    ap.add_argument("--vision-tower", default=None, help="override mm_vision_tower from config.json")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                    help="weights dtype (the training dtype reproduces the in-training eval exactly)")
+    add_run_args(ap)
     a = ap.parse_args(argv)
     if a.protocol == "rank" and a.benchmark != "seedbench":
         ap.error("--protocol rank is for SeedBench (multiple choice)")
@@ -144,10 +158,7 @@ def main(argv=None) -> int:
         ap.error("--blank-image is for --protocol generate")
     records = load_records(a.benchmark, a.data, a.image_root, a.limit_per_category)
     model, tok = load_llava(a.model, a.vision_tower, getattr(torch, a.dtype), a.device)
-    if a.protocol == "rank":
-        preds = rank_answers(model, tok, records, a.batch_size)
-    else:
-        preds = predict_answers(model, tok, records, a.batch_size, a.max_new_tokens, blank=a.blank_image)
+    preds = run_protocol(model, tok, records, a.protocol, a.batch_size, a.max_new_tokens, a.blank_image)
     path = write_predictions(records, preds, a.out)
     log.info("%d %s predictions -> %s", len(preds), a.benchmark, path)
     return 0

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from eval.adapters import load_records, predict_answers, rank_answers
+from eval.adapters import add_run_args, load_records, run_protocol
 from eval.benchmarks import write_predictions
 from eval.score import score_file
 from llava_bridge.model import load_llava
@@ -38,23 +38,15 @@ def main(argv=None) -> int:
     ap.add_argument("--pope", required=True, help="POPE file/folder (JSONL, parquet, save_to_disk)")
     ap.add_argument("--seedbench", required=True, help="SeedBench file/folder")
     ap.add_argument("--out-dir", default=None, help="where the files go (default: the model folder)")
-    ap.add_argument("--image-root", default=None)
-    ap.add_argument("--limit-per-category", type=int, default=None)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--max-new-tokens", type=int, default=16)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    add_run_args(ap)
     a = ap.parse_args(argv)
     records = {b: load_records(b, path, a.image_root, a.limit_per_category)
                for b, path in (("pope", a.pope), ("seedbench", a.seedbench))}
-    model, tok = load_llava(a.model, None, getattr(torch, a.dtype), a.device)
+    model, tok = load_llava(a.model, a.vision_tower, getattr(torch, a.dtype), a.device)
     out = Path(a.out_dir or a.model)
     for name, bench, protocol, blank in PROTOCOLS:
         recs = records[bench]
-        if protocol == "rank":
-            preds = rank_answers(model, tok, recs, a.batch_size)
-        else:
-            preds = predict_answers(model, tok, recs, a.batch_size, a.max_new_tokens, blank=blank)
+        preds = run_protocol(model, tok, recs, protocol, a.batch_size, a.max_new_tokens, blank)
         path = write_predictions(recs, preds, out / f"{name}_predictions.jsonl")
         scores = score_file(bench, path)
         atomic_write_json(out / f"{name}_scores.json", scores)

@@ -253,14 +253,16 @@ gpu-smoke: setup ## GPU: the real configs ~20 steps each (bf16): step time, samp
 	$(PY) -m eval.gpu_smoke $(call goal_args,$@)
 
 # ---------------------------------------------------------------- demo: the whole chain on the toy world
-# `ov3common.demo` runs the chain as phases of two lanes (`||`), each lane a sequence of `make` runs (`;`); every
-# toy stage is a one-thread process, so two lanes keep both cores busy (NPROC=1 each: a DDP run of a tiny model
-# spends much of its time in all-reduce). Wall time per step and per phase: reports/demo_timings.tsv.
+# `ov3common.demo` runs the chain as a graph of `make` runs ("name | make arguments | jobs it waits for | estimated
+# seconds") on two workers: every toy stage is a one-thread process, so two at a time keep both cores busy (NPROC=1
+# each: a DDP run of a tiny model spends much of its time in all-reduce). A free worker takes the ready job with
+# the longest estimated path to the end (the estimates: seconds measured on the 2-core development machine; they
+# only order the queue). Wall time per job: reports/demo_timings.tsv; each job's output: reports/demo_logs/.
 # Both rows of the report: the OV3 encoder and the baseline encoder (no reconstruction gradient), each through LLaVA
 # (on the one toy LLM) and RAE, then eval-all scores both. The pixel classifier both rows' toy FID share is trained
-# by the first rae-classacc, so the two run one after the other, in the last phase.
-# DEMO_FLAGS=--serial: one lane at a time (a one-core or shared machine); the timings add each phase's time with
-# its lanes in parallel (the longest lane)
+# by the first rae-classacc, so the baseline's waits for it.
+# DEMO_FLAGS=--serial: one job at a time (a one-core or shared machine); the timings add the chain's time on two
+# workers, replayed on the measured seconds
 DEMO_FLAGS ?=
 DEMO_NPROC ?= 2   # make demo-baselines (one chain at a time, DDP over both cores)
 LLAVA_DEMO := llava-stage1 llava-stage2 llava-predict
@@ -269,18 +271,32 @@ RAE_DEMO   := cache-rae-latents rae-train rae-sample rae-classacc
 BASELINE_LLAVA := LLAVA_STAGE1=configs/llava/toy_baseline_stage1.yaml LLAVA_STAGE2=configs/llava/toy_baseline_stage2.yaml
 BASELINE_RAE   := RAE_CACHE_CFG=configs/rae/cache_toy_baseline.yaml RAE_CFG=configs/rae/toy_baseline.yaml \
 	RAE_SAMPLE_CFG=configs/rae/sample_toy_baseline.yaml RAE_CLASSIFY_CFG=configs/rae/classify_toy_baseline.yaml
-# one lane's steps: $(call demo_seq,TARGETS,VARS) = "t1 VARS ; t2 VARS ; ..."
-demo_seq = $(foreach t,$(1),$(t) NPROC=1 $(2) ;)
-DEMO_PHASES := --phase "data" \
-	--phase "toy-llm || toy-vae ; pretrain-encoder NPROC=1 ; pretrain-encoder-baseline NPROC=1" \
-	--phase "$(call demo_seq,$(LLAVA_DEMO),) $(call demo_seq,cache-rae-latents rae-train rae-sample,$(BASELINE_RAE)) || \
-		$(call demo_seq,cache-rae-latents rae-train rae-sample,) $(call demo_seq,$(LLAVA_DEMO),$(BASELINE_LLAVA))" \
-	--phase "rae-classacc NPROC=1 ; rae-classacc NPROC=1 $(BASELINE_RAE) ; eval-all"
+DEMO_JOBS := \
+	--job "data | data" \
+	--job "toy-llm | toy-llm | data | 900" \
+	--job "toy-vae | toy-vae | data | 260" \
+	--job "encoder | pretrain-encoder NPROC=1 | toy-vae | 210" \
+	--job "encoder-baseline | pretrain-encoder-baseline NPROC=1 | toy-vae | 215" \
+	--job "llava-stage1 | llava-stage1 NPROC=1 | toy-llm encoder | 125" \
+	--job "llava-stage2 | llava-stage2 NPROC=1 | llava-stage1 | 630" \
+	--job "llava-predict | llava-predict | llava-stage2 | 45" \
+	--job "llava-stage1-baseline | llava-stage1 NPROC=1 $(BASELINE_LLAVA) | toy-llm encoder-baseline | 125" \
+	--job "llava-stage2-baseline | llava-stage2 NPROC=1 $(BASELINE_LLAVA) | llava-stage1-baseline | 555" \
+	--job "llava-predict-baseline | llava-predict $(BASELINE_LLAVA) | llava-stage2-baseline | 40" \
+	--job "cache-rae-latents | cache-rae-latents NPROC=1 | encoder | 35" \
+	--job "rae-train | rae-train NPROC=1 | cache-rae-latents | 465" \
+	--job "rae-sample | rae-sample NPROC=1 | rae-train | 55" \
+	--job "rae-classacc | rae-classacc NPROC=1 | rae-sample | 115" \
+	--job "cache-rae-latents-baseline | cache-rae-latents NPROC=1 $(BASELINE_RAE) | encoder-baseline | 35" \
+	--job "rae-train-baseline | rae-train NPROC=1 $(BASELINE_RAE) | cache-rae-latents-baseline | 445" \
+	--job "rae-sample-baseline | rae-sample NPROC=1 $(BASELINE_RAE) | rae-train-baseline | 45" \
+	--job "rae-classacc-baseline | rae-classacc NPROC=1 $(BASELINE_RAE) | rae-sample-baseline rae-classacc | 35" \
+	--job "eval-all | eval-all | llava-predict llava-predict-baseline rae-classacc rae-classacc-baseline | 200"
 .PHONY: demo demo-baselines
 
 ##@ demo
 demo: setup ## install, build the toy world, run the whole chain for both encoders on CPU, write reports/ (step times: reports/demo_timings.tsv)
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m ov3common.demo --make "$(OV3_MAKE) ARGS=" --out reports $(DEMO_FLAGS) $(DEMO_PHASES)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m ov3common.demo --make "$(OV3_MAKE) ARGS=" --out reports $(DEMO_FLAGS) $(DEMO_JOBS)
 	$(PY) -m ov3common.toyworld.summary --data $(DATA) --out reports
 	@echo "demo done: reports/summary.md (both rows), reports/toyworld.md, step times in reports/demo_timings.tsv"
 

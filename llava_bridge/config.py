@@ -57,6 +57,9 @@ class DataConfig:
     shard_caption: str = "txt"  # for tar shards: txt | json.<field>
     num_workers: int = 0
     group_by_modality_length: bool = False
+    # with group_by_modality_length: sort this many megabatches (world x batch) together by length (1 = LLaVA's
+    # rule; more = less padding, as HF's group_by_length, which sorts 50 batches at a time)
+    length_group: int = 1
     max_samples: int = 0  # 0 = all (toy runs use a prefix)
     # a folder: the frozen tower's features of every training image, computed once and reused (image folders only;
     # for small towers / datasets such as the toy world). "" = run the tower on every step, as LLaVA.

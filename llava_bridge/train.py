@@ -141,6 +141,7 @@ def build(cfg):
         processing_class=tokenizer, tune=cfg.train.tune, mm_projector_lr=cfg.train.mm_projector_lr,
         max_bad_steps=cfg.train.max_bad_steps, skip_stats=stats, extra_config=extra,
         modality_lengths=ds.modality_lengths if cfg.data.group_by_modality_length else None,
+        length_group=cfg.data.length_group,
         callbacks=[_MetricsCallback(cfg.out_dir, cfg.train.log_every).callback],
         sample_log=str(Path(cfg.out_dir) / "samples.jsonl") if cfg.train.log_indices else None)
 

@@ -48,11 +48,13 @@ class _BadLoss(Exception):
 
 class LlavaTrainer(Trainer):
     def __init__(self, *args, tune: str = "full", mm_projector_lr: float = 0.0, max_bad_steps: int = 5,
-                 modality_lengths: list[int] | None = None, skip_stats: SkipStats | None = None,
+                 modality_lengths: list[int] | None = None, length_group: int = 1,
+                 skip_stats: SkipStats | None = None,
                  extra_config: dict | None = None, sample_log: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.tune, self.mm_projector_lr = tune, mm_projector_lr
         self.modality_lengths = modality_lengths
+        self.length_group = length_group
         self.data_stats = skip_stats or SkipStats()  # counted while building the dataset
         self.run_stats = SkipStats()  # counted while reading samples (restored on resume)
         self.extra_config = extra_config or {}
@@ -65,7 +67,7 @@ class LlavaTrainer(Trainer):
         if self.modality_lengths is None:
             return super()._get_train_sampler(train_dataset)
         return ModalityLengthGroupedSampler(self.modality_lengths, self.args.train_batch_size,
-                                            self.args.world_size, self.args.seed)
+                                            self.args.world_size, self.args.seed, self.length_group)
 
     # ------------------------------------------------------------------------------------------- optimiser
     def create_optimizer(self, model=None):

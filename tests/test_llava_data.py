@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from llava_bridge import IGNORE_INDEX, IMAGE_TOKEN_INDEX
@@ -25,6 +26,30 @@ def test_modality_grouped_sampler():
     assert list(s) == order  # a function of (seed, epoch)
     s.set_epoch(1)
     assert list(s) != order and sorted(s) == list(range(50))
+
+
+def test_length_group_sorts_several_megabatches_together_and_pads_less():
+    g = torch.Generator().manual_seed(0)
+    lengths = (torch.randint(20, 240, (400,), generator=g) * torch.where(torch.rand(400, generator=g) < 0.2, -1, 1))
+    lengths = lengths.tolist()
+
+    def padding(order, batch=4):
+        full = len(order) - len(order) % batch
+        return sum(max(abs(lengths[i]) for i in order[k:k + batch]) * batch - sum(abs(lengths[i])
+                   for i in order[k:k + batch]) for k in range(0, full, batch))
+
+    llava = ModalityLengthGroupedSampler(lengths, batch_size=4, world_size=1, seed=1)
+    grouped = ModalityLengthGroupedSampler(lengths, batch_size=4, world_size=1, seed=1, group=50)
+    order = list(grouped)
+    assert sorted(order) == list(range(400)) and list(grouped) == order
+    for k in range(0, 400 - 400 % 4 - 4, 4):  # every full batch holds one modality (the leftovers come last)
+        assert len({lengths[i] > 0 for i in order[k:k + 4]}) == 1
+    assert padding(order) < 0.2 * padding(list(llava))  # similar lengths in a batch
+    assert list(ModalityLengthGroupedSampler(lengths, 4, 1, 1, group=1)) == list(llava)  # group=1: LLaVA's rule
+    starts = [abs(lengths[order[k]]) for k in range(0, 200, 4)]
+    assert starts != sorted(starts, reverse=True)  # the batches themselves are shuffled, not long to short
+    with pytest.raises(ValueError, match="group must be >= 1"):
+        ModalityLengthGroupedSampler(lengths, 4, group=0)
 
 
 def test_truncation_counts_image_tokens(llava_world, word_tokenizer, tmp_path):

@@ -2,7 +2,7 @@
 configs/encoder/toy.yaml`` (``make cache-latents``; ``cache.out_dir`` defaults to ``<out_dir>/latents``). Training with
 ``data.latent_cache=<dir>`` then skips the VAE encoder (it still reads the images for the pixel losses).
 
-Layout, sharded like the data (see ``encoder.data.LatentCache``): one ``<shard name>.safetensors`` per data
+Layout, sharded like the data (see ``encoder.latent_cache.LatentCache``): one ``<shard name>.safetensors`` per data
 shard (``latents_<res>`` for every stage resolution, ``valid``; the sample keys in its metadata) and
 ``meta.json`` (the VAE's identity, the resolutions, the crop, the shards). Centre crops only (a cache fixes the
 crop). Bad samples are marked invalid and counted, never fatal. Each shard file is written atomically and kept
@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from encoder.data import CACHE_FORMAT, ImageTextDecoder, Tokenize, shard_list, tokenizer_dir, vae_identity
+from encoder.data import ImageTextDecoder, Tokenize, shard_list, tokenizer_dir
+from encoder.latent_cache import CACHE_FORMAT, vae_identity
 from encoder.train import Config
 from encoder.vae import build_vae
 from ov3common.checkpoint import atomic_write_json, save_safetensors

@@ -16,7 +16,6 @@ from encoder.data import (
     Collate,
     DataConfig,
     ImageTextDecoder,
-    LatentCache,
     Tokenize,
     load_stream_state,
     recap_report,
@@ -24,11 +23,11 @@ from encoder.data import (
     stream_state,
     tokenizer_dir,
     train_loader,
-    vae_identity,
     val_items,
 )
 from encoder.evaluate import evaluate
 from encoder.export import export_from_state
+from encoder.latent_cache import LatentCache, vae_identity
 from encoder.losses import LPIPSLoss
 from encoder.ov3 import LossConfig, ModelConfig, OV3Model
 from encoder.vae import VAEConfig, build_vae

@@ -15,16 +15,14 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
 from encoder.data import (
-    CACHE_FORMAT,
     Collate,
     DataConfig,
     ImageTextDecoder,
-    LatentCache,
     Tokenize,
     random_resized_crop,
     shard_list,
-    vae_identity,
 )
+from encoder.latent_cache import CACHE_FORMAT, LatentCache, vae_identity
 from encoder.train import Config, train
 from encoder.vae import FrozenVAE, build_random_vae
 from ov3common.config import ConfigError, load_config

@@ -37,7 +37,6 @@ import re
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -45,7 +44,7 @@ import numpy as np
 import torch
 
 from eval import benchmarks, gfid, provenance, score
-from eval.inception import DEFAULT_WEIGHTS
+from eval.eval_config import EvalAllConfig, RowConfig
 from eval.intervals import Interval, compare
 from eval.provenance import identify_reference, sha256_file
 from eval.recon import LPIPSMetric
@@ -53,121 +52,9 @@ from eval.report import TOY_DISCLAIMER, plot_curves, render_markdown
 from eval.rfid import run_rfid, select_images
 from eval.toygen import toy_metrics
 from ov3common.checkpoint import atomic_write_json, atomic_write_text
-from ov3common.config import ConfigError, choice_field, import_object, parse_cli, path_field, to_dict
+from ov3common.config import ConfigError, import_object, parse_cli, to_dict
 from ov3common.log import get_logger, read_jsonl
 from rae_generation.manifest import ManifestError, differences, mismatches, read_manifest
-
-
-@dataclass
-class RowConfig:
-    name: str = ""
-    encoder: str = ""        # encoder export folder (config.json + model.safetensors)
-    encoder_run: str = ""    # encoder trainer run dir (metrics.jsonl → curves)
-    llava: str = ""          # LLaVA run dir (predictions or a model for llava.predictor)
-    rae: str = ""            # RAE run dir (samples.npz or a model for gfid.sampler)
-
-
-@dataclass
-class FidConfig:
-    weights: str = DEFAULT_WEIGHTS
-    cache_dir: str = "runs/fid_cache"
-    batch_size: int = 32
-    kid_subsets: int = 20
-    bootstrap: int = 200      # resamples of the FID interval over samples (0: no interval)
-    fused: bool = True        # BN folded into the convolutions, channels_last (same features within 1e-5)
-    precision: str = choice_field("fp32", ("fp32", "bf16"))  # bf16 shifts FID; measured by eval.bench_fid
-
-
-@dataclass
-class LpipsConfig:
-    net: str = "alex"
-    backbone: str = "auto"   # auto | pretrained | random | none (no LPIPS)
-    backbone_path: str = ""
-
-
-@dataclass
-class PopeConfig:
-    path: str = path_field("")  # required with piece pope
-    image_root: str = ""
-    split: str = "test"
-    parser: str = "llava"
-    limit_per_category: int = 0
-
-
-@dataclass
-class SeedConfig:
-    path: str = path_field("")  # required with pieces seedbench*
-    image_root: str = ""
-    split: str = "test"
-    data_type: str = "image"
-    limit_per_category: int = 0
-
-
-@dataclass
-class LlavaConfig:
-    predictor: str = "eval.adapters:llava_predictor"   # function(run_dir, device, batch_size, max_new_tokens)
-    batch_size: int = 8
-    max_new_tokens: int = 16
-    ranker: str = "eval.adapters:llava_ranker"   # function(run_dir, device, batch_size): SeedBench answer ranking
-
-
-@dataclass
-class RfidConfig:
-    images: str = path_field("", "dir")  # required with piece rfid
-    max_images: int = 128     # the protocol's set size (0: every image of the folder)
-    batch_size: int = 32
-    allow_partial: bool = False   # score a folder with fewer images than max_images, marking the cell
-
-
-@dataclass
-class GfidConfig:
-    real: str = path_field("data/toy/classes/val")   # class-split folder, folder or (ADM) npz
-    real_per_class: int = 4
-    per_class: int = 2
-    batch_size: int = 32
-    seed: int = 0
-    steps: int = 0            # 0 = the RAE run's default
-    cfg_scale: float = -1.0   # < 0 = the RAE run's default
-    sampler: str = "eval.adapters:rae_sampler"   # function(run_dir, device, seed, steps, cfg_scale)
-    regenerate: bool = True       # a found npz that breaks the protocol is regenerated when the run can sample
-    allow_partial: bool = False   # else score it anyway, marking the cell (default: refuse)
-
-
-@dataclass
-class ToygenConfig:
-    """The toy world's generation metrics (piece ``toygen``, :mod:`eval.toygen`): samples <rae>/samples/samples.npz,
-    real images gfid.real (every image of the class split)."""
-    classifier: str = "runs/toy/rae/pixel_classifier"   # make rae-classacc's pixel classifier (its pixel_dir)
-    image_size: int = 64
-    bootstrap: int = 200      # resamples of the toy FID's interval
-
-
-@dataclass
-class CompareConfig:
-    allow_protocol_mismatch: bool = False   # compare rows whose sampling manifests differ in a protocol field
-
-
-
-@dataclass
-class EvalAllConfig:
-    """Evaluate every available piece for every encoder row and write reports/summary.{json,md} + figures."""
-
-    RENAMED = {"out": "out_dir"}
-    out_dir: str = "reports"
-    device: str = "auto"
-    toy: bool = True
-    rows: list[RowConfig] = field(default_factory=list)  # configs/eval/toy.yaml: the toy rows
-    pieces: list[str] = field(default_factory=lambda: ["seedbench", "seedbench_blind", "seedbench_rank", "pope",
-                                                       "gfid", "toygen", "rfid"])
-    fid: FidConfig = field(default_factory=FidConfig)
-    lpips: LpipsConfig = field(default_factory=LpipsConfig)
-    pope: PopeConfig = field(default_factory=PopeConfig)
-    seedbench: SeedConfig = field(default_factory=SeedConfig)
-    llava: LlavaConfig = field(default_factory=LlavaConfig)
-    rfid: RfidConfig = field(default_factory=RfidConfig)
-    gfid: GfidConfig = field(default_factory=GfidConfig)
-    toygen: ToygenConfig = field(default_factory=ToygenConfig)
-    compare: CompareConfig = field(default_factory=CompareConfig)
 
 
 class Missing(Exception):

@@ -48,7 +48,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("pretrain-encoder-baseline", "ENC_BASELINE_CFG", "configs/encoder/toy_baseline.yaml"),
     Stage("cache-latents", "ENC_CFG", "configs/encoder/toy.yaml", ("cache.out_dir",)),
     Stage("rae-decoder", "DEC_CFG", "configs/encoder/decoder_toy.yaml", candidates=("configs/encoder/decoder_*.yaml",)),
-    Stage("toy-llm", "TOY_LLM_CFG", "configs/llava/toy_llm.yaml"),
+    Stage("toy-llm", "TOY_LLM_CFG", "configs/llava/toy_llm.yaml", candidates=("configs/llava/toy_llm*.yaml",)),
     Stage("llava-stage1", "LLAVA_STAGE1", "configs/llava/toy_stage1.yaml", candidates=("configs/llava/*stage1*.yaml",)),
     Stage("llava-stage2", "LLAVA_STAGE2", "configs/llava/toy_stage2.yaml", candidates=("configs/llava/*stage2*.yaml",)),
     Stage("llava-lora", "LLAVA_LORA", "configs/llava/toy_lora.yaml", candidates=("configs/llava/*lora*.yaml",)),
@@ -67,7 +67,7 @@ SCHEMAS = {
     "llava-stage1": "llava_bridge.config:LlavaTrainConfig", "llava-stage2": "llava_bridge.config:LlavaTrainConfig",
     "llava-lora": "llava_bridge.config:LlavaTrainConfig",
     "cache-rae-latents": "rae_generation.config:CacheConfig", "rae-train": "rae_generation.config:RAETrainConfig",
-    "rae-sample": "rae_generation.config:SampleConfig", "eval-all": "eval.eval_all:EvalAllConfig",
+    "rae-sample": "rae_generation.config:SampleConfig", "eval-all": "eval.eval_config:EvalAllConfig",
 }
 # more checks of a target's inputs than its schema's path fields (named, so this module imports no package above it)
 CHECKS = {t: "llava_bridge.config:check_inputs" for t in ("llava-stage1", "llava-stage2", "llava-lora")}

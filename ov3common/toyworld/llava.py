@@ -131,3 +131,14 @@ def text_only_record(key: str, rng: np.random.Generator) -> dict:
         q, a = _text_qa(rng)
         convs += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
     return {"id": key, "conversations": convs}
+
+
+def letter_record(key: str, image: str, scene: dict, rng: np.random.Generator) -> dict | None:
+    """One 4-choice turn on the image (a SeedBench generator drawn at random, the answer letter uniform) with the
+    letter as the answer: the single-turn records of the letter-heavy stage 2 (``python -m ov3common.toyworld.letters``).
+    None when the drawn generator has no question for this scene."""
+    qa = _turn("mc", scene, rng, None)
+    if qa is None:
+        return None
+    return {"id": key, "image": image, "conversations": [
+        {"from": "human", "value": "<image>\n" + qa[0]}, {"from": "gpt", "value": qa[1]}]}

@@ -39,21 +39,23 @@ class LpipsConfig:
 
 
 @dataclass
-class PopeConfig:
-    path: str = path_field("")  # required with piece pope
+class BenchmarkConfig:
+    """A benchmark file or folder (:mod:`eval.benchmarks` formats), required with the pieces that read it."""
+
+    path: str = path_field("")
     image_root: str = ""
     split: str = "test"
-    parser: str = "llava"
     limit_per_category: int = 0
 
 
 @dataclass
-class SeedConfig:
-    path: str = path_field("")  # required with pieces seedbench*
-    image_root: str = ""
-    split: str = "test"
+class PopeConfig(BenchmarkConfig):  # piece pope
+    parser: str = "llava"
+
+
+@dataclass
+class SeedConfig(BenchmarkConfig):  # pieces seedbench*
     data_type: str = "image"
-    limit_per_category: int = 0
 
 
 @dataclass

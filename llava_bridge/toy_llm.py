@@ -27,7 +27,6 @@ config leaves them off. Output: a transformers folder
 
 from __future__ import annotations
 
-import glob
 import json
 import sys
 import time
@@ -45,7 +44,7 @@ from ov3common.config import choice_field, parse_cli, path_field, save_config
 from ov3common.dist import seed_all
 from ov3common.log import MetricLogger, TrainProgress, get_logger
 from ov3common.optim import build_adamw, warmup_cosine
-from ov3common.shards import iter_tar
+from ov3common.toyworld import load_scenes
 from ov3common.toyworld.questions import LETTERS, MC_GENERATORS, arrange, mc_prompt
 
 log = get_logger("llava_bridge.toy_llm")
@@ -160,10 +159,7 @@ def _tokenized(tokenizer, keys: list[str], rendered: list) -> list[dict]:
 def mc_samples(scenes: str, tokenizer, n: int, context: str, seed: int = 0) -> list[dict]:
     """``n`` 4-choice samples ``description \n question + lettered choices`` → letter, from the toy world's own
     SeedBench generators (:mod:`ov3common.toyworld.questions`) on the scenes of the shards in ``scenes``."""
-    urls = sorted(glob.glob(str(Path(scenes) / "*.tar")))
-    metas = [json.loads(s.members["json"]) for u in urls for s in iter_tar(u)]
-    if not metas:
-        raise FileNotFoundError(f"sft_mc_scenes: no webdataset shards with scenes under {scenes}")
+    metas = load_scenes(scenes, "sft_mc_scenes")
     rng = np.random.default_rng(seed)
     gens = list(MC_GENERATORS.values())
     keys, rendered = [], []

@@ -7,6 +7,7 @@ size and across runs.
 
 from __future__ import annotations
 
+import glob
 import itertools
 import json
 import multiprocessing as mp
@@ -21,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ov3common.log import progress
+from ov3common.shards import iter_tar
 
 from . import world
 from .evalsets import build_pope, build_seedbench
@@ -280,3 +282,13 @@ def load_meta(root: str) -> dict:
         raise FileNotFoundError(f"no toy world at {root!r} ({path} missing): run `make data`")
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def load_scenes(folder: str, key: str) -> list[dict]:
+    """The per-sample json (key, split, scene, captions) of every sample in the webdataset shards under ``folder``
+    (one split of ``<root>/wds``); FileNotFoundError naming the config ``key`` when there are none."""
+    urls = sorted(glob.glob(os.path.join(folder, "*.tar")))
+    metas = [json.loads(s.members["json"]) for u in urls for s in iter_tar(u)]
+    if not metas:
+        raise FileNotFoundError(f"{key}: no webdataset shards with scenes under {folder}")
+    return metas

@@ -12,24 +12,18 @@ POPE F1 and ~2x the stage-2 time; the 2-layer LM stays at chance with them. ``ma
 from __future__ import annotations
 
 import argparse
-import glob
-import json
 import sys
-from pathlib import Path
 
 import numpy as np
 
 from ov3common.checkpoint import atomic_write_json
-from ov3common.shards import iter_tar
+from ov3common.toyworld.generate import load_scenes
 from ov3common.toyworld.llava import letter_record
 
 
 def letter_records(shards: str, n: int, seed: int = 0) -> list[dict]:
     """``n`` records on the scenes of the webdataset shards under ``shards`` (each sample's json: key, split, scene)."""
-    urls = sorted(glob.glob(str(Path(shards) / "*.tar")))
-    metas = [json.loads(s.members["json"]) for u in urls for s in iter_tar(u)]
-    if not metas:
-        raise FileNotFoundError(f"--shards: no webdataset shards with scenes under {shards} (run `make data`)")
+    metas = load_scenes(shards, "--shards")
     rng = np.random.default_rng(seed)
     out: list[dict] = []
     while len(out) < n:

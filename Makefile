@@ -260,7 +260,7 @@ gpu-smoke: setup ## GPU: the real configs ~20 steps each (bf16): step time, samp
 # only order the queue). Wall time per job: reports/demo_timings.tsv; each job's output: reports/demo_logs/.
 # Both rows of the report: the OV3 encoder and the baseline encoder (no reconstruction gradient), each through LLaVA
 # (on the one toy LLM) and RAE, then eval-all scores both. The pixel classifier both rows' toy FID share is trained
-# by the first rae-classacc, so the baseline's waits for it.
+# by the first rae-classacc, so the baseline's waits for it. eval-all runs last and alone: it gets both cores.
 # DEMO_FLAGS=--serial: one job at a time (a one-core or shared machine); the timings add the chain's time on two
 # workers, replayed on the measured seconds
 DEMO_FLAGS ?=
@@ -291,7 +291,7 @@ DEMO_JOBS := \
 	--job "rae-train-baseline | rae-train NPROC=1 $(BASELINE_RAE) | cache-rae-latents-baseline | 240" \
 	--job "rae-sample-baseline | rae-sample NPROC=1 $(BASELINE_RAE) | rae-train-baseline | 45" \
 	--job "rae-classacc-baseline | rae-classacc NPROC=1 $(BASELINE_RAE) | rae-sample-baseline rae-classacc | 35" \
-	--job "eval-all | eval-all | llava-predict llava-predict-baseline rae-classacc rae-classacc-baseline | 200"
+	--job "eval-all | eval-all OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 | llava-predict llava-predict-baseline rae-classacc rae-classacc-baseline | 130"
 .PHONY: demo demo-baselines
 
 ##@ demo

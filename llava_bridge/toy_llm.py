@@ -75,6 +75,7 @@ class ToyLLMConfig:
     weight_decay: float = 0.1
     seed: int = 0
     threads: int = 0  # torch threads (0 = torch default)
+    compile: bool = False  # torch.compile (inductor) the LM in place for the training phases
     tensorboard: bool = False  # also write the metrics as TensorBoard scalars to <out_dir>/tb
     sft_steps: int = 0  # supervised finetuning on short answers after pretraining (0 = none)
     sft_batch_size: int = 64
@@ -228,6 +229,8 @@ def main(argv=None) -> int:
     blocks = flat[: n_blocks * cfg.block].view(n_blocks, cfg.block)
     log.info("toy LLM corpus: %d documents, %d tokens, %d blocks of %d", len(docs), len(flat), n_blocks, cfg.block)
     model = build_model(cfg.size, len(tok), tok)
+    if cfg.compile:  # in place: parameter names and the saved weights are unchanged
+        model.compile()
     log.info("toy LLM: %s, %.2fM parameters", cfg.size, sum(p.numel() for p in model.parameters()) / 1e6)
     out = Path(cfg.out_dir)
     save_config(cfg, out / "toy_llm_config.yaml")

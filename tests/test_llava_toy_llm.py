@@ -46,6 +46,28 @@ def test_toy_llm_pretrain_then_sft_writes_a_loadable_model(llava_world, tmp_path
     assert any("sft_loss" in r and torch.isfinite(torch.tensor(r["sft_loss"])) for r in rows)
 
 
+def test_toy_llm_compiled_loss_equals_eager_over_5_steps(llava_world, tmp_path):
+    """`compile: true` (torch.compile in place): the same losses as eager over 5 LM + 5 SFT steps, same weight names."""
+    w = llava_world
+    losses, keys = {}, {}
+    from torch._dynamo.utils import counters
+
+    graphs = {}
+    for c in ("false", "true"):
+        out = tmp_path / c
+        counters.clear()
+        assert main([f"tokenizer={w['tok']}", f"data=[{w['instruct']}]", f"captions={w['pretrain']}", f"out_dir={out}",
+                     "size=tiny", "steps=5", "block=32", "batch_size=2", "warmup=1", "sft_steps=5",
+                     "sft_batch_size=4", "threads=1", f"compile={c}"]) == 0
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[c] = [r[k] for r in rows for k in ("loss", "sft_loss") if k in r]
+        graphs[c] = counters["stats"]["unique_graphs"]
+        keys[c] = sorted(AutoModelForCausalLM.from_pretrained(out).state_dict())
+    assert graphs == {"false": 0, "true": graphs["true"]} and graphs["true"] >= 1  # compiled only when asked
+    assert len(losses["true"]) == 2 and keys["true"] == keys["false"]
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-3)
+
+
 def test_batched_chunk_encoding_equals_one_by_one(word_tokenizer):
 
     convs = [render("vicuna_v1", [("human", "<image>\nis it red ?"), ("gpt", "yes")], word_tokenizer),

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 from ov3common.config import ConfigError
 from ov3common.images import BadSample, decode_image, decode_json, decode_text
-from ov3common.toyworld import CLASSES, OBJECTS, ToyConfig, generate, letters, load_meta, render_scene
+from ov3common.toyworld import CLASSES, OBJECTS, ToyConfig, generate, load_meta, render_scene
 from ov3common.toyworld.__main__ import parse_args
 from ov3common.toyworld.llava import SYSTEM_PROMPT
 from ov3common.toyworld.poison import expected_counts, write_poisoned_llava, write_poisoned_shard
@@ -383,18 +383,16 @@ def test_poisoned_llava_json(tmp_path):
     assert {"missing_image", "truncated", "empty_file", "not_an_image", "too_small"} <= set(manifest.values())
 
 
-def test_letter_records(toy, tmp_path):
-    """`python -m ov3common.toyworld.letters`: single-turn 4-choice records on training images, the answer one of the
-    prompt's option letters, letters spread over A-D; a folder without shards is one line, exit 2."""
-    out = tmp_path / "letters.json"
-    assert letters.main(["--shards", str(toy / "wds" / "train"), "--n", "200", "--out", str(out)]) == 0
-    recs = json.loads(out.read_text())
-    assert len(recs) == 200 and len({r["id"] for r in recs}) == 200
+def test_letter_records(toy):
+    """llava/letters.json (stage 2's letter share): single-turn 4-choice records on training images, the answer one of
+    the prompt's option letters, letters spread over A-D, the count the config asks for."""
+    recs = json.loads((toy / "llava" / "letters.json").read_text())
+    assert len(recs) == CFG.letter_records > 0 and len({r["id"] for r in recs}) == len(recs)
+    assert load_meta(str(toy))["counts"]["letters"] == len(recs)
     for r in recs:
-        assert (toy / "images" / r["image"]).is_file()
+        assert r["image"].startswith("train/") and (toy / "images" / r["image"]).is_file()
         (h, g) = r["conversations"]
         assert h["from"] == "human" and h["value"].startswith("<image>\n") and h["value"].endswith(MC_SUFFIX)
         assert g["from"] == "gpt" and f"\n{g['value']}. " in h["value"]
     counts = Counter(r["conversations"][1]["value"] for r in recs)
-    assert set(counts) == set("ABCD") and min(counts.values()) >= 30
-    assert letters.main(["--shards", str(tmp_path / "none"), "--out", str(tmp_path / "x.json")]) == 2
+    assert set(counts) == set("ABCD") and min(counts.values()) >= len(recs) // 10

@@ -26,7 +26,7 @@ from ov3common.shards import iter_tar
 
 from . import world
 from .evalsets import build_pope, build_seedbench
-from .llava import text_only_record
+from .llava import letter_records, text_only_record
 from .questions import ObjectStats
 from .render import JPEG_QUALITY, supersample_factor
 from .samples import Task, dumps, image_relpath, run_task, scenes_for
@@ -52,6 +52,7 @@ class ToyConfig:
     pope_images: int = 150
     seedbench_per_category: int = 150
     text_only_every: int = 20  # one text-only record after every N image records of the instruction mix
+    letter_records: int = 20000  # single-turn 4-choice records on train images (llava/letters.json; stage 2's letter share)
     jpeg_quality: int = JPEG_QUALITY
     chunk: int = 250
 
@@ -59,7 +60,8 @@ class ToyConfig:
     def tiny(cls, **overrides) -> ToyConfig:
         """A seconds-fast toy world for tests (32 px, a few dozen images per split)."""
         base = {"resolution": 32, "n_train": 64, "n_val": 16, "n_test": 48, "shard_size": 24, "class_train": 3,
-                "class_val": 1, "pope_images": 12, "seedbench_per_category": 10, "text_only_every": 8, "chunk": 16}
+                "class_val": 1, "pope_images": 12, "seedbench_per_category": 10, "text_only_every": 8, "letter_records": 96,
+                "chunk": 16}
         return cls(**{**base, **overrides})
 
     def counts(self) -> dict[str, int]:
@@ -223,12 +225,15 @@ def generate(out: str, cfg: ToyConfig | None = None, workers: int = 2, progress:
     seed = build_seedbench(scenes["test"], test_images, cfg.seedbench_per_category, cfg.seed)
     _write_json(os.path.join(out, "llava", "pretrain.json"), pretrain)
     _write_json(os.path.join(out, "llava", "instruct.json"), instruct)
+    train_items = [(image_relpath("train", i), sc) for i, sc in enumerate(scenes["train"])]
+    letters = letter_records(train_items, cfg.letter_records, cfg.seed)
+    _write_json(os.path.join(out, "llava", "letters.json"), letters)
     _write_jsonl(os.path.join(out, "pope", "pope.jsonl"), pope)
     _write_jsonl(os.path.join(out, "seedbench", "seedbench.jsonl"), seed)
 
     for rows, fields in ((pope, ("question",)), (seed, ("question", "choice_a", "choice_b", "choice_c", "choice_d"))):
         texts += [r[f] for r in rows for f in fields]
-    texts += [c["value"] for r in pretrain + instruct for c in r["conversations"]]
+    texts += [c["value"] for r in pretrain + instruct + letters for c in r["conversations"]]
     unk = unknown_words(texts, vocab)
     if unk:
         raise RuntimeError(f"tokenizer vocabulary misses words emitted by the generator: {sorted(unk)[:20]}")
@@ -259,6 +264,7 @@ def generate(out: str, cfg: ToyConfig | None = None, workers: int = 2, progress:
             "pretrain": len(pretrain),
             "instruct": len(instruct),
             "instruct_text_only": n_text_only,
+            "letters": len(letters),
             "pope": len(pope),
             "seedbench": len(seed),
             "classes": class_counts,

@@ -135,10 +135,25 @@ def text_only_record(key: str, rng: np.random.Generator) -> dict:
 
 def letter_record(key: str, image: str, scene: dict, rng: np.random.Generator) -> dict | None:
     """One 4-choice turn on the image (a SeedBench generator drawn at random, the answer letter uniform) with the
-    letter as the answer: the single-turn records of the letter-heavy stage 2 (``python -m ov3common.toyworld.letters``).
+    letter as the answer: the single-turn records of stage 2's letter share (``llava/letters.json``).
     None when the drawn generator has no question for this scene."""
     qa = _turn("mc", scene, rng, None)
     if qa is None:
         return None
     return {"id": key, "image": image, "conversations": [
         {"from": "human", "value": "<image>\n" + qa[0]}, {"from": "gpt", "value": qa[1]}]}
+
+
+def letter_records(items: list[tuple[str, dict]], n: int, seed: int = 0) -> list[dict]:
+    """``n`` single-turn 4-choice records (``letter_record``) on scenes drawn with replacement from ``items``, pairs of
+    (image path relative to the image root, scene), in the order the shards hold them."""
+    if n > 0 and not items:
+        raise ValueError("letter_records: no scenes to draw from")
+    rng = np.random.default_rng(seed)
+    out: list[dict] = []
+    while len(out) < n:
+        image, scene = items[int(rng.integers(len(items)))]
+        rec = letter_record(f"letters_{len(out):07d}", image, scene, rng)
+        if rec is not None:
+            out.append(rec)
+    return out

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-GENERATOR_VERSION = "toyworld-1.1"  # 1.1: object-centric class split
+GENERATOR_VERSION = "toyworld-1.2"  # 1.1: object-centric class split; 1.2: llava/letters.json
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "heart", "diamond", "hexagon", "cross")
 COLORS: dict[str, tuple[int, int, int]] = {

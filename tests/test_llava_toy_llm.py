@@ -7,6 +7,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llava_bridge import IGNORE_INDEX
@@ -50,8 +51,6 @@ def test_toy_llm_compiled_loss_equals_eager_over_5_steps(llava_world, tmp_path):
     """`compile: true` (torch.compile in place): the same losses as eager over 5 LM + 5 SFT steps, same weight names."""
     w = llava_world
     losses, keys = {}, {}
-    from torch._dynamo.utils import counters
-
     graphs = {}
     for c in ("false", "true"):
         out = tmp_path / c

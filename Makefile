@@ -273,15 +273,15 @@ BASELINE_RAE   := RAE_CACHE_CFG=configs/rae/cache_toy_baseline.yaml RAE_CFG=conf
 	RAE_SAMPLE_CFG=configs/rae/sample_toy_baseline.yaml RAE_CLASSIFY_CFG=configs/rae/classify_toy_baseline.yaml
 DEMO_JOBS := \
 	--job "data | data" \
-	--job "toy-llm | toy-llm | data | 360" \
+	--job "toy-llm | toy-llm | data | 420" \
 	--job "toy-vae | toy-vae | data | 260" \
 	--job "encoder | pretrain-encoder NPROC=1 | toy-vae | 210" \
 	--job "encoder-baseline | pretrain-encoder-baseline NPROC=1 | toy-vae | 215" \
-	--job "llava-stage1 | llava-stage1 NPROC=1 | toy-llm encoder | 125" \
-	--job "llava-stage2 | llava-stage2 NPROC=1 | llava-stage1 | 230" \
+	--job "llava-stage1 | llava-stage1 NPROC=1 | toy-llm encoder | 60" \
+	--job "llava-stage2 | llava-stage2 NPROC=1 | llava-stage1 | 350" \
 	--job "llava-predict | llava-predict | llava-stage2 | 45" \
-	--job "llava-stage1-baseline | llava-stage1 NPROC=1 $(BASELINE_LLAVA) | toy-llm encoder-baseline | 125" \
-	--job "llava-stage2-baseline | llava-stage2 NPROC=1 $(BASELINE_LLAVA) | llava-stage1-baseline | 215" \
+	--job "llava-stage1-baseline | llava-stage1 NPROC=1 $(BASELINE_LLAVA) | toy-llm encoder-baseline | 60" \
+	--job "llava-stage2-baseline | llava-stage2 NPROC=1 $(BASELINE_LLAVA) | llava-stage1-baseline | 350" \
 	--job "llava-predict-baseline | llava-predict $(BASELINE_LLAVA) | llava-stage2-baseline | 40" \
 	--job "cache-rae-latents | cache-rae-latents NPROC=1 | encoder | 35" \
 	--job "rae-train | rae-train NPROC=1 | cache-rae-latents | 250" \

@@ -16,7 +16,9 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 ARGS   ?=
 NPROC  ?= 1
 # torchrun on one node; multi-node: make ... TORCHRUN="torchrun --nnodes 4 --node_rank 0 --master_addr HOST --nproc_per_node 8"
-TORCHRUN ?= $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC)
+# NPROC=1: plain python, no torchrun (under torchrun the HF Trainer wraps a world of one in DDP, whose per-step
+# unused-parameter search and compiled-graph splits cost the toy LLaVA stage 2 ~25 %)
+TORCHRUN ?= $(if $(filter 1,$(strip $(NPROC))),$(PY),$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC))
 export PYTHONPATH := $(ROOT)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 # ---- one config per stage (toy defaults; a config is "toy" when its file name contains `toy`)

@@ -16,8 +16,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 ARGS   ?=
 NPROC  ?= 1
 # torchrun on one node; multi-node: make ... TORCHRUN="torchrun --nnodes 4 --node_rank 0 --master_addr HOST --nproc_per_node 8"
-# NPROC=1: plain python, no torchrun (under torchrun the HF Trainer wraps a world of one in DDP, whose per-step
-# unused-parameter search and compiled-graph splits cost the toy LLaVA stage 2 ~25 %)
+# NPROC=1: plain python, no torchrun (no rendezvous, and no DDP wrapper around a world of one in the HF Trainer)
 TORCHRUN ?= $(if $(filter 1,$(strip $(NPROC))),$(PY),$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC))
 export PYTHONPATH := $(ROOT)$(if $(PYTHONPATH),:$(PYTHONPATH))
 

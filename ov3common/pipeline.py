@@ -48,7 +48,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("pretrain-encoder-baseline", "ENC_BASELINE_CFG", "configs/encoder/toy_baseline.yaml"),
     Stage("cache-latents", "ENC_CFG", "configs/encoder/toy.yaml", ("cache.out_dir",)),
     Stage("rae-decoder", "DEC_CFG", "configs/encoder/decoder_toy.yaml", candidates=("configs/encoder/decoder_*.yaml",)),
-    Stage("toy-llm", "TOY_LLM_CFG", "configs/llava/toy_llm.yaml", candidates=("configs/llava/toy_llm*.yaml",)),
+    Stage("toy-llm", "TOY_LLM_CFG", "configs/llava/toy_llm.yaml"),
     Stage("llava-stage1", "LLAVA_STAGE1", "configs/llava/toy_stage1.yaml", candidates=("configs/llava/*stage1*.yaml",)),
     Stage("llava-stage2", "LLAVA_STAGE2", "configs/llava/toy_stage2.yaml", candidates=("configs/llava/*stage2*.yaml",)),
     Stage("llava-lora", "LLAVA_LORA", "configs/llava/toy_lora.yaml", candidates=("configs/llava/*lora*.yaml",)),

@@ -50,8 +50,7 @@ def test_toy_llm_pretrain_then_sft_writes_a_loadable_model(llava_world, tmp_path
 def test_toy_llm_compiled_loss_equals_eager_over_5_steps(llava_world, tmp_path):
     """`compile: true` (torch.compile in place): the same losses as eager over 5 LM + 5 SFT steps, same weight names."""
     w = llava_world
-    losses, keys = {}, {}
-    graphs = {}
+    losses, keys, graphs = {}, {}, {}
     for c in ("false", "true"):
         out = tmp_path / c
         counters.clear()

@@ -60,8 +60,8 @@ class ToyConfig:
     def tiny(cls, **overrides) -> ToyConfig:
         """A seconds-fast toy world for tests (32 px, a few dozen images per split)."""
         base = {"resolution": 32, "n_train": 64, "n_val": 16, "n_test": 48, "shard_size": 24, "class_train": 3,
-                "class_val": 1, "pope_images": 12, "seedbench_per_category": 10, "text_only_every": 8, "letter_records": 96,
-                "chunk": 16}
+                "class_val": 1, "pope_images": 12, "seedbench_per_category": 10, "text_only_every": 8,
+                "letter_records": 96, "chunk": 16}
         return cls(**{**base, **overrides})
 
     def counts(self) -> dict[str, int]:

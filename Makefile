@@ -285,11 +285,11 @@ DEMO_JOBS := \
 	--job "llava-stage2-baseline | llava-stage2 NPROC=1 $(BASELINE_LLAVA) | llava-stage1-baseline | 350" \
 	--job "llava-predict-baseline | llava-predict $(BASELINE_LLAVA) | llava-stage2-baseline | 40" \
 	--job "cache-rae-latents | cache-rae-latents NPROC=1 | encoder | 35" \
-	--job "rae-train | rae-train NPROC=1 | cache-rae-latents | 250" \
+	--job "rae-train | rae-train NPROC=1 | cache-rae-latents | 190" \
 	--job "rae-sample | rae-sample NPROC=1 | rae-train | 55" \
 	--job "rae-classacc | rae-classacc NPROC=1 | rae-sample | 115" \
 	--job "cache-rae-latents-baseline | cache-rae-latents NPROC=1 $(BASELINE_RAE) | encoder-baseline | 35" \
-	--job "rae-train-baseline | rae-train NPROC=1 $(BASELINE_RAE) | cache-rae-latents-baseline | 240" \
+	--job "rae-train-baseline | rae-train NPROC=1 $(BASELINE_RAE) | cache-rae-latents-baseline | 190" \
 	--job "rae-sample-baseline | rae-sample NPROC=1 $(BASELINE_RAE) | rae-train-baseline | 45" \
 	--job "rae-classacc-baseline | rae-classacc NPROC=1 $(BASELINE_RAE) | rae-sample-baseline rae-classacc | 35" \
 	--job "eval-all | eval-all OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 | llava-predict llava-predict-baseline rae-classacc rae-classacc-baseline | 130"

@@ -262,8 +262,9 @@ gpu-smoke: setup ## GPU: the real configs ~20 steps each (bf16): step time, samp
 # Both rows of the report: the OV3 encoder and the baseline encoder (no reconstruction gradient), each through LLaVA
 # (on the one toy LLM) and RAE, then eval-all scores both. The pixel classifier both rows' toy FID share is trained
 # by the first rae-classacc, so the baseline's waits for it. eval-all runs last and alone: it gets both cores.
-# DEMO_FLAGS=--serial: one job at a time (a one-core or shared machine); the timings add the chain's time on two
-# workers, replayed on the measured seconds
+# The job graph orders the stages, so the jobs skip `need` (NEED=:, 1-5 s of imports per job; each stage still checks
+# its config when it loads it). DEMO_FLAGS=--serial: one job at a time (a one-core or shared machine); the timings
+# add the chain's time on two workers, replayed on the measured seconds
 DEMO_FLAGS ?=
 DEMO_NPROC ?= 2   # make demo-baselines (one chain at a time, DDP over both cores)
 LLAVA_DEMO := llava-stage1 llava-stage2 llava-predict
@@ -292,12 +293,13 @@ DEMO_JOBS := \
 	--job "rae-train-baseline | rae-train NPROC=1 $(BASELINE_RAE) | cache-rae-latents-baseline | 190" \
 	--job "rae-sample-baseline | rae-sample NPROC=1 $(BASELINE_RAE) | rae-train-baseline | 45" \
 	--job "rae-classacc-baseline | rae-classacc NPROC=1 $(BASELINE_RAE) | rae-sample-baseline rae-classacc | 35" \
-	--job "eval-all | eval-all OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 | llava-predict llava-predict-baseline rae-classacc rae-classacc-baseline | 130"
+	--job "fid-weights | fid-weights | data | 10" \
+	--job "eval-all | eval-all OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 | llava-predict llava-predict-baseline rae-classacc rae-classacc-baseline fid-weights | 130"
 .PHONY: demo demo-baselines
 
 ##@ demo
 demo: setup ## install, build the toy world, run the whole chain for both encoders on CPU, write reports/ (step times: reports/demo_timings.tsv)
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m ov3common.demo --make "$(OV3_MAKE) ARGS=" --out reports $(DEMO_FLAGS) $(DEMO_JOBS)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m ov3common.demo --make "$(OV3_MAKE) ARGS= NEED=:" --out reports $(DEMO_FLAGS) $(DEMO_JOBS)
 	$(PY) -m ov3common.toyworld.summary --data $(DATA) --out reports
 	@echo "demo done: reports/summary.md (both rows), reports/toyworld.md, step times in reports/demo_timings.tsv"
 

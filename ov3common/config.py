@@ -27,7 +27,6 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf, read_write
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-
 __all__ = [
     "ConfigError",
     "path_field",
@@ -254,7 +253,8 @@ def to_dict(cfg: DictConfig) -> dict:
 
 def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomically) beside the outputs."""
-    from ov3common.checkpoint import atomic_write_text  # here: `ov3common.pipeline get/need` (every make target) stays torch-free
+    # imported here, so `ov3common.pipeline get` (run by make recipes) imports no torch
+    from ov3common.checkpoint import atomic_write_text  # noqa: PLC0415
 
     atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
 

@@ -12,9 +12,9 @@ runs, ``python -m ov3common.pipeline need TARGET CONFIG [overrides]`` looks at t
   can ask a config for its run folder instead of repeating it.
 
 ``get`` reads YAML only (no torch import): it answers in a fraction of a second. ``need`` also loads the config
-with its program's schema (unknown keys, path fields), which imports that package (1–5 s with torch). The stages' configs come from the
-environment (the Makefile exports its config variables), so ``make -n TARGET VAR=real.yaml`` prints only the
-config given.
+with its program's schema (unknown keys, path fields), which imports that package (1–5 s with torch). The stages'
+configs come from the environment (the Makefile exports its config variables), so ``make -n TARGET VAR=real.yaml``
+prints only the config given.
 """
 
 from __future__ import annotations

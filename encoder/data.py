@@ -80,6 +80,8 @@ class DataConfig:
     recap_warn: float = 0.05  # ... and warn above this fraction
     max_text_len: int = 64
     num_workers: int = 0
+    worker_start: str = choice_field("forkserver", ("forkserver", "spawn", "fork"))  # DataLoader workers' start
+    worker_timeout: float = 900.0  # seconds a worker may take for one chunk before the run fails (0: no limit)
     streams: int = 0  # logical sample streams; 0: world size x max(num_workers, 1). The order depends on it only
     shuffle_buffer: int = 1000  # samples per stream (OpenVision: 250k over the whole input pipeline)
     shuffle_shards: bool = True
@@ -364,7 +366,7 @@ def train_loader(cfg: DataConfig, urls: list[str], decoder: ImageTextDecoder, co
         raise ConfigError(f"train.stages: batch_size {global_batch} is not a multiple of data.streams "
                           f"({spec.streams}): every stream gives the same number of samples to a step")
     ds = ShardStreams(spec, rank, world, global_batch // spec.streams, decoder, collate, epoch, state)
-    return StreamLoader(ds, cfg.num_workers, collate.merge, pin_memory)
+    return StreamLoader(ds, cfg.num_workers, collate.merge, pin_memory, cfg.worker_start, cfg.worker_timeout)
 
 
 def stream_state(streams: dict, dc: DataConfig, world: int, epoch: int) -> dict:

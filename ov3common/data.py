@@ -18,6 +18,7 @@ without reading (local file) or keeping (stream) the bytes of the samples before
 
 from __future__ import annotations
 
+import multiprocessing as mp
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -281,14 +282,29 @@ class StreamLoader:
     step, merged in worker order by ``merge(chunks)``. Tracks the resume state of every stream of the rank
     (:attr:`state`, after the last batch handed out)."""
 
-    def __init__(self, dataset: ShardStreams, num_workers: int, merge: Callable, pin_memory: bool = False):
+    def __init__(self, dataset: ShardStreams, num_workers: int, merge: Callable, pin_memory: bool = False,
+                 worker_start: str = "forkserver", timeout: float = 0):
         self.ds, self.workers, self.merge, self.pin_memory = dataset, num_workers, merge, pin_memory
+        self.worker_start, self.timeout = worker_start, timeout
         self.state: dict[int, dict] = dict(dataset.state)
+
+    def _context(self):
+        """The workers' start method. ``forkserver`` (default): workers fork from a single-threaded server that has
+        imported the dataset's modules, not from this process, whose collective-backend threads (gloo, NCCL) may
+        hold locks at the fork (a worker deadlocked that way never returns a chunk). ``fork``: faster first batch."""
+        if not self.workers or self.worker_start == "fork":
+            return None if not self.workers else mp.get_context("fork")
+        ctx = mp.get_context(self.worker_start)
+        if self.worker_start == "forkserver":
+            mods = {__name__} | {getattr(f, "__module__", None) for f in (self.ds.decode, self.ds.collate)}
+            ctx.set_forkserver_preload(sorted(m for m in mods if m and m != "__main__"))
+        return ctx
 
     def __iter__(self):
         w = max(self.workers, 1)
         loader = DataLoader(self.ds, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
-                            persistent_workers=False)
+                            persistent_workers=False, multiprocessing_context=self._context(),
+                            timeout=self.timeout if self.workers else 0)
         it = iter(loader)
         t = 0
         while True:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import faulthandler
 import hashlib
 import os
 import random
+import signal
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,11 +57,14 @@ def _pick_device(device: str, local_rank: int) -> torch.device:
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
-    """Initialise from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); single process otherwise."""
+    """Initialise from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); single process otherwise. A stuck
+    process prints the Python stack of every thread to stderr on ``kill -USR1 <pid>`` (faulthandler)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = _pick_device(device, local_rank)
+    if hasattr(signal, "SIGUSR1") and sys.stderr is not None:
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: every thread's stack to stderr
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)

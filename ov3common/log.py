@@ -24,11 +24,26 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A StreamHandler on the *current* ``sys.stderr`` (tools and test capture replace it after a logger is made)."""
+
+    def __init__(self):
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def get_logger(name: str) -> logging.Logger:
     """A logger that prints INFO on rank 0 and only WARNING+ on other ranks, prefixed with the rank."""
     logger = logging.getLogger(name)
     if not logger.handlers:
-        h = logging.StreamHandler(sys.stderr)
+        h = _StderrHandler()
         rank = _rank()
         prefix = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         h.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", "%H:%M:%S"))

@@ -6,8 +6,8 @@ encoder's bad-input policy, the latent cache's VAE check, recap_from_alt on Reca
 import hashlib
 import itertools
 import json
-import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -33,7 +33,7 @@ from ov3common.toyworld import ToyConfig, generate
 from ov3common.toyworld.poison import expected_counts, write_poisoned_shard
 from ov3common.toyworld.render import jpeg_bytes
 from ov3common.toyworld.tokenizer import save_tokenizer
-from tests.helpers import REPO, run_with_kills, subprocess_env
+from tests.helpers import run_tree, run_with_kills
 from tests.test_encoder_train import TINY, stages
 
 SIZES = [5, 7, 3, 6, 4, 8, 2, 5]
@@ -152,13 +152,13 @@ def _merge(chunks):
     return {"key": [k for c in chunks for k in c["key"]]}
 
 
-def run_loader(shards, world, workers, streams, per_rank_batch, epoch=0, state_at=None):
+def run_loader(shards, world, workers, streams, per_rank_batch, epoch=0, state_at=None, start="forkserver"):
     """The step batches of every rank (keys), and the rank states after ``state_at`` steps."""
     spec = StreamSpec(tuple(shards), streams=streams, seed=5, buffer=3)
     out, states = [], []
     for rank in range(world):
         ds = ShardStreams(spec, rank, world, per_rank_batch * world // streams, _key_decode, _collate, epoch)
-        loader = StreamLoader(ds, workers, _merge)
+        loader = StreamLoader(ds, workers, _merge, worker_start=start)
         batches = []
         for b in loader:
             batches.append(b["key"])
@@ -175,9 +175,19 @@ def test_order_depends_on_streams_not_on_processes_or_workers(shards):
     assert one == workers and one[0]
     steps = min(len(r) for r in ranks)  # lockstep: the ranks stop together
     assert [a + b for a, b in zip(ranks[0][:steps], ranks[1][:steps])] == one[0][:steps]
-    again, _ = run_loader(shards, world=1, workers=2, streams=4, per_rank_batch=4)
+    again, _ = run_loader(shards, world=1, workers=2, streams=4, per_rank_batch=4, start="fork")
     other, _ = run_loader(shards, world=1, workers=0, streams=2, per_rank_batch=4)
-    assert again == workers and other != one
+    assert again == workers and other != one  # nor on the workers' start method
+
+
+def _slow_decode(sample, epoch, cursor):
+    time.sleep(60)
+
+
+def test_a_stuck_worker_fails_the_run_after_the_timeout(shards):
+    ds = ShardStreams(StreamSpec(tuple(shards), streams=2, seed=5, buffer=3), 0, 1, 1, _slow_decode, _collate)
+    with pytest.raises(RuntimeError, match="timed out after 2 seconds"):
+        next(iter(StreamLoader(ds, 1, _merge, worker_start="fork", timeout=2)))
 
 
 def test_loader_resume_with_workers(shards):
@@ -335,7 +345,7 @@ def test_sigkill_two_ranks_two_workers_resume_same_keys(tmp_path):
                 "train.threads=1"]
 
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    res = subprocess.run(cmd(ref), env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    res = run_tree(cmd(ref), timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     kills = run_with_kills(cmd(killed), killed / "metrics.jsonl", kills=2, min_step=2, max_step=6, seed=5,
                            timeout=900)

@@ -2,9 +2,6 @@
 recipes (LoRA and full stage 2) save what they trained and load back; a killed ZeRO-2 run resumes bitwise."""
 
 import json
-import os
-import signal
-import subprocess
 import sys
 
 import pytest
@@ -15,23 +12,9 @@ from safetensors.torch import load_file
 from llava_bridge.merge_lora import merge
 from llava_bridge.model import load_llava
 from llava_bridge.projector import build_projector, projector_state, save_projector
-from tests.helpers import REPO, run_with_kills, subprocess_env
+from tests.helpers import REPO, run_tree, run_with_kills
 from tests.llava_fixtures import *  # noqa: F403 (pytest fixtures)
 from tests.test_llava_model import eval_batch, logits, overrides
-
-
-def run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
-    """``subprocess.run`` in its own session: on timeout the whole group (torchrun and its workers) is killed."""
-    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)[:300]}\n{err[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
 
 RECIPES = {"lora": "configs/llava/real_lora.yaml", "full": "configs/llava/real_stage2.yaml"}
 CKPT, STEPS = 3, 4
@@ -78,7 +61,7 @@ def test_real_recipe_under_zero_saves_what_it_trained(llava_world, stage1_projec
                  "eval.limit_per_category=1", "eval.max_new_tokens=4"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "tests/scripts/llava_zero_worker.py"), str(mem), *args]
-    r = run(cmd, timeout=500)
+    r = run_tree(cmd, timeout=500)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     init, mid, final = (load_file(mem / f"{n}.safetensors") for n in ("init", f"step{CKPT}", "final"))
     want = {"lora": {"mm_projector", "lora_A", "lora_B"},
@@ -129,7 +112,7 @@ def test_zero2_two_processes_resume_after_sigkill_is_bitwise(llava_world, tmp_pa
                 "-m", "llava_bridge.train", *args]
 
     ref, resumed = tmp_path / "ref", tmp_path / "run"
-    r = run(cmd(ref), timeout=500)
+    r = run_tree(cmd(ref), timeout=500)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     killed = run_with_kills(cmd(resumed), resumed / "metrics.jsonl", kills=1, min_step=2, max_step=3, seed=0, timeout=600)
     assert len(killed) == 1 and killed[0] < 5

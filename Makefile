@@ -294,7 +294,8 @@ DEMO_JOBS := \
 	--job "rae-sample-baseline | rae-sample NPROC=1 $(BASELINE_RAE) | rae-train-baseline | 45" \
 	--job "rae-classacc-baseline | rae-classacc NPROC=1 $(BASELINE_RAE) | rae-sample-baseline rae-classacc | 35" \
 	--job "fid-weights | fid-weights | data | 10" \
-	--job "eval-all | eval-all OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 | llava-predict llava-predict-baseline rae-classacc rae-classacc-baseline fid-weights | 130"
+	--job "eval-ov3 | eval-all 'ARGS=only=[ov3_ours]' | llava-predict rae-classacc fid-weights | 60" \
+	--job "eval-all | eval-all OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 | eval-ov3 llava-predict-baseline rae-classacc-baseline | 70"
 .PHONY: demo demo-baselines
 
 ##@ demo

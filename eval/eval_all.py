@@ -32,6 +32,7 @@ says so) unless ``compare.allow_protocol_mismatch=true``. Every accuracy / F1 / 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import sys
@@ -372,6 +373,51 @@ def run_manifest(summary: dict, cfg) -> dict:
             "rows": rows}
 
 
+ROW_FORMAT = 1
+CODE_PACKAGES = ("eval", "encoder", "rae_generation", "llava_bridge", "ov3common")
+
+
+def _listing(paths: list[str]) -> list:
+    """(path, size, mtime_ns) of every file under ``paths`` (files or folders; absent ones listed as absent)."""
+    out: list = []
+    for p in sorted(set(filter(None, paths))):
+        root = Path(p)
+        if root.is_file():
+            st = root.stat()
+            out.append((str(root), st.st_size, st.st_mtime_ns))
+        elif root.is_dir():
+            out.extend((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(root.rglob("*")) if f.is_file())
+        else:
+            out.append((str(root), None, None))
+    return out
+
+
+def row_fingerprint(cfg, row: RowConfig) -> str:
+    """What a row's results depend on: the settings (all but the output and row selection), the row's run folders
+    and the benchmark files (path, size, mtime of every file) and the evaluation code (sha256 of the packages' .py)."""
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("out_dir", "rows", "only", "reuse_rows")}
+    inputs = [row.encoder, row.encoder_run, row.llava, row.rae, cfg.pope.path, cfg.seedbench.path, cfg.rfid.images,
+              cfg.gfid.real, cfg.fid.weights, cfg.toygen.classifier]
+    repo = Path(__file__).resolve().parents[1]
+    code = hashlib.sha256()
+    for f in sorted(f for pkg in CODE_PACKAGES for f in (repo / pkg).rglob("*.py")):
+        code.update(str(f.relative_to(repo)).encode() + b"\0" + f.read_bytes())
+    blob = json.dumps({"format": ROW_FORMAT, "settings": settings, "row": to_dict(row), "files": _listing(inputs),
+                       "code": code.hexdigest()}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def reusable_row(path: Path, cfg, row: RowConfig) -> dict | None:
+    """A stored row (``only=[...]`` run) whose fingerprint matches the present inputs, settings and code; else None."""
+    if not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return stored if stored.get("fingerprint") == row_fingerprint(cfg, row) else None
+
+
 def evaluate(cfg) -> dict:
     """Run everything available; returns the summary dict (also written to <out>/summary.{json,md})."""
 
@@ -385,13 +431,25 @@ def evaluate(cfg) -> dict:
             raise ConfigError(f"{section}.{name}: required for piece {piece!r} (the benchmark's local path; no default)")
     if not cfg.rows:
         raise ConfigError("rows: empty (one row per encoder: name, encoder, encoder_run, llava, rae)")
+    known = {r.name for r in cfg.rows} | {slug(r.name) for r in cfg.rows}
+    for name in cfg.only:
+        if name not in known:
+            raise ConfigError(f"only: no row named {name!r} (rows: {', '.join(r.name for r in cfg.rows)})")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0, caches, lpips_cache = time.perf_counter(), {}, {}
     rows = []
     for row in cfg.rows:
+        if cfg.only and row.name not in cfg.only and slug(row.name) not in cfg.only:
+            continue
         rout = out / slug(row.name)
         rout.mkdir(parents=True, exist_ok=True)
+        if not cfg.only and cfg.reuse_rows and (stored := reusable_row(rout / "row.json", cfg, row)):
+            for k, v in stored["identity"].items():
+                caches.setdefault("identity", {}).setdefault(k, v)
+            rows.append({**stored["entry"], "reused": str(rout / "row.json")})
+            log.info("%s: reused %s (inputs, settings and code unchanged)", row.name, rout / "row.json")
+            continue
         entry: dict = {"name": row.name, "slug": slug(row.name), "encoder": row.encoder, "results": {},
                        "missing": {}, "errors": {}, "seconds": {}}
         for piece in cfg.pieces:
@@ -420,6 +478,13 @@ def evaluate(cfg) -> dict:
         for kind in ("predict", "rank"):
             caches.pop((kind, row.llava), None)  # free this row's LLaVA models
         rows.append(entry)
+        if cfg.only:
+            atomic_write_json(rout / "row.json", {"fingerprint": row_fingerprint(cfg, row), "entry": entry,
+                                                  "identity": caches.get("identity", {})})
+    if cfg.only:
+        log.info("rows %s stored for a later full run (%.0f s)", ", ".join(r["slug"] for r in rows),
+                 time.perf_counter() - t0)
+        return {"rows": rows}
     summary = {"generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "toy": cfg.toy,
                "disclaimer": TOY_DISCLAIMER if cfg.toy else "", "pope_parser": cfg.pope.parser, "rows": rows,
                "benchmarks": caches.get("identity", {}),

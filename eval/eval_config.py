@@ -112,6 +112,8 @@ class EvalAllConfig:
     device: str = "auto"
     toy: bool = True
     rows: list[RowConfig] = field(default_factory=list)  # configs/eval/toy.yaml: the toy rows
+    only: list[str] = field(default_factory=list)  # evaluate only these rows (name or slug) into <out>/<slug>/row.json
+    reuse_rows: bool = True  # a full run takes a row from its row.json when inputs, settings and code are unchanged
     pieces: list[str] = field(default_factory=lambda: ["seedbench", "seedbench_blind", "seedbench_rank", "pope",
                                                        "gfid", "toygen", "rfid"])
     fid: FidConfig = field(default_factory=FidConfig)

@@ -11,7 +11,7 @@ from PIL import Image
 from encoder.export import write_random_export
 from eval import eval_all, inception, report
 from ov3common.checkpoint import save_safetensors
-from ov3common.config import load_config
+from ov3common.config import ConfigError, load_config
 from rae_generation.classify import ToyClassifier
 from rae_generation.manifest import write_manifest
 
@@ -95,11 +95,11 @@ def world(tmp_path_factory, request):
 
 
 @pytest.mark.slow
-def test_eval_all_on_a_miniature_toy_world(world):
+def _world_cfg(world, out: str = "reports", *extra: str):
     root, weights = world
     d, r = root / "data", root / "runs"
-    cfg = load_config(eval_all.EvalAllConfig, None, [
-        f"out_dir={root / 'reports'}", "device=cpu", f"fid.weights={weights}", f"fid.cache_dir={root / 'cache'}",
+    return load_config(eval_all.EvalAllConfig, None, [
+        f"out_dir={root / out}", "device=cpu", f"fid.weights={weights}", f"fid.cache_dir={root / 'cache'}",
         "fid.kid_subsets=2", "fid.bootstrap=20", "lpips.backbone=random", "rfid.max_images=4",
         f"pope.path={d / 'pope' / 'pope.jsonl'}", f"seedbench.path={d / 'seedbench' / 'seedbench.jsonl'}",
         f"rfid.images={d / 'images' / 'val'}", f"gfid.real={d / 'classes' / 'val'}", "gfid.per_class=1",
@@ -107,9 +107,13 @@ def test_eval_all_on_a_miniature_toy_world(world):
         "gfid.sampler=tests.test_eval_all:fake_sampler", f"toygen.classifier={r / 'clf'}", "toygen.image_size=32",
         "toygen.bootstrap=20",
         f"rows=[{{name: OV3, encoder: {r / 'enc' / 'export'}, encoder_run: {r / 'enc'}, llava: {r / 'llava'},"
-        f" rae: {r / 'rae'}}}, {{name: baseline, encoder: {r / 'nope'}, rae: {r / 'rae_b'}}}]",
+        f" rae: {r / 'rae'}}}, {{name: baseline, encoder: {r / 'nope'}, rae: {r / 'rae_b'}}}]", *extra,
     ])
-    s = eval_all.evaluate(cfg)
+
+
+def test_eval_all_on_a_miniature_toy_world(world):
+    root, _ = world
+    s = eval_all.evaluate(_world_cfg(world))
     ov3, base = s["rows"]
     assert set(ov3["results"]) == {"seedbench", "seedbench_blind", "seedbench_rank", "pope", "gfid", "toygen",
                                    "rfid"} and not ov3["errors"]
@@ -268,3 +272,29 @@ def test_rows_compared_by_intervals_and_refused_across_protocols():
     assert allowed["C", "gFID"]["verdict"] == "A better" and "steps" in allowed["C", "gFID"]["protocol_differences"]
     md = report.render_markdown({"rows": [a, b, c], "comparisons": comps, "toy": False})
     assert "**no measurable difference**" in md and "not compared: sampling manifests differ" in md
+
+
+FAST = ("pieces=[seedbench,pope]",)  # the reuse does not depend on the pieces: the fast ones
+
+
+def test_a_row_evaluated_alone_is_reused_until_an_input_changes(world, caplog):
+    """``only=[row]`` stores the row (no summary); a full run takes it while inputs, settings and code are unchanged,
+    and recomputes it once a file of the row's runs changes."""
+    root, _ = world
+    out = root / "reports_rows"
+    alone = eval_all.evaluate(_world_cfg(world, "reports_rows", *FAST, "only=[ov3]"))
+    assert [r["name"] for r in alone["rows"]] == ["OV3"] and not (out / "summary.json").exists()
+    assert (out / "ov3" / "row.json").is_file() and not (out / "baseline").exists()
+    full = eval_all.evaluate(_world_cfg(world, "reports_rows", *FAST))
+    ov3, base = full["rows"]
+    assert ov3["reused"] == str(out / "ov3" / "row.json") and "reused" not in base
+    assert ov3["results"] == json.loads(json.dumps(alone["rows"][0]["results"]))
+    assert full["benchmarks"]["seedbench"]["sha256"] and (out / "summary.md").is_file()
+    again = eval_all.evaluate(_world_cfg(world, "reports_rows", *FAST, "pope.parser=lmms"))  # another setting
+    assert "reused" not in again["rows"][0]
+    preds = root / "runs" / "llava" / "pope_predictions.jsonl"
+    eval_all.evaluate(_world_cfg(world, "reports_rows", *FAST, "only=[OV3]"))
+    preds.write_text(preds.read_text())  # same content, new mtime: an input changed
+    assert "reused" not in eval_all.evaluate(_world_cfg(world, "reports_rows", *FAST))["rows"][0]
+    with pytest.raises(ConfigError, match="only: no row named 'ov4'"):
+        eval_all.evaluate(_world_cfg(world, "reports_rows", *FAST, "only=[ov4]"))

@@ -292,8 +292,8 @@ class StreamLoader:
         """The workers' start method. ``forkserver`` (default): workers fork from a single-threaded server that has
         imported the dataset's modules, not from this process, whose collective-backend threads (gloo, NCCL) may
         hold locks at the fork (a worker deadlocked that way never returns a chunk). ``fork``: faster first batch."""
-        if not self.workers or self.worker_start == "fork":
-            return None if not self.workers else mp.get_context("fork")
+        if not self.workers:
+            return None
         ctx = mp.get_context(self.worker_start)
         if self.worker_start == "forkserver":
             mods = {__name__} | {getattr(f, "__module__", None) for f in (self.ds.decode, self.ds.collate)}

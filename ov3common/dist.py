@@ -63,8 +63,11 @@ def init_distributed(device: str = "auto") -> DistInfo:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = _pick_device(device, local_rank)
-    if hasattr(signal, "SIGUSR1") and sys.stderr is not None:
-        faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: every thread's stack to stderr
+    if hasattr(signal, "SIGUSR1"):
+        try:  # `kill -USR1 <pid>`: every thread's stack to the process's stderr (fd 2)
+            faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
+        except (AttributeError, ValueError, OSError, RuntimeError):  # no usable fd 2 (e.g. a notebook kernel): no dumps
+            pass
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)

@@ -32,7 +32,6 @@ says so) unless ``compare.allow_protocol_mismatch=true``. Every accuracy / F1 / 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import sys
@@ -51,6 +50,7 @@ from eval.provenance import identify_reference, sha256_file
 from eval.recon import LPIPSMetric
 from eval.report import TOY_DISCLAIMER, plot_curves, render_markdown
 from eval.rfid import run_rfid, select_images
+from eval.row_store import reusable_row, store_row
 from eval.toygen import toy_metrics
 from ov3common.checkpoint import atomic_write_json, atomic_write_text
 from ov3common.config import ConfigError, import_object, parse_cli, to_dict
@@ -373,51 +373,6 @@ def run_manifest(summary: dict, cfg) -> dict:
             "rows": rows}
 
 
-ROW_FORMAT = 1
-CODE_PACKAGES = ("eval", "encoder", "rae_generation", "llava_bridge", "ov3common")
-
-
-def _listing(paths: list[str]) -> list:
-    """(path, size, mtime_ns) of every file under ``paths`` (files or folders; absent ones listed as absent)."""
-    out: list = []
-    for p in sorted(set(filter(None, paths))):
-        root = Path(p)
-        if root.is_file():
-            st = root.stat()
-            out.append((str(root), st.st_size, st.st_mtime_ns))
-        elif root.is_dir():
-            out.extend((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(root.rglob("*")) if f.is_file())
-        else:
-            out.append((str(root), None, None))
-    return out
-
-
-def row_fingerprint(cfg, row: RowConfig) -> str:
-    """What a row's results depend on: the settings (all but the output and row selection), the row's run folders
-    and the benchmark files (path, size, mtime of every file) and the evaluation code (sha256 of the packages' .py)."""
-    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("out_dir", "rows", "only", "reuse_rows")}
-    inputs = [row.encoder, row.encoder_run, row.llava, row.rae, cfg.pope.path, cfg.seedbench.path, cfg.rfid.images,
-              cfg.gfid.real, cfg.fid.weights, cfg.toygen.classifier]
-    repo = Path(__file__).resolve().parents[1]
-    code = hashlib.sha256()
-    for f in sorted(f for pkg in CODE_PACKAGES for f in (repo / pkg).rglob("*.py")):
-        code.update(str(f.relative_to(repo)).encode() + b"\0" + f.read_bytes())
-    blob = json.dumps({"format": ROW_FORMAT, "settings": settings, "row": to_dict(row), "files": _listing(inputs),
-                       "code": code.hexdigest()}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def reusable_row(path: Path, cfg, row: RowConfig) -> dict | None:
-    """A stored row (``only=[...]`` run) whose fingerprint matches the present inputs, settings and code; else None."""
-    if not path.is_file():
-        return None
-    try:
-        stored = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return stored if stored.get("fingerprint") == row_fingerprint(cfg, row) else None
-
-
 def evaluate(cfg) -> dict:
     """Run everything available; returns the summary dict (also written to <out>/summary.{json,md})."""
 
@@ -479,8 +434,7 @@ def evaluate(cfg) -> dict:
             caches.pop((kind, row.llava), None)  # free this row's LLaVA models
         rows.append(entry)
         if cfg.only:
-            atomic_write_json(rout / "row.json", {"fingerprint": row_fingerprint(cfg, row), "entry": entry,
-                                                  "identity": caches.get("identity", {})})
+            store_row(rout / "row.json", cfg, row, entry, caches.get("identity", {}))
     if cfg.only:
         log.info("rows %s stored for a later full run (%.0f s)", ", ".join(r["slug"] for r in rows),
                  time.perf_counter() - t0)

@@ -27,9 +27,6 @@ def _rank() -> int:
 class _StderrHandler(logging.StreamHandler):
     """A StreamHandler on the *current* ``sys.stderr`` (tools and test capture replace it after a logger is made)."""
 
-    def __init__(self):
-        super().__init__()
-
     @property
     def stream(self):
         return sys.stderr

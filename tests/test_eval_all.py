@@ -277,7 +277,7 @@ def test_rows_compared_by_intervals_and_refused_across_protocols():
 FAST = ("pieces=[seedbench,pope]",)  # the reuse does not depend on the pieces: the fast ones
 
 
-def test_a_row_evaluated_alone_is_reused_until_an_input_changes(world, caplog):
+def test_a_row_evaluated_alone_is_reused_until_an_input_changes(world):
     """``only=[row]`` stores the row (no summary); a full run takes it while inputs, settings and code are unchanged,
     and recomputes it once a file of the row's runs changes."""
     root, _ = world

@@ -72,6 +72,14 @@ def one_trainable_dtype(model) -> torch.dtype:
     return dtype
 
 
+def compile_decoder(model) -> None:
+    """``train.compile_scope=lm``: compile the LM's decoder stack (``model.model``: embeddings in, hidden states out)
+    in place, with dynamic shapes (the batch's length varies); the image splice before it and the LM head after it
+    run eagerly. Parameter names, and so checkpoints, are unchanged."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.model.compile(dynamic=True)
+
+
 class _MetricsCallback:
     """Mirror the Trainer's logs into ``output_dir/metrics.jsonl`` (ov3common.log.MetricLogger) and show the run's
     progress (ov3common.log.TrainProgress: step / total, loss, samples/s, ETA) in place of the Trainer's bar."""
@@ -123,6 +131,8 @@ def build(cfg):
                     m.model_max_length, m.template)
     attach_vision(model, tower, mm, m.pretrain_projector or None)
     model = set_trainable(model, cfg)
+    if cfg.train.compile and cfg.train.compile_scope == "lm":
+        compile_decoder(model)
     stats = SkipStats()
     ds = LlavaDataset(cfg.data.train, cfg.data.image_root or None, tokenizer, m.template, tower.processor,
                       m.model_max_length, tower.num_tokens, stats, cfg.data.shard_caption)

@@ -206,6 +206,8 @@ def test_llava_compile_option_reaches_training_arguments():
     assert not training_arguments(cfg, use_cpu=True).torch_compile
     cfg.train.compile = True
     assert training_arguments(cfg, use_cpu=True).torch_compile
+    cfg.train.compile_scope = "lm"  # the trainer compiles the decoder itself; HF's whole-model compile stays off
+    assert not training_arguments(cfg, use_cpu=True).torch_compile
 
 
 @pytest.mark.slow

@@ -73,7 +73,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads (0: leave as is)
     log_every: int = 10
     tensorboard: bool = False  # also write the metrics as TensorBoard scalars to <out_dir>/tb
-    ckpt_every: int = 100
+    ckpt_every: int = 100  # steps between checkpoints (and the last step); <= 0: the last step only
     eval_every: int = 0  # > 0: val PSNR + retrieval of the live model every N steps (= eval.intraining offline)
     keep_last: int = 2
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops

@@ -86,7 +86,7 @@ class DecoderTrainConfig:
     device: str = "auto"
     threads: int = 0  # torch intra-op threads (0: leave as is)
     log_every: int = 10
-    ckpt_every: int = 100
+    ckpt_every: int = 100  # steps between checkpoints (and the last step); <= 0: the last step only
     keep_last: int = 2
     max_bad_steps: int = 5
 

@@ -69,7 +69,7 @@ class Loop:
                  tensorboard: bool = False, logger: logging.Logger | None = None):
         self.out = Path(out_dir)
         self.total, self.desc, self.seed, self.rank = int(total_steps), desc, seed, rank
-        self.log_every, self.ckpt_every = max(1, int(log_every)), max(1, int(ckpt_every))
+        self.log_every, self.ckpt_every = max(1, int(log_every)), int(ckpt_every)  # ckpt_every <= 0: the last step only
         self.save_after_bad, self.skip_rows = save_after_bad, skip_rows
         self.inject_nan_steps = set(inject_nan_steps)
         self.log = logger or get_logger(f"{desc}.loop")
@@ -108,9 +108,9 @@ class Loop:
         return loaded is not None
 
     def save_due(self) -> bool:
-        """Whether the step just done gets a checkpoint (every ``ckpt_every`` steps and the last one; not right
+        """Whether the step just done gets a checkpoint (every ``ckpt_every`` steps, if > 0, and the last one; not right
         after a skipped step unless ``save_after_bad``)."""
-        return (self.step % self.ckpt_every == 0 or self.step == self.total) and (
+        return (self.step == self.total or self.due(self.ckpt_every, last=False)) and (
             self.save_after_bad or self.guard.consecutive == 0)
 
     def save(self, state: dict, rank_state: dict | None = None) -> str:

@@ -89,7 +89,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile (inductor) the DiT-DH (CPU and GPU)
     log_every: int = 20
     tensorboard: bool = False  # also write the metrics as TensorBoard scalars to <out_dir>/tb
-    ckpt_every: int = 500
+    ckpt_every: int = 500  # steps between checkpoints (and the last step); <= 0: the last step only
     keep_last: int = 2
     preview: bool = True  # a PNG grid of EMA samples at the end (needs an encoder)
     max_bad_steps: int = 5  # consecutive NaN/Inf steps that stop the run

@@ -175,3 +175,12 @@ def test_truncate_jsonl_and_skipstats_reset(tmp_path):
     s.converted["cmyk"] += 1
     s.reset()
     assert s.total() == 0 and s.as_dict() == {"skipped": {}, "converted": {}, "skipped_total": 0}
+
+
+@pytest.mark.parametrize("every", [0, -1])
+def test_ckpt_every_zero_or_less_saves_only_the_last_step(tmp_path, every):
+    """``ckpt_every <= 0`` means no intermediate checkpoints (as the LLaVA trainer's ``ckpt_every: 0``), not one
+    per step."""
+    _, loop = run(tmp_path / "run", total=6, ckpt_every=every, keep_last=10)
+    saved = loop.ckpt.all()
+    assert len(saved) == 1 and loop.ckpt.load()[0]["train"]["step"] == 6

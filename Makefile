@@ -300,7 +300,7 @@ DEMO_JOBS := \
 
 ##@ demo
 demo: setup ## install, build the toy world, run the whole chain for both encoders on CPU, write reports/ (step times: reports/demo_timings.tsv)
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m ov3common.demo --make "$(OV3_MAKE) ARGS= NEED=:" --out reports $(DEMO_FLAGS) $(DEMO_JOBS)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TORCHINDUCTOR_COMPILE_THREADS=1 $(PY) -m ov3common.demo --make "$(OV3_MAKE) ARGS= NEED=:" --out reports $(DEMO_FLAGS) $(DEMO_JOBS)
 	$(PY) -m ov3common.toyworld.summary --data $(DATA) --out reports
 	@echo "demo done: reports/summary.md (both rows), reports/toyworld.md, step times in reports/demo_timings.tsv"
 

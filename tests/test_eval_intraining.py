@@ -54,7 +54,7 @@ def test_rae_in_training_gfid_equals_checkpoint_and_eval_all(weights, tmp_path):
         f"out_dir={tmp_path / 'run'}", f"data.latents={lat}", "model.size=tiny", "train.batch_size=6",
         "train.steps=4", "train.ckpt_every=2", "train.keep_last=5", "train.device=cpu", "train.preview=false",
         "sample.steps=2", "eval.every=2", f"eval.real={imgs}", f"eval.weights={weights}", "eval.per_class=1",
-        f"eval.cache_dir={cache}"])
+        f"eval.cache_dir={cache}", "train.compile=false"])
     run = train_rae(cfg, init_distributed("cpu"))
     live = {r["step"]: r for r in read_jsonl(run / "metrics.jsonl") if "eval/gfid" in r}
     assert sorted(live) == [2, 4] and live[2]["eval/gfid_n"] == 3

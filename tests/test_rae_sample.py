@@ -36,7 +36,8 @@ def run(tmp_path_factory):
                                                       "image_size=32", "num_workers=0", "device=cpu"]))
     cfg = load_config(RAETrainConfig, "configs/rae/toy.yaml", [
         f"out_dir={root / 'run'}", f"data.latents={lat}", "model.size=tiny", "train.batch_size=8", "train.steps=8",
-        "train.ckpt_every=4", "train.keep_last=5", "train.device=cpu", "train.preview=true", "sample.steps=3"])
+        "train.ckpt_every=4", "train.keep_last=5", "train.device=cpu", "train.preview=true", "sample.steps=3",
+        "train.compile=false"])
     return train(cfg, init_distributed("cpu"))
 
 

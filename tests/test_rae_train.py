@@ -37,7 +37,8 @@ def latents(tmp_path_factory):
 def overrides(latents, out, **kw) -> list[str]:
     base = {"out_dir": out, "data.latents": latents, "model.size": "tiny", "train.batch_size": 8, "train.steps": 16,
             "train.lr": 3e-3, "train.log_every": 1, "train.ckpt_every": 4, "train.preview": False,
-            "train.device": "cpu", "train.ema_decay": 0.9, "train.warmup_steps": 0}
+            "train.device": "cpu", "train.ema_decay": 0.9, "train.warmup_steps": 0,
+            "train.compile": False}  # the toy recipe compiles; these tests check the loop (compiled: test_perf)
     base.update(kw)
     return [f"{k}={v}" for k, v in base.items()]
 

@@ -249,10 +249,10 @@ def test_flash_attention_matches_sdpa(llava_world):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scope", ["lm", "model"])
+@pytest.mark.parametrize("scope", ["lm"])  # `model` (HF torch_compile) passes too, at ~60 s more of cold compiling
 def test_compiled_stage2_loss_equals_eager_over_5_steps(llava_world, stage1, tmp_path, scope):
-    """``train.compile=true`` (either ``compile_scope``): the 5 logged stage-2 losses match eager, and the saved
-    weights keep their names (an in-place compile adds no ``_orig_mod`` prefix)."""
+    """``train.compile=true``, ``compile_scope=lm`` (make demo's): the 5 logged stage-2 losses match eager, and the
+    saved weights keep their names (an in-place compile adds no ``_orig_mod`` prefix)."""
     losses, keys = {}, {}
     for compiled in (False, True):
         out = tmp_path / f"compile_{compiled}"

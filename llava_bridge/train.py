@@ -61,11 +61,15 @@ def set_trainable(model, cfg):
     return model
 
 
+def base_model(model):
+    """The LLaVA model under a peft wrapper (the model itself when there is none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def one_trainable_dtype(model) -> torch.dtype:
     """Cast every trainable tensor to the LM's dtype (the dtype its weights were loaded in); returns it.
     DeepSpeed keeps fp32 master weights of them under bf16; without DeepSpeed a bf16 LM trains bf16 tensors."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    dtype = base.get_input_embeddings().weight.dtype
+    dtype = base_model(model).get_input_embeddings().weight.dtype
     for p in model.parameters():
         if p.requires_grad and p.dtype != dtype:
             p.data = p.data.to(dtype)
@@ -76,8 +80,7 @@ def compile_decoder(model) -> None:
     """``train.compile_scope=lm``: compile the LM's decoder stack (``model.model``: embeddings in, hidden states out)
     in place, with dynamic shapes (the batch's length varies); the image splice before it and the LM head after it
     run eagerly. Parameter names, and so checkpoints, are unchanged."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.model.compile(dynamic=True)
+    base_model(model).model.compile(dynamic=True)
 
 
 class _MetricsCallback:

@@ -249,15 +249,15 @@ def test_flash_attention_matches_sdpa(llava_world):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scope", ["lm"])  # `model` (HF torch_compile) passes too, at ~60 s more of cold compiling
-def test_compiled_stage2_loss_equals_eager_over_5_steps(llava_world, stage1, tmp_path, scope):
+def test_compiled_stage2_loss_equals_eager_over_5_steps(llava_world, stage1, tmp_path):
     """``train.compile=true``, ``compile_scope=lm`` (make demo's): the 5 logged stage-2 losses match eager, and the
-    saved weights keep their names (an in-place compile adds no ``_orig_mod`` prefix)."""
+    saved weights keep their names (an in-place compile adds no ``_orig_mod`` prefix). ``compile_scope=model`` (HF's
+    torch_compile) passes this too, at ~60 s more of cold compiling: left out of make test."""
     losses, keys = {}, {}
     for compiled in (False, True):
         out = tmp_path / f"compile_{compiled}"
         assert main(stage2_overrides(llava_world, out, stage1, **{"train.max_steps": 5, "train.compile": compiled,
-                                                                  "train.compile_scope": scope})) == 0
+                                                                  "train.compile_scope": "lm"})) == 0
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         losses[compiled] = [r["loss"] for r in rows if "loss" in r]
         with safe_open(out / "model.safetensors", "pt") as f:

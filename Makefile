@@ -260,8 +260,11 @@ gpu-smoke: setup ## GPU: the real configs ~20 steps each (bf16): step time, samp
 # the longest estimated path to the end (the estimates: seconds measured on the 2-core development machine; they
 # only order the queue). Wall time per job: reports/demo_timings.tsv; each job's output: reports/demo_logs/.
 # Both rows of the report: the OV3 encoder and the baseline encoder (no reconstruction gradient), each through LLaVA
-# (on the one toy LLM) and RAE, then eval-all scores both. The pixel classifier both rows' toy FID share is trained
-# by the first rae-classacc, so the baseline's waits for it. eval-all runs last and alone: it gets both cores.
+# (on the one toy LLM) and RAE, then eval-all scores both. Work that needs no trained model runs early, where it
+# fills a gap, instead of in the tail: the pixel classifier both rows' toy FID share (rae-classacc with no encoder,
+# latents or samples: it only trains that classifier) and the Inception features of the real sets (eval-all
+# references_only=true). Each row is then evaluated on its own worker (eval-all only=[row]); the last eval-all
+# takes both stored rows and writes the report.
 # The job graph orders the stages, so the jobs skip `need` (NEED=:, 1-5 s of imports per job; each stage still checks
 # its config when it loads it). DEMO_FLAGS=--serial: one job at a time (a one-core or shared machine); the timings
 # add the chain's time on two workers, replayed on the measured seconds
@@ -288,14 +291,18 @@ DEMO_JOBS := \
 	--job "cache-rae-latents | cache-rae-latents NPROC=1 | encoder | 35" \
 	--job "rae-train | rae-train NPROC=1 | cache-rae-latents | 190" \
 	--job "rae-sample | rae-sample NPROC=1 | rae-train | 55" \
-	--job "rae-classacc | rae-classacc NPROC=1 | rae-sample | 115" \
+	--job "pixel-classifier | rae-classacc NPROC=1 'ARGS=encoder= latents= npz=' | data | 65" \
+	--job "rae-classacc | rae-classacc NPROC=1 | rae-sample pixel-classifier | 35" \
 	--job "cache-rae-latents-baseline | cache-rae-latents NPROC=1 $(BASELINE_RAE) | encoder-baseline | 35" \
 	--job "rae-train-baseline | rae-train NPROC=1 $(BASELINE_RAE) | cache-rae-latents-baseline | 190" \
 	--job "rae-sample-baseline | rae-sample NPROC=1 $(BASELINE_RAE) | rae-train-baseline | 45" \
-	--job "rae-classacc-baseline | rae-classacc NPROC=1 $(BASELINE_RAE) | rae-sample-baseline rae-classacc | 35" \
+	--job "rae-classacc-baseline | rae-classacc NPROC=1 $(BASELINE_RAE) | rae-sample-baseline pixel-classifier | 35" \
 	--job "fid-weights | fid-weights | data | 10" \
-	--job "eval-ov3 | eval-all 'ARGS=only=[ov3_ours]' | llava-predict rae-classacc fid-weights | 60" \
-	--job "eval-all | eval-all OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 | eval-ov3 llava-predict-baseline rae-classacc-baseline | 70"
+	--job "eval-refs | eval-all 'ARGS=references_only=true' | fid-weights encoder encoder-baseline | 35" \
+	--job "eval-ov3 | eval-all 'ARGS=only=[ov3_ours]' | llava-predict rae-classacc eval-refs | 65" \
+	--job "eval-baseline | eval-all 'ARGS=only=[baseline_contrastive_caption_no_recon]' \
+		| llava-predict-baseline rae-classacc-baseline eval-refs | 65" \
+	--job "eval-all | eval-all | eval-ov3 eval-baseline | 10"
 .PHONY: demo demo-baselines
 
 ##@ demo

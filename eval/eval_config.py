@@ -114,6 +114,9 @@ class EvalAllConfig:
     rows: list[RowConfig] = field(default_factory=list)  # configs/eval/toy.yaml: the toy rows
     only: list[str] = field(default_factory=list)  # evaluate only these rows (name or slug) into <out>/<slug>/row.json
     reuse_rows: bool = True  # a full run takes a row from its row.json when inputs, settings and code are unchanged
+    # only fill fid.cache_dir with the real sets' Inception features (gfid.real; the rfid originals at each row's
+    # encoder size) and stop: make demo runs it early, so the row evaluations at its end skip those passes
+    references_only: bool = False
     pieces: list[str] = field(default_factory=lambda: ["seedbench", "seedbench_blind", "seedbench_rank", "pope",
                                                        "gfid", "toygen", "rfid"])
     fid: FidConfig = field(default_factory=FidConfig)

@@ -389,10 +389,28 @@ def fid_interval(features: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray
     the point value; compare rows by overlap, with the same n and n_boot."""
 
     f = np.asarray(features, np.float64)
+    n, d = f.shape
+    if n - 1 >= d:
+        def stat(idx: np.ndarray) -> float:
+            mu, sigma = gaussian_stats(f[idx])
+            return frechet_distance(mu, sigma, ref_mu, ref_sigma, features1=f[idx])
+    else:
+        # N < D: every resample's FID from N x N quantities, the same terms as frechet_distance's low-rank
+        # branch: with A = (F_idx - mu) / sqrt(N - 1), A S2 A^T = (H_idx - r - r^T + s) / (N - 1), where
+        # H = F S2 F^T (once), r = H_idx w / N and s = w^T H w / N^2 (w: how often each sample was drawn);
+        # Tr S1 = ||A||_F^2. O(N^2 + N D) per resample instead of O(N D^2)
+        ref_mu, s2 = np.asarray(ref_mu, np.float64), np.asarray(ref_sigma, np.float64)
+        h, sq, tr2 = f @ s2 @ f.T, np.einsum("ij,ij->i", f, f), np.trace(s2)
 
-    def stat(idx: np.ndarray) -> float:
-        mu, sigma = gaussian_stats(f[idx])
-        return frechet_distance(mu, sigma, ref_mu, ref_sigma, features1=f[idx])
+        def stat(idx: np.ndarray) -> float:
+            w = np.bincount(idx, minlength=n).astype(np.float64)
+            mu = w @ f / n
+            r = h[idx] @ w / n
+            m = (h[np.ix_(idx, idx)] - r[:, None] - r[None, :] + w @ h @ w / n ** 2) / (n - 1)
+            tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(m), 0, None)).sum()
+            tr1 = (sq[idx].sum() - n * mu @ mu) / (n - 1)
+            diff = mu - ref_mu
+            return float(diff @ diff + tr1 + tr2 - 2 * tr_covmean)
 
     return bootstrap(stat, len(f), n_boot=n_boot, seed=seed, batched=False, point=point,
                      method="bootstrap over samples").to_dict()

@@ -35,6 +35,12 @@ def _load_batch(paths: list[Path], size: int) -> torch.Tensor:
                         for p in paths])
 
 
+def original_images(paths: list[Path], size: int, batch_size: int = 16) -> np.ndarray:
+    """The originals as :func:`reconstruct` scores them (uint8 NHWC at ``size``): the same bytes, hence the same
+    Inception cache entry (the key hashes an array's bytes)."""
+    return np.concatenate([to_uint8(_load_batch(paths[i:i + batch_size], size)) for i in range(0, len(paths), batch_size)])
+
+
 def select_images(folder: str | Path, max_images: int = 0) -> list[Path]:
     """The first ``max_images`` images of ``folder`` (sorted; 0 = all)."""
     files = list_images(folder)

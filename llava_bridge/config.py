@@ -64,6 +64,9 @@ class DataConfig:
     # a folder: the frozen tower's features of every training image, computed once and reused (image folders only;
     # for small towers / datasets such as the toy world). "" = run the tower on every step, as LLaVA.
     feature_cache: str = ""
+    # tokenize every record once when the dataset is built (batched), not on every step of every epoch; the same
+    # ids and labels. For small datasets (the toy world); two int64 tensors per record are kept in memory
+    pretokenize: bool = False
 
 
 @dataclass

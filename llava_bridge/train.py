@@ -146,6 +146,8 @@ def build(cfg):
         if not all(isinstance(img, Path) for img in images):
             raise ConfigError("data.feature_cache: works with JSON records and an image folder, not with tar shards")
         ds.features = build_feature_cache(tower, images, cfg.data.feature_cache)
+    if cfg.data.pretokenize:
+        ds.pretokenize()
     if stats.total():
         log.warning("dropped %d records while building the dataset: %s", stats.total(), stats.as_dict()["skipped"])
     extra = {"llm_path": str(Path(m.llm).resolve()), "conv_template": m.template}

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from encoder.export import write_random_export
-from eval import eval_all, inception, report
+from eval import eval_all, fid, inception, report
 from ov3common.checkpoint import save_safetensors
 from ov3common.config import ConfigError, load_config
 from rae_generation.classify import ToyClassifier
@@ -298,3 +298,22 @@ def test_a_row_evaluated_alone_is_reused_until_an_input_changes(world):
     assert "reused" not in eval_all.evaluate(_world_cfg(world, "reports_rows", *FAST))["rows"][0]
     with pytest.raises(ConfigError, match="only: no row named 'ov4'"):
         eval_all.evaluate(_world_cfg(world, "reports_rows", *FAST, "only=[ov4]"))
+
+
+def test_references_only_fills_the_cache_the_row_evaluations_read(world, monkeypatch):
+    """make demo's early job: the real sets' Inception features (gfid reference, rfid originals at the export's
+    size) are cached under the keys the gfid / rfid pieces look up, so a row evaluation then runs Inception only on
+    its own samples and reconstructions."""
+    root, _ = world
+    cache = root / "cache_refs"
+    pieces = ["pieces=[gfid,rfid]", f"fid.cache_dir={cache}"]
+    assert eval_all.evaluate(_world_cfg(world, "reports_refs", *pieces, "references_only=true")) == {"rows": []}
+    cached = sorted(cache.glob("*.npz"))
+    assert len(cached) == 2 and not (root / "reports_refs" / "ov3").exists()  # gfid reference + rfid originals
+    calls, extract = [], fid.extract
+    monkeypatch.setattr(fid, "extract", lambda images, *a, **k: calls.append(len(images)) or extract(images, *a, **k))
+    row = eval_all.evaluate(_world_cfg(world, "reports_refs", *pieces, "only=[ov3]"))["rows"][0]
+    assert set(row["results"]) == {"gfid", "rfid"} and not row["errors"]
+    assert calls == [4, 4] and sorted(cache.glob("*.npz")) == cached  # the samples, the reconstructions: no refs
+    with pytest.raises(ConfigError, match="fid.cache_dir is empty"):
+        eval_all.evaluate(_world_cfg(world, "reports_refs", "pieces=[gfid]", "fid.cache_dir=", "references_only=true"))

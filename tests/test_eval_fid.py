@@ -18,6 +18,7 @@ from eval import inception as I
 from eval.bench_fid import encoder_bench_rfid
 from eval.bench_fid import main as bench_fid_main
 from eval.fused import ConvReLU
+from eval.intervals import bootstrap
 from eval.toygen import toy_metrics
 from ov3common.checkpoint import save_safetensors
 from rae_generation.classify import ToyClassifier
@@ -103,6 +104,24 @@ def test_frechet_distance_parity_with_torch_fidelity_and_low_rank_path():
     assert F.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(_closed_form(mu1, s1, mu2, s2), rel=1e-6)
     with pytest.raises(F.FidInputError, match="shapes differ"):
         F.frechet_distance(mu1, s1, mu2[:3], s2[:3, :3])
+
+
+@pytest.mark.parametrize("n,d", [(48, 96), (120, 40)])  # N < D: the N x N resample path; N > D: per resample
+def test_fid_interval_equals_per_resample_frechet_distance(n, d):
+    """The bootstrap's N x N shortcut gives, resample by resample, the FID that gaussian_stats + frechet_distance
+    (its low-rank branch, parity-tested against torch-fidelity above) give on the resampled features."""
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(n, d)) * rng.uniform(0.5, 2.0, size=d) + 0.3
+    mu2, s2 = F.gaussian_stats(rng.normal(size=(2 * d, d)))
+
+    def stat(idx):
+        mu, sigma = F.gaussian_stats(f[idx])
+        return F.frechet_distance(mu, sigma, mu2, s2, features1=f[idx])
+
+    want = bootstrap(stat, n, n_boot=30, seed=5, batched=False).to_dict()
+    got = F.fid_interval(f, mu2, s2, n_boot=30, seed=5)
+    for k in ("low", "high"):
+        assert got[k] == pytest.approx(want[k], rel=1e-9), k
 
 
 def test_gaussian_samples_statistics():

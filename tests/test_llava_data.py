@@ -76,3 +76,24 @@ def test_collator_pads_and_stacks():
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert b["images"].shape == (1, 3, 4, 4)
     assert b["_skip"] == {"skipped": {"truncated": 1}, "converted": {"cmyk": 1}} and b["_ids"] == ["a", "b"]
+
+
+@pytest.mark.parametrize("tokenizer", ["word_tokenizer", "llama_sp_tokenizer"])
+def test_pretokenize_gives_the_per_step_ids_and_labels(tokenizer, llava_world, tmp_path, request):
+    """data.pretokenize: every item tokenized once, in batched calls, equals what __getitem__ tokenizes per step
+    (text-only and image records, answers cut at max_length included)."""
+    tok = request.getfixturevalue(tokenizer)
+    instruct = json.loads(llava_world["instruct"].read_text())[:12]
+    for i, r in enumerate(instruct[::3]):  # some long answers: the max_length cut is exercised
+        r["conversations"][-1]["value"] = " ".join(["red circle"] * (10 + 5 * i))
+    (tmp_path / "d.json").write_text(json.dumps(instruct))
+    proc = build_processor(llava_world["enc"])
+    per_step, pre = (LlavaDataset([str(tmp_path / "d.json")], str(llava_world["images"]), tok, "vicuna_v1", proc,
+                                  max_length=48, num_image_tokens=4) for _ in range(2))
+    pre.pretokenize(chunk=5)
+    lengths = []
+    for i in range(len(instruct)):
+        a, b = per_step[i], pre[i]
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"]), i
+        lengths.append(len(a["input_ids"]))
+    assert max(lengths) >= 48 - 3 and any(a["image"] is not None for a in (per_step[0], per_step[1]))

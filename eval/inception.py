@@ -161,11 +161,16 @@ def torchscript_features(ts: torch.jit.ScriptModule, images: torch.Tensor) -> tu
     return x.flatten(1), spatial
 
 
+def require_weights(weights_path: str | Path) -> None:
+    """Raise :class:`FidWeightsError` naming ``make fid-weights`` when the Inception weights file is missing."""
+    if not Path(weights_path).is_file():
+        raise FidWeightsError(f"Inception weights not found: {weights_path} (build them with `make fid-weights`)")
+
+
 def tf_extractor(weights_path: str | Path, features: tuple[str, ...] = ("2048",)):
     """torch-fidelity's ``inception-v3-compat`` extractor (CPU) loaded from a local weights file."""
 
-    if not Path(weights_path).is_file():
-        raise FidWeightsError(f"Inception weights not found: {weights_path} (build them with `make fid-weights`)")
+    require_weights(weights_path)
     return create_feature_extractor("inception-v3-compat", list(features), cuda=False, verbose=False,
                                     feature_extractor_weights_path=str(weights_path))
 

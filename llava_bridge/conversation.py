@@ -184,6 +184,14 @@ def encode_chunks(tokenizer, rendered: Sequence[Rendered]) -> list[list[tuple[li
     return [[next(pairs) for c in r.text.split(IMAGE_PLACEHOLDER) if c] for r in rendered]
 
 
+def tokenize_many(tokenizer, rendered: Sequence[Rendered], sample_ids: Sequence[str],
+                  max_lengths: Sequence[int | None]) -> list[tuple[list[int], list[int]]]:
+    """:func:`tokenize_rendered` of many conversations, their text chunks encoded in one batched call
+    (:func:`encode_chunks`): the same ``(input_ids, labels)`` each."""
+    return [tokenize_rendered(tokenizer, r, sid, n, encoded=enc)
+            for r, sid, n, enc in zip(rendered, sample_ids, max_lengths, encode_chunks(tokenizer, rendered))]
+
+
 def tokenize_rendered(tokenizer, rendered: Rendered, sample_id: str, max_length: int | None = None,
                       encoded: Sequence[tuple[list[int], list]] | None = None) -> tuple[list[int], list[int]]:
     """``(input_ids, labels)``; ``<image>`` → ``IMAGE_TOKEN_INDEX``; unlearned positions → ``IGNORE_INDEX``.

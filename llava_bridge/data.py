@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from llava_bridge import IGNORE_INDEX
-from llava_bridge.conversation import BadRecord, encode_chunks, normalize_turns, render, tokenize_rendered
+from llava_bridge.conversation import BadRecord, normalize_turns, render, tokenize_many, tokenize_rendered
 from llava_bridge.shards import TarImage, index_shards, read_tar_member
 from ov3common.images import BadSample, SkipStats, decode_image
 
@@ -116,9 +116,9 @@ class LlavaDataset(Dataset):
         for i in range(0, len(self.items), chunk):
             part = self.items[i:i + chunk]
             rendered = [render(self.template, turns, self.tokenizer) for _, _, turns in part]
-            for (sid, image, _), r, enc in zip(part, rendered, encode_chunks(self.tokenizer, rendered)):
-                ids, labels = tokenize_rendered(self.tokenizer, r, sid, self._budget(image), encoded=enc)
-                tokens.append((torch.tensor(ids), torch.tensor(labels)))
+            encoded = tokenize_many(self.tokenizer, rendered, [sid for sid, _, _ in part],
+                                    [self._budget(image) for _, image, _ in part])
+            tokens += [(torch.tensor(ids), torch.tensor(labels)) for ids, labels in encoded]
         self.tokens = tokens
 
     @property

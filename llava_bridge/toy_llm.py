@@ -38,7 +38,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from llava_bridge import IMAGE_PLACEHOLDER
-from llava_bridge.conversation import BadRecord, encode_chunks, normalize_turns, render, tokenize_rendered
+from llava_bridge.conversation import BadRecord, normalize_turns, render, tokenize_many
 from llava_bridge.data import Collator
 from ov3common.config import choice_field, parse_cli, path_field, save_config
 from ov3common.dist import seed_all
@@ -150,11 +150,8 @@ def sft_samples(paths: list[str], tokenizer, captions: str, max_answer_words: in
 
 def _tokenized(tokenizer, keys: list[str], rendered: list) -> list[dict]:
     """SFT samples (labels on the answers only) of rendered one-turn conversations, tokenized in one batch."""
-    out = []
-    for key, r, enc in zip(keys, rendered, encode_chunks(tokenizer, rendered)):
-        ids, labels = tokenize_rendered(tokenizer, r, key, 10_000, encoded=enc)
-        out.append({"id": key, "input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "image": None})
-    return out
+    return [{"id": key, "input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "image": None}
+            for key, (ids, labels) in zip(keys, tokenize_many(tokenizer, rendered, keys, [10_000] * len(keys)))]
 
 
 def mc_samples(scenes: str, tokenizer, n: int, context: str, seed: int = 0) -> list[dict]:

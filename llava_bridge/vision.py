@@ -23,7 +23,7 @@ from PIL import Image
 from torch import Tensor, nn
 from transformers import AutoImageProcessor, CLIPVisionModel, SiglipVisionModel
 
-from encoder.export import load_encoder
+from encoder.export import load_encoder, read_export_config
 from ov3common.images import center_crop_resize, pad_to_square, to_tensor_pm1
 
 OV3_FEATURES = ("patch", "mean", "pooled")
@@ -176,6 +176,5 @@ def build_vision_tower(path: str | os.PathLike, select_layer: int = -2, select_f
 def build_processor(path: str | os.PathLike, aspect: str = "pad"):
     """Only the image preprocessing of a tower (cheap; no weights loaded for HF towers)."""
     if tower_kind(path) == "ov3":
-        cfg = json.loads((Path(path) / "config.json").read_text())
-        return OV3ImageProcessor(int(cfg["image_size"]), aspect)
+        return OV3ImageProcessor(int(read_export_config(path)["image_size"]), aspect)
     return HFImageProcessor(str(Path(path).resolve()), aspect)

@@ -36,7 +36,7 @@ from ov3common.config import choice_field, parse_cli, save_config
 from ov3common.data import lockstep
 from ov3common.dist import all_reduce_mean, barrier, cleanup, init_distributed, wrap_model
 from ov3common.log import get_logger
-from ov3common.optim import build_adamw, staged_warmup_cosine, warmup_cosine
+from ov3common.optim import build_adamw, clip_grad_norm, staged_warmup_cosine, warmup_cosine
 from ov3common.trainer import Loop
 
 
@@ -277,8 +277,7 @@ def train(cfg: Config) -> dict:
             losses = forward_backward(wrapped, batch, micro_parts(batch, stage, world, info.device), step,
                                       counts, world, bf16, info.device, loop.poisoned())
             loss = losses["loss"]
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip)  # DDP/FSDP2-aware
-            gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
+            gnorm = clip_grad_norm(model.parameters(), tr.grad_clip)  # DDP/FSDP2-aware
             if loop.guard.bad(torch.stack([loss.detach().float(), gnorm.detach().float()]), step):
                 losses = None  # non-finite loss or gradient: no update (grads are zeroed below)
             else:

@@ -30,7 +30,7 @@ from ov3common.data import ResumableSampler
 from ov3common.dist import all_reduce_mean, barrier, cleanup, init_distributed, wrap_model
 from ov3common.images import BadSample, center_crop_resize, decode_image, save_image_grid, to_tensor_pm1
 from ov3common.log import get_logger
-from ov3common.optim import build_adamw, warmup_cosine
+from ov3common.optim import build_adamw, clip_grad_norm, warmup_cosine
 from ov3common.shards import expand_urls, index_tar, read_member
 from ov3common.trainer import Loop
 
@@ -289,8 +289,7 @@ def train(cfg: Config) -> dict:
                     + cfg.loss.w_lpips * losses.get("lpips", 0.0))
             losses["loss"] = loss
             loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(decoder.parameters(), tr.grad_clip)
-            gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
+            gnorm = clip_grad_norm(decoder.parameters(), tr.grad_clip)
             if loop.guard.bad(torch.stack([loss.detach().float(), gnorm.detach().float()]), step):
                 losses = None
             else:

@@ -9,7 +9,8 @@ interleaved rounds (``ov3common.bench``).
   Two steps per precision: the **model step** (forward, MSE to a target, backward, AdamW — RAE:
   ``utils.optim_utils.build_optimizer``, fused; ours: ``ov3common.optim.build_adamw``, fused — zero_grad) and the
   **trainer step**, which adds what each trainer does every step after the backward: gradient clipping at 1.0
-  (``torch.nn.utils.clip_grad_norm_`` on both sides), the non-finite check (ours: ``ov3common.guard`` on the clip's
+  (RAE: ``torch.nn.utils.clip_grad_norm_``; ours: ``ov3common.optim.clip_grad_norm``, bitwise the same result
+  without torch's multiply-by-1 pass when the norm is below the limit), the non-finite check (ours: ``ov3common.guard`` on the clip's
   norm; RAE has none) and the EMA update (RAE: ``utils.train_utils.update_ema``, a per-parameter ``mul_`` +
   ``add_``; ours: ``rae_generation.train.update_ema``, one ``_foreach_lerp_``). Same work on both sides; the
   trainer step is what a training run pays. Without ``RAE_SRC`` the comparison is skipped and the output says so.
@@ -37,7 +38,7 @@ from ov3common.bench import interleaved, machine, op_profile, op_profile_markdow
 from ov3common.config import parse_cli, path_field
 from ov3common.guard import NonFiniteGuard
 from ov3common.log import count_flops, get_logger
-from ov3common.optim import build_adamw
+from ov3common.optim import build_adamw, clip_grad_norm
 from rae_generation.models import DiTDH, DiTDHConfig, count_params, dit_config
 from rae_generation.sample import load_generator
 from rae_generation.train import update_ema
@@ -172,7 +173,7 @@ def rae_pair(batch: int, device: torch.device, bf16: bool, compiled: bool = Fals
     guard = NonFiniteGuard()
 
     def after_ours(model, loss, ema):  # rae_generation.train: clip, guard on the clip's norm, step, EMA
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        gnorm = clip_grad_norm(model.parameters(), 1.0)
         if not guard.bad(torch.stack([loss.detach().float(), gnorm.detach().float()]), 0):
             opt_ours.step()
             update_ema(ema, model, 0.9995)
@@ -325,8 +326,10 @@ def markdown(res: dict) -> str:
                      f"16 × 16 tokens × 768 channels, 1000 classes), batch {r['batch']}, {m['device']} "
                      f"({m['device_name']}), {m['threads']} threads; both with fused AdamW as their trainers use. "
                      "*model step*: forward, MSE, backward, AdamW, zero_grad; *trainer step*: + clipping at 1.0, "
-                     "the non-finite check (ours) and the EMA update, each as its trainer does it (RAE: a "
-                     "per-parameter `mul_`/`add_`; ours: one `_foreach_lerp_`). Ratios: median of per-round ratios "
+                     "the non-finite check (ours) and the EMA update, each as its trainer does it (clipping — RAE: "
+                     "`clip_grad_norm_`; ours: `ov3common.optim.clip_grad_norm`, the same gradients bitwise without "
+                     "torch's multiply-by-1 pass below the limit; EMA — RAE: a per-parameter `mul_`/`add_`; ours: "
+                     "one `_foreach_lerp_`). Ratios: median of per-round ratios "
                      f"[min–max] over {r.get('rounds', '?')} interleaved rounds. RAE: {r['note']}.")
         if r["rows"]:
             lines += ["", "| precision | step | params ours / RAE (M) | FLOP ratio ours/RAE | ours ms | RAE ms | "

@@ -40,7 +40,7 @@ from ov3common.data import ResumableSampler
 from ov3common.guard import TrainingDiverged
 from ov3common.images import SkipStats
 from ov3common.log import get_logger
-from ov3common.optim import build_adamw, constant_then_linear, warmup_cosine
+from ov3common.optim import build_adamw, clip_grad_norm, constant_then_linear, warmup_cosine
 from ov3common.trainer import Loop
 from rae_generation.config import RAETrainConfig
 from rae_generation.data import LatentDataset, Normalizer, collate_images, open_source, token_sums
@@ -234,7 +234,7 @@ def train(cfg, info: D.DistInfo) -> Path:
             loss = loss * float("nan")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        gnorm = clip_grad_norm(model.parameters(), tc.grad_clip)
         # the clip's total norm is non-finite iff a gradient is: no second pass over the gradients to check them
         skipped = loop.guard.bad(torch.stack([loss.detach().float(), gnorm.detach().float()]), step)  # K in a row: raise
         if skipped:

@@ -3,7 +3,7 @@ import torch
 
 from ov3common.data import ResumableSampler
 from ov3common.guard import NonFiniteGuard, TrainingDiverged
-from ov3common.optim import build_adamw, param_groups, warmup_cosine
+from ov3common.optim import build_adamw, clip_grad_norm, param_groups, warmup_cosine
 
 
 def test_sampler_epoch_order_is_deterministic_and_resumable():
@@ -63,3 +63,25 @@ def test_nonfinite_guard_skips_then_stops():
     with pytest.raises(TrainingDiverged, match="3 consecutive"):
         g.bad(torch.tensor(float("-inf")), 6)
     assert g.skipped_total == 5
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e4, float("nan"), float("inf")])
+def test_clip_grad_norm_is_torchs_clip_bitwise(scale):
+    """Below, at and above the limit, and with non-finite gradients: the same norm and the same gradients, bit for
+    bit, as torch.nn.utils.clip_grad_norm_ (which always multiplies; ours skips the multiply by 1)."""
+    torch.manual_seed(0)
+    shapes = [(64, 32), (32,), (7, 3, 5)]
+    grads = [torch.randn(s) * 0.01 for s in shapes]  # norm ~0.5
+    grads[1][3] *= scale
+    a = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    b = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    for pa, pb, g in zip(a, b, grads):
+        pa.grad, pb.grad = g.clone(), g.clone()
+    b.append(torch.nn.Parameter(torch.zeros(2)))  # a parameter without a gradient is passed over
+    want = torch.nn.utils.clip_grad_norm_(a, 1.0)
+    got = clip_grad_norm(b, 1.0)
+    assert torch.equal(want, got) or (want.isnan() and got.isnan())
+    for pa, pb in zip(a, b):
+        assert torch.equal(pa.grad, pb.grad) or torch.equal(pa.grad.isnan(), pb.grad.isnan())
+    if scale <= 1.0:  # below the limit: the gradients are untouched
+        assert all(torch.equal(pb.grad, g) for pb, g in zip(b, grads))

@@ -43,7 +43,7 @@ def test_ablation_plan_dedupes_and_table():
 def test_bench_smoke(tmp_path):
     threads = torch.get_num_threads()
     try:
-        res = bench.main(["sizes=[tiny]", "mfu_size=tiny", "resolution=32", "batch=2", "warmup=1", "rounds=2",
+        res = bench.main(["sizes=[tiny]", "mfu_size=tiny", "resolution=32", "batch=2", "mfu_batches=[8]", "warmup=1", "rounds=2",
                     "compile_sizes=[]", "vae_arch=tiny", "vae_resolution=16", "vae_rounds=1", "lpips=false", "threads=1",
                     f"out={tmp_path / 'b.json'}"])
     finally:
@@ -57,5 +57,9 @@ def test_bench_smoke(tmp_path):
     assert vae["ov3_step"]["speedup_cached"]["median"] > 0
     assert vae["vae_precision"]["effect_vs_fp32"]["fp32"]["latent_max_abs"] == 0
     assert 0 < vae["vae_precision"]["effect_vs_fp32"]["bf16"]["latent_max_abs"] < 1  # bf16 changes outputs a bit
+    mb = res["mfu_batches"]  # MFU at a larger batch, fp32 and bf16: 4x the FLOPs of batch 2
+    assert [(r["batch"], r["precision"]) for r in mb] == [(8, "fp32"), (8, "bf16")]
+    assert mb[0]["flops_per_step"] == pytest.approx(4 * v["flops_per_step"], rel=0.02) and 0 < mb[0]["mfu"] < 1
     saved = json.loads((tmp_path / "b.json").read_text())
+    assert "| tiny | fp32 | 8 |" in saved["markdown"]
     assert saved["vs_timm"][0]["size"] == "tiny" and "| tiny | fp32 |" in saved["markdown"]

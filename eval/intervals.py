@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from statistics import NormalDist
 
 import numpy as np
+from tqdm.auto import tqdm
 
 LEVEL = 0.95
 NO_DIFFERENCE = "no measurable difference"
@@ -87,9 +88,9 @@ def resample_indices(n: int, n_boot: int, rng: np.random.Generator, strata: Sequ
 
 def bootstrap(stat: Callable[[np.ndarray], np.ndarray | float], n: int, *, n_boot: int = 1000, seed: int = 0,
               level: float = LEVEL, strata: Sequence | None = None, batched: bool = True,
-              point: float | None = None, method: str = "bootstrap") -> Interval:
+              point: float | None = None, method: str = "bootstrap", progress: bool = False) -> Interval:
     """Percentile bootstrap of ``stat`` over n items (see the module docstring). ``point`` defaults to the
-    statistic on the items as they are."""
+    statistic on the items as they are. ``progress``: a progress bar over the resamples (``batched=False``)."""
     if n < 1 or n_boot < 1:
         raise ValueError(f"bootstrap: need n >= 1 and n_boot >= 1, got n={n}, n_boot={n_boot}")
     rng = np.random.default_rng(seed)
@@ -98,7 +99,8 @@ def bootstrap(stat: Callable[[np.ndarray], np.ndarray | float], n: int, *, n_boo
         values = np.asarray(stat(idx), dtype=np.float64).reshape(-1)
         value = float(np.asarray(stat(np.arange(n)[None]), dtype=np.float64).reshape(-1)[0]) if point is None else point
     else:
-        values = np.array([float(stat(row)) for row in idx])
+        rows = tqdm(idx, desc=method, unit="resample", disable=not progress, leave=False)
+        values = np.array([float(stat(row)) for row in rows])
         value = float(stat(np.arange(n))) if point is None else point
     a = (1 - level) / 2
     lo, hi = np.nanpercentile(values, [100 * a, 100 * (1 - a)])

@@ -106,10 +106,15 @@ def test_frechet_distance_parity_with_torch_fidelity_and_low_rank_path():
         F.frechet_distance(mu1, s1, mu2[:3], s2[:3, :3])
 
 
-@pytest.mark.parametrize("n,d", [(48, 96), (120, 40)])  # N < D: the N x N resample path; N > D: per resample
-def test_fid_interval_equals_per_resample_frechet_distance(n, d):
-    """The bootstrap's N x N shortcut gives, resample by resample, the FID that gaussian_stats + frechet_distance
-    (its low-rank branch, parity-tested against torch-fidelity above) give on the resampled features."""
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("n,d,device", [(48, 96, "cpu"), (120, 40, "cpu"),  # N < D: N x N path; N > D: Gram
+                                        pytest.param(120, 40, "cuda", marks=_CUDA)])
+def test_fid_interval_equals_per_resample_frechet_distance(n, d, device):
+    """The bootstrap's shortcuts (N < D: N x N quantities; N > D: one weighted Gram matrix in torch per resample)
+    give, resample by resample, the FID that gaussian_stats + frechet_distance (parity-tested against
+    torch-fidelity above) give on the resampled features."""
     rng = np.random.default_rng(0)
     f = rng.normal(size=(n, d)) * rng.uniform(0.5, 2.0, size=d) + 0.3
     mu2, s2 = F.gaussian_stats(rng.normal(size=(2 * d, d)))
@@ -119,7 +124,7 @@ def test_fid_interval_equals_per_resample_frechet_distance(n, d):
         return F.frechet_distance(mu, sigma, mu2, s2, features1=f[idx])
 
     want = bootstrap(stat, n, n_boot=30, seed=5, batched=False).to_dict()
-    got = F.fid_interval(f, mu2, s2, n_boot=30, seed=5)
+    got = F.fid_interval(f, mu2, s2, n_boot=30, seed=5, device=device)
     for k in ("low", "high"):
         assert got[k] == pytest.approx(want[k], rel=1e-9), k
 

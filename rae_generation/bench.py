@@ -56,7 +56,7 @@ class BenchConfig:
     rae: bool = True  # ours vs RAE's DiTwDDTHead (needs $RAE_SRC)
     rae_batch: int = 2
     precisions: list[str] = field(default_factory=lambda: ["fp32", "bf16"])
-    rounds: int = 7
+    rounds: int = 11
     profile: bool = True  # torch.profiler top ops of both model steps (with RAE), every precision
     profile_steps: int = 2
     compile: bool = True  # compile speed-ups (ours; RAE's too when present), first precision only

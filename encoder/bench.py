@@ -22,6 +22,7 @@ depend on the weights); LPIPS uses a random backbone when no local weights exist
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import statistics
@@ -40,6 +41,7 @@ from encoder.vae import FLUX_VAE_CONFIG, FrozenVAE, build_random_vae, load_froze
 from ov3common.bench import interleaved, machine, op_profile, op_profile_markdown, ratio
 from ov3common.checkpoint import atomic_write_json
 from ov3common.config import import_object, parse_cli
+from ov3common.heap import heap_reuse
 from ov3common.images import center_crop_resize, decode_image, to_tensor_pm1
 from ov3common.log import count_flops, get_logger, measure_matmul_peak
 from ov3common.optim import build_adamw
@@ -56,6 +58,7 @@ class BenchConfig:
     rounds: int = 9
     warmup: int = 2
     timm_optimizer: bool = True  # also time timm with timm's own optimizer factory (what its users get)
+    heap_reuse: bool = True  # CPU: the step sections run under ov3common.heap.heap_reuse, as our trainers do
     mfu_size: str = "B/2"  # MFU of this size's step (fp32 and bf16), peak probed in the same rounds
     # MFU of that size's step (ours alone) at larger batches too: at batch 8 (512 tokens) the weight-gradient
     # GEMMs reduce over only 512 rows, which this CPU runs well below its square-matmul peak
@@ -309,7 +312,9 @@ def markdown(res: dict) -> str:
              f"{res['config']['resolution']} px images = {res['config']['resolution'] // 8}² 16-channel latents, "
              f"patch 2. {m['device']} ({m['device_name']}), {m['threads']} threads. `timm` = timm's "
              "`VisionTransformer` with `timm.optim.create_optimizer_v2(model, 'adamw')` (what a timm user runs); "
-             "`timm+fused` = the same model with our fused AdamW (the models alone).", "",
+             "`timm+fused` = the same model with our fused AdamW (the models alone)."
+             + (" Every step section ran under `ov3common.heap.heap_reuse` (as our trainers run on a CPU), every "
+                "contender alike." if res["config"].get("heap_reuse") else ""), "",
              "| size | precision | tokens | FLOP ratio ours/timm | ours ms | timm ms | timm+fused ms | "
              "**ours/timm** | ours/timm+fused |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for v in res["vs_timm"]:
@@ -370,36 +375,39 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(cfg.threads)
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     torch.manual_seed(0)
-    res: dict = {"machine": machine(dev), "config": {"batch": cfg.batch, "resolution": cfg.resolution},
+    res: dict = {"machine": machine(dev), "config": {"batch": cfg.batch, "resolution": cfg.resolution,
+                                                     "heap_reuse": cfg.heap_reuse and dev.type == "cpu"},
                  "command": "python -m encoder.bench", "vs_timm": [], "compile": [], "profiles": []}
-    for size in cfg.sizes:
-        for prec in cfg.precisions:
-            v = vs_timm(size, prec, cfg, dev, peak_probe=size == cfg.mfu_size)
-            res["vs_timm"].append(v)
-            msg = (f"{size} {prec}: ours {v['step_s']['ours'] * 1e3:.0f} ms, timm+fused "
-                   f"{v['step_s']['timm_fused'] * 1e3:.0f} ms -> ours/timm+fused {v['ours_over_timm_fused']['median']:.3f}")
-            if "ours_over_timm" in v:
-                msg += f", timm {v['step_s']['timm'] * 1e3:.0f} ms -> ours/timm {v['ours_over_timm']['median']:.3f}"
-            if "mfu" in v:
-                msg += f"; MFU {v['mfu']:.2f} of {v['matmul_peak_flops'] / 1e9:.0f} GFLOP/s"
-            print(msg, flush=True)
-    res["mfu_batches"] = []
-    for batch in (b for b in cfg.mfu_batches if b != cfg.batch) if cfg.mfu_size in cfg.sizes else ():
-        for prec in cfg.precisions:
-            v = mfu_at_batch(cfg.mfu_size, prec, batch, cfg, dev)
-            res["mfu_batches"].append(v)
-            print(f"{cfg.mfu_size} {prec} batch {batch}: ours {v['step_s']['ours'] * 1e3:.0f} ms; MFU {v['mfu']:.2f} "
-                  f"of {v['matmul_peak_flops'] / 1e9:.0f} GFLOP/s", flush=True)
-    for size in cfg.profile_sizes:
-        for prec in cfg.precisions:
-            res["profiles"].append(profile_steps(size, prec, cfg, dev))
-    for size in cfg.compile_sizes:
-        for prec in cfg.precisions:
-            c = compile_speedups(size, prec, cfg, dev)
-            res["compile"].append(c)
-            print(f"compile {size} {prec}: speed-up ours {c['speedup_ours']['median']:.2f}x, timm "
-                  f"{c['speedup_timm']['median']:.2f}x, compiled ours/timm "
-                  f"{c['compiled_ours_over_compiled_timm']['median']:.3f}", flush=True)
+    # the training steps as our trainers run them on a CPU (ov3common.trainer.Loop: heap_reuse); every contender alike
+    with heap_reuse() if cfg.heap_reuse and dev.type == "cpu" else contextlib.nullcontext():
+        for size in cfg.sizes:
+            for prec in cfg.precisions:
+                v = vs_timm(size, prec, cfg, dev, peak_probe=size == cfg.mfu_size)
+                res["vs_timm"].append(v)
+                msg = (f"{size} {prec}: ours {v['step_s']['ours'] * 1e3:.0f} ms, timm+fused "
+                       f"{v['step_s']['timm_fused'] * 1e3:.0f} ms -> ours/timm+fused {v['ours_over_timm_fused']['median']:.3f}")
+                if "ours_over_timm" in v:
+                    msg += f", timm {v['step_s']['timm'] * 1e3:.0f} ms -> ours/timm {v['ours_over_timm']['median']:.3f}"
+                if "mfu" in v:
+                    msg += f"; MFU {v['mfu']:.2f} of {v['matmul_peak_flops'] / 1e9:.0f} GFLOP/s"
+                print(msg, flush=True)
+        res["mfu_batches"] = []
+        for batch in (b for b in cfg.mfu_batches if b != cfg.batch) if cfg.mfu_size in cfg.sizes else ():
+            for prec in cfg.precisions:
+                v = mfu_at_batch(cfg.mfu_size, prec, batch, cfg, dev)
+                res["mfu_batches"].append(v)
+                print(f"{cfg.mfu_size} {prec} batch {batch}: ours {v['step_s']['ours'] * 1e3:.0f} ms; MFU {v['mfu']:.2f} "
+                      f"of {v['matmul_peak_flops'] / 1e9:.0f} GFLOP/s", flush=True)
+        for size in cfg.profile_sizes:
+            for prec in cfg.precisions:
+                res["profiles"].append(profile_steps(size, prec, cfg, dev))
+        for size in cfg.compile_sizes:
+            for prec in cfg.precisions:
+                c = compile_speedups(size, prec, cfg, dev)
+                res["compile"].append(c)
+                print(f"compile {size} {prec}: speed-up ours {c['speedup_ours']['median']:.2f}x, timm "
+                      f"{c['speedup_timm']['median']:.2f}x, compiled ours/timm "
+                      f"{c['compiled_ours_over_compiled_timm']['median']:.3f}", flush=True)
     if cfg.vae:
         res["frozen_vae"] = frozen_vae(cfg, dev)
         print(f"frozen VAE: cached latents {res['frozen_vae']['ov3_step']['speedup_cached']['median']:.2f}x; "

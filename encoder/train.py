@@ -201,7 +201,8 @@ def train(cfg: Config) -> dict:
     sched = build_schedule(opt, tr)
     loop = Loop(out, total, "encoder", seed=cfg.seed, rank=info.rank, log_every=tr.log_every,
                 ckpt_every=tr.ckpt_every, keep_last=tr.keep_last, max_bad_steps=tr.max_bad_steps, skip_rows=True,
-                inject_nan_steps=tr.inject_nan_steps, tensorboard=tr.tensorboard, logger=log)
+                inject_nan_steps=tr.inject_nan_steps, tensorboard=tr.tensorboard, logger=log,
+                heap_reuse=info.device.type == "cpu")
     baseline: dict = {}  # the untrained model's val metrics
     first = {"kept": 0, "recap_from_alt": 0}  # over the first data.recap_check_steps steps (this rank)
     streams: dict = {}  # this rank's data streams: resume state after the last consumed batch

@@ -226,7 +226,8 @@ def train(cfg: Config) -> dict:
     sched = warmup_cosine(opt, tr.warmup_steps, tr.steps, tr.min_lr_ratio)
     loop = Loop(out, tr.steps, "decoder", seed=cfg.seed, rank=info.rank, log_every=tr.log_every,
                 ckpt_every=tr.ckpt_every, keep_last=tr.keep_last, max_bad_steps=tr.max_bad_steps, skip_rows=True,
-                logger=log)
+                logger=log,
+                heap_reuse=info.device.type == "cpu")
 
     ds = ImageDataset(shards(cfg.data, "train"), res, cfg.data.image_field)
     val_ds = ImageDataset(shards(cfg.data, "val"), res, cfg.data.image_field)

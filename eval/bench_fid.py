@@ -36,11 +36,11 @@ from skimage import data, transform
 
 import eval.rfid as rfid
 from eval import fid as F
-from eval.fused import heap_reuse
 from eval.inception import DEFAULT_WEIGHTS
 from eval.recon import LPIPSMetric, ReconMetrics
 from ov3common.bench import machine
 from ov3common.checkpoint import atomic_write_text
+from ov3common.heap import heap_reuse
 from ov3common.images import center_crop_resize, decode_image
 from ov3common.log import get_logger
 

@@ -26,7 +26,7 @@ its own by torch-fidelity's TF-compatible resize, never padded, and extraction r
 :func:`exact_kernels` (no TF32, no cuDNN autotuning, deterministic cuDNN / oneDNN algorithms). ``fused=True``
 (default) runs torch-fidelity's layers with each batch norm folded into its convolution, the ReLU fused into it
 (one oneDNN primitive, weights reordered once: :mod:`eval.fused`), channels_last, the resize computed separably
-(bitwise torch-fidelity's) and glibc's heap kept between batches (:func:`eval.fused.heap_reuse`): features within
+(bitwise torch-fidelity's) and glibc's heap kept between batches (:func:`ov3common.heap.heap_reuse`): features within
 ~1e-5 of the reference module (FID within 1e-4, tested); speed in ``eval/README.md``. ``precision="bf16"`` is
 offered for measurements only: its FID shift (``python -m eval.bench_fid bf16``: 0.017 at n = 100, 96 px) is above
 the 0.01 that would allow it, so fp32 is the default.
@@ -57,7 +57,6 @@ from torch_fidelity.metric_fid import fid_features_to_statistics
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 
-from eval.fused import heap_reuse
 from eval.inception import (
     DEFAULT_WEIGHTS,
     FidWeightsError,
@@ -67,6 +66,7 @@ from eval.inception import (
 )
 from eval.intervals import bootstrap
 from ov3common.checkpoint import atomic_write, atomic_write_json, sha256_file
+from ov3common.heap import heap_reuse
 from ov3common.images import BadSample, decode_image
 from ov3common.log import progress
 

@@ -1,20 +1,14 @@
-"""CPU execution of the eval networks (FID Inception, LPIPS trunk): fused convolution + ReLU, heap reuse.
+"""CPU execution of the eval networks (FID Inception, LPIPS trunk): fused convolution + ReLU.
 
 :class:`ConvReLU` holds a convolution (with bias) followed by a ReLU. On CPU in float32 it runs
 ``torch.ops.mkldnn._convolution_pointwise`` with the ReLU as a post-op and the weights reordered once into oneDNN's
 blocked layout (what inductor's freezing does for a compiled model), instead of aten's convolution, which reorders
 the weights on every call, plus a separate ReLU pass over the output. Elsewhere (CUDA, autocast, float64) it is
 ``relu(conv2d(x))``. Outputs are bitwise those of conv2d + ReLU on the same CPU (tested), at any batch size.
-
-:func:`heap_reuse` keeps glibc from unmapping and re-faulting the large activation blocks between batches.
+The eval networks also run inside :func:`ov3common.heap.heap_reuse` (large activation blocks reused between batches).
 """
 
 from __future__ import annotations
-
-import contextlib
-import ctypes
-import functools
-import platform
 
 import torch
 
@@ -69,47 +63,3 @@ def fuse_sequential(seq: torch.nn.Sequential) -> torch.nn.Sequential:
             out.append(m)
             i += 1
     return torch.nn.Sequential(*out)
-
-
-# glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
-# what glibc's dynamic thresholds settle at for large blocks (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit, twice that)
-_GLIBC_MMAP_THRESHOLD_MAX, _GLIBC_MMAP_MAX = 32 << 20, 65536
-_heap_depth = [0]  # heap_reuse nesting (process-wide, like the setting itself)
-
-
-@functools.lru_cache(maxsize=1)
-def _glibc():
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        return ctypes.CDLL(None)
-    except OSError:
-        return None
-
-
-@contextlib.contextmanager
-def heap_reuse():
-    """Inside: glibc's malloc keeps freed memory for reuse (no mmap'd blocks, no trimming of the heap top).
-
-    Why: the networks' activations are tens to hundreds of MB; glibc serves blocks above its mmap threshold (at
-    most 32 MB) with fresh mmaps and unmaps them on free, so every batch pays ~10^4 page faults per image
-    (measured: 1.3-2M minor faults and 2.5-4 s of system time per 100-150 Inception images; with this ~1.5e5 and
-    ~0.2 s). On exit the thresholds are set to the values glibc's dynamic adjustment reaches for large blocks (mmap
-    above 32 MB, trim above 64 MB) and the unused heap is returned (``malloc_trim``). A no-op where the C library
-    is not glibc. Process-wide (as the setting is); nested uses leave it to the outermost."""
-    libc = _glibc()
-    if libc is None or _heap_depth[0]:  # not glibc, or already inside (nested: the outermost one restores)
-        yield
-        return
-    libc.mallopt(_M_MMAP_MAX, 0)
-    libc.mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1)  # mallopt takes a C int
-    _heap_depth[0] += 1
-    try:
-        yield
-    finally:
-        _heap_depth[0] -= 1
-        libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD_MAX)
-        libc.mallopt(_M_TRIM_THRESHOLD, 2 * _GLIBC_MMAP_THRESHOLD_MAX)
-        libc.mallopt(_M_MMAP_MAX, _GLIBC_MMAP_MAX)
-        libc.malloc_trim(0)

@@ -23,9 +23,9 @@ import torch
 
 from encoder.export import load_encoder
 from eval.fid import DEFAULT_WEIGHTS, compute_metrics, list_images
-from eval.fused import heap_reuse
 from eval.recon import LPIPSMetric, ReconMetrics
 from ov3common.checkpoint import atomic_write_json
+from ov3common.heap import heap_reuse
 from ov3common.images import center_crop_resize, decode_image, save_image_grid, to_tensor_pm1, to_uint8
 from ov3common.log import progress
 

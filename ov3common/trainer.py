@@ -22,6 +22,7 @@ rank's RNG, and the rows a killed attempt logged past the checkpoint are removed
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ import torch
 from ov3common.checkpoint import CheckpointManager, atomic_write_text, capture_rng, restore_rng
 from ov3common.dist import step_seed
 from ov3common.guard import NonFiniteGuard
+from ov3common.heap import heap_reuse
 from ov3common.images import SkipStats
 from ov3common.log import MetricLogger, TrainProgress, get_logger, read_jsonl
 
@@ -66,8 +68,9 @@ class Loop:
     def __init__(self, out_dir: str | os.PathLike, total_steps: int, desc: str, *, seed: int = 0, rank: int = 0,
                  log_every: int = 10, ckpt_every: int = 100, keep_last: int = 2, max_bad_steps: int = 5,
                  save_after_bad: bool = False, skip_rows: bool = False, inject_nan_steps: Iterable[int] = (),
-                 tensorboard: bool = False, logger: logging.Logger | None = None):
+                 tensorboard: bool = False, logger: logging.Logger | None = None, heap_reuse: bool = False):
         self.out = Path(out_dir)
+        self.heap_reuse = heap_reuse  # CPU runs: batches() runs under ov3common.heap.heap_reuse
         self.total, self.desc, self.seed, self.rank = int(total_steps), desc, seed, rank
         self.log_every, self.ckpt_every = max(1, int(log_every)), int(ckpt_every)  # ckpt_every <= 0: the last step only
         self.save_after_bad, self.skip_rows = save_after_bad, skip_rows
@@ -122,9 +125,14 @@ class Loop:
     def batches(self, open_data: Callable[[bool], Iterable], stops: Iterable[int] = ()) -> Iterator:
         """The run's batches until ``total_steps``, epoch after epoch. ``open_data(new_epoch)`` returns the data from
         the loop's position (``new_epoch``: at the start of ``self.epoch``; False: where a resumed run or a stop
-        left it). It is opened again after every epoch's end (:meth:`end_epoch`) and at every step in ``stops``
+        left it). With ``heap_reuse`` (CPU runs) the steps run under :func:`ov3common.heap.heap_reuse`: the same
+        large activations and gradients are allocated every step, and glibc would otherwise map and unmap them. It is opened again after every epoch's end (:meth:`end_epoch`) and at every step in ``stops``
         (e.g. the start of a training stage at another resolution). Before each batch is handed out, torch is
         seeded from (seed, step, rank). An epoch that yields no batch from its start is an error."""
+        with heap_reuse() if self.heap_reuse else contextlib.nullcontext():
+            yield from self._batches(open_data, stops)
+
+    def _batches(self, open_data: Callable[[bool], Iterable], stops: Iterable[int]) -> Iterator:
         stops = sorted(set(stops))
         self.bar = TrainProgress(self.total, self.step, self.desc, self.log_every, self.log)
         new_epoch = self.step == 0

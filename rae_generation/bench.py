@@ -22,6 +22,7 @@ interleaved rounds (``ov3common.bench``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -37,6 +38,7 @@ from diffusers import DiTTransformer2DModel
 from ov3common.bench import interleaved, machine, op_profile, op_profile_markdown, ratio
 from ov3common.config import parse_cli, path_field
 from ov3common.guard import NonFiniteGuard
+from ov3common.heap import heap_reuse
 from ov3common.log import count_flops, get_logger
 from ov3common.optim import build_adamw, clip_grad_norm
 from rae_generation.models import DiTDH, DiTDHConfig, count_params, dit_config
@@ -55,6 +57,7 @@ RAE_DITDH_S = dict(input_size=16, patch_size=1, in_channels=768, hidden_size=[38
 class BenchConfig:
     rae: bool = True  # ours vs RAE's DiTwDDTHead (needs $RAE_SRC)
     rae_batch: int = 2
+    heap_reuse: bool = True  # CPU: the steps run under ov3common.heap.heap_reuse, as our trainers do (both alike)
     precisions: list[str] = field(default_factory=lambda: ["fp32", "bf16"])
     rounds: int = 11
     profile: bool = True  # torch.profiler top ops of both model steps (with RAE), every precision
@@ -324,7 +327,9 @@ def markdown(res: dict) -> str:
     if r is not None:
         lines.append(f"**Ours vs RAE's own `DiTwDDTHead`** at RAE's DiT-DH-S config (trunk 12 × 384, head 2 × 2048, "
                      f"16 × 16 tokens × 768 channels, 1000 classes), batch {r['batch']}, {m['device']} "
-                     f"({m['device_name']}), {m['threads']} threads; both with fused AdamW as their trainers use. "
+                     f"({m['device_name']}), {m['threads']} threads; both with fused AdamW as their trainers use"
+                     + (", both under `ov3common.heap.heap_reuse` (as our trainers run on a CPU). " if res.get("heap_reuse")
+                        else ". ") +
                      "*model step*: forward, MSE, backward, AdamW, zero_grad; *trainer step*: + clipping at 1.0, "
                      "the non-finite check (ours) and the EMA update, each as its trainer does it (clipping — RAE: "
                      "`clip_grad_norm_`; ours: `ov3common.optim.clip_grad_norm`, the same gradients bitwise without "
@@ -365,11 +370,14 @@ def main(argv=None) -> dict:
         torch.set_num_threads(cfg.threads)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
-    result: dict = {"machine": machine(device), "command": "python -m rae_generation.bench"}
-    if cfg.rae:
-        result["vs_rae"] = vs_rae(cfg, device)
-    if cfg.compile:
-        result["compile"] = compile_speedups(cfg, device)
+    result: dict = {"machine": machine(device), "command": "python -m rae_generation.bench",
+                    "heap_reuse": cfg.heap_reuse and device.type == "cpu"}
+    # the training steps as our trainers run them on a CPU (ov3common.trainer.Loop: heap_reuse); both contenders alike
+    with heap_reuse() if cfg.heap_reuse and device.type == "cpu" else contextlib.nullcontext():
+        if cfg.rae:
+            result["vs_rae"] = vs_rae(cfg, device)
+        if cfg.compile:
+            result["compile"] = compile_speedups(cfg, device)
     if cfg.diffusers:
         result["vs_diffusers"] = vs_diffusers(cfg, device)
     result["machine"]["load_avg_1m_end"] = round(os.getloadavg()[0], 2)

@@ -191,7 +191,8 @@ def train(cfg, info: D.DistInfo) -> Path:
     # a checkpoint is written on its steps even during a non-finite streak (the weights are the last good ones)
     loop = Loop(out, tc.steps, "rae", seed=cfg.seed, rank=info.rank, log_every=tc.log_every,
                 ckpt_every=tc.ckpt_every, keep_last=tc.keep_last, max_bad_steps=tc.max_bad_steps, save_after_bad=True,
-                inject_nan_steps=tc.inject_nan_steps, tensorboard=tc.tensorboard, logger=log)
+                inject_nan_steps=tc.inject_nan_steps, tensorboard=tc.tensorboard, logger=log,
+                heap_reuse=info.device.type == "cpu")
 
     def restore(state: dict, rank_state: dict) -> None:
         load_model_state(net, state["model"])

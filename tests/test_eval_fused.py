@@ -1,4 +1,4 @@
-"""eval.fused: heap_reuse keeps large freed blocks for reuse (no page faults on reallocation), and restores glibc's
+"""ov3common.heap: heap_reuse keeps large freed blocks for reuse (no page faults on reallocation), and restores glibc's
 behaviour on exit. (ConvReLU's bitwise parity with conv2d + ReLU is tested with the Inception in test_eval_fid.)"""
 
 import platform
@@ -7,7 +7,8 @@ import resource
 import pytest
 import torch
 
-from eval.fused import heap_reuse
+from ov3common.heap import heap_reuse
+from ov3common.trainer import Loop
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="heap_reuse acts on glibc only")
 
@@ -35,3 +36,21 @@ def test_heap_reuse_avoids_page_faults_and_is_undone_on_exit():
     assert outside > 0.5 * pages  # glibc mmaps and unmaps such a block each time
     assert inside < 0.2 * pages  # reused from the heap (at most the first reallocation grows it)
     assert after > 0.5 * pages  # restored: large blocks are mmap'd again (and the heap was returned)
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_training_loop_runs_its_steps_under_heap_reuse_when_asked(tmp_path, reuse):
+    """ov3common.trainer.Loop(heap_reuse=True) (the trainers on CPU): a step's large tensors come back from the heap;
+    after the last batch glibc's behaviour is restored."""
+    pages = 2 * 96 * MB // 4096
+    loop = Loop(tmp_path, 3, "heap", heap_reuse=reuse)
+    inside = []
+    for _ in loop.batches(lambda new_epoch: range(10)):
+        inside.append(_faults_of_reallocations(n=2))
+        loop.advance()
+    after = _faults_of_reallocations(n=2)
+    assert len(inside) == 3 and after > 0.5 * pages
+    if reuse:
+        assert max(inside[1:]) < 0.2 * pages
+    else:
+        assert min(inside) > 0.5 * pages

@@ -36,7 +36,7 @@ def build_adamw(model: torch.nn.Module, lr: float, betas=(0.9, 0.95), weight_dec
 def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_(parameters, max_norm)``, bitwise, without its pass over the gradients when
     that pass would multiply them by 1: torch scales every gradient by ``min(max_norm / (norm + 1e-6), 1)`` even
-    when the minimum is 1 (on the development CPU, DiT-DH-S's 196M gradients: ~30 ms a step). Returns the total
+    when the minimum is 1 (on the development CPU, DiT-DH-S's 196M gradients: ~40 ms a step). Returns the total
     norm as a plain tensor (FSDP2: the full norm, not the DTensor). The check reads the norm on the host; the
     trainers' non-finite guard reads it right after anyway, so no new synchronisation point."""
     params = [p for p in parameters if p.grad is not None]

@@ -22,7 +22,6 @@ depend on the weights); LPIPS uses a random backbone when no local weights exist
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import statistics
@@ -141,10 +140,9 @@ def vs_timm(size: str, precision: str, cfg: BenchConfig, device: torch.device, p
     steps["timm_fused"] = make_step(ref, f_ref, bf16, device)
     flops = count_flops(steps["ours"])
     flops_ref = count_flops(steps["timm_fused"])
-    dtype = torch.bfloat16 if bf16 else torch.float32
     rates: list[float] = []
     if peak_probe:  # the matmul peak inside the same rounds (same load, same clocks)
-        steps["peak"] = lambda: rates.append(measure_matmul_peak(dtype, device, seconds=0.5))
+        steps["peak"] = peak_probe_fn(bf16, device, rates)
     t = interleaved(steps, cfg.rounds, cfg.warmup, device)
     grid = cfg.resolution // 8 // vcfg.patch_size
     out = {"size": size, "precision": precision, "tokens": grid**2, "grid": grid, "batch": cfg.batch, "width": vcfg.width, "depth": vcfg.depth, "heads": vcfg.heads,
@@ -156,11 +154,21 @@ def vs_timm(size: str, precision: str, cfg: BenchConfig, device: torch.device, p
     if "timm" in t:
         out["ours_over_timm"] = ratio(t["ours"], t["timm"])
     if peak_probe:
-        peak = statistics.median(rates)
-        out.update(matmul_peak_flops=peak, achieved_flops=flops / out["step_s"]["ours"],
-                   mfu=flops / out["step_s"]["ours"] / peak,
-                   mfu_rounds=[flops / s / p for s, p in zip(t["ours"], rates)])
+        out.update(mfu_fields(flops, t["ours"], rates))
     return out
+
+
+def peak_probe_fn(bf16: bool, device: torch.device, rates: list[float]):
+    """A contender for :func:`ov3common.bench.interleaved` that appends the matmul peak (FLOP/s) to ``rates``."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return lambda: rates.append(measure_matmul_peak(dtype, device, seconds=0.5))
+
+
+def mfu_fields(flops: int, times: list[float], rates: list[float]) -> dict:
+    """MFU of a step of ``flops`` timed ``times`` against the peaks ``rates`` probed in the same rounds."""
+    s, peak = statistics.median(times), statistics.median(rates)
+    return {"matmul_peak_flops": peak, "achieved_flops": flops / s, "mfu": flops / s / peak,
+            "mfu_rounds": [flops / x / p for x, p in zip(times, rates)]}
 
 
 def mfu_at_batch(size: str, precision: str, batch: int, cfg: BenchConfig, device: torch.device) -> dict:
@@ -170,13 +178,11 @@ def mfu_at_batch(size: str, precision: str, batch: int, cfg: BenchConfig, device
     step = make_step(ours, f_ours, bf16, device)
     flops = count_flops(step)
     rates: list[float] = []
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    t = interleaved({"ours": step, "peak": lambda: rates.append(measure_matmul_peak(dtype, device, seconds=0.5))},
-                    max(3, cfg.rounds // 2), cfg.warmup, device)
-    s, peak = statistics.median(t["ours"]), statistics.median(rates)
+    t = interleaved({"ours": step, "peak": peak_probe_fn(bf16, device, rates)}, max(3, cfg.rounds // 2),
+                    cfg.warmup, device)
     return {"size": size, "precision": precision, "batch": batch, "tokens": (cfg.resolution // 8 // vcfg.patch_size) ** 2,
-            "flops_per_step": flops, "step_s": {"ours": s}, "matmul_peak_flops": peak, "achieved_flops": flops / s,
-            "mfu": flops / s / peak, "mfu_rounds": [flops / x / p for x, p in zip(t["ours"], rates)]}
+            "flops_per_step": flops, "step_s": {"ours": statistics.median(t["ours"])},
+            **mfu_fields(flops, t["ours"], rates)}
 
 
 def profile_steps(size: str, precision: str, cfg: BenchConfig, device: torch.device) -> dict:
@@ -375,11 +381,12 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(cfg.threads)
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     torch.manual_seed(0)
+    reuse = cfg.heap_reuse and dev.type == "cpu"
     res: dict = {"machine": machine(dev), "config": {"batch": cfg.batch, "resolution": cfg.resolution,
-                                                     "heap_reuse": cfg.heap_reuse and dev.type == "cpu"},
+                                                     "heap_reuse": reuse},
                  "command": "python -m encoder.bench", "vs_timm": [], "compile": [], "profiles": []}
     # the training steps as our trainers run them on a CPU (ov3common.trainer.Loop: heap_reuse); every contender alike
-    with heap_reuse() if cfg.heap_reuse and dev.type == "cpu" else contextlib.nullcontext():
+    with heap_reuse(reuse):
         for size in cfg.sizes:
             for prec in cfg.precisions:
                 v = vs_timm(size, prec, cfg, dev, peak_probe=size == cfg.mfu_size)

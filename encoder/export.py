@@ -37,7 +37,7 @@ from encoder.convert import (
 from encoder.models import DecoderConfig, LatentViT, ViTConfig, ViTDecoder, decoder_config_for, vit_config
 from encoder.ov3 import LossConfig, ModelConfig, build_vit
 from encoder.vae import FrozenVAE, VAEConfig, build_random_vae, build_vae, load_frozen_vae, tiny_vae_config
-from ov3common.checkpoint import CheckpointManager
+from ov3common.checkpoint import CheckpointManager, read_format_json
 from ov3common.config import ConfigError, to_dict
 
 FORMAT = "openvision3-encoder"
@@ -208,11 +208,7 @@ def _load_strict(module: nn.Module, sd: dict[str, Tensor], what: str, path: Path
 def read_export_config(path: str | os.PathLike) -> dict:
     """An export folder's ``config.json`` (checked: the format and the keys a loader needs), without the weights."""
     cfg_path = Path(path) / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"encoder export: missing {cfg_path}")
-    cfg = json.loads(cfg_path.read_text())
-    if cfg.get("format") != FORMAT:
-        raise ValueError(f"{cfg_path}: format is {cfg.get('format')!r}, expected {FORMAT!r}")
+    cfg = read_format_json(cfg_path, FORMAT, "encoder export")
     for key in ("encoder", "decoder", "vae", "image_size"):
         if key not in cfg:
             raise KeyError(f"{cfg_path}: missing key {key!r}")

@@ -15,6 +15,7 @@ from pathlib import Path
 from safetensors import safe_open
 from torch import Tensor
 
+from ov3common.checkpoint import read_format_json
 from ov3common.config import ConfigError
 
 CACHE_FORMAT = "ov3-encoder-latents/2"
@@ -41,13 +42,8 @@ class LatentCache:
 
     def __init__(self, folder: str, vae_id: dict, resolutions: list[int], crop: str, max_open: int = 16):
         self.folder = Path(folder)
-        meta_path = self.folder / "meta.json"
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"data.latent_cache: missing {meta_path} (run `make cache-latents`)")
-        self.meta = json.loads(meta_path.read_text())
-        if self.meta.get("format") != CACHE_FORMAT:
-            raise ValueError(f"data.latent_cache {folder}: format {self.meta.get('format')!r}, expected "
-                             f"{CACHE_FORMAT!r} (rebuild with `make cache-latents`)")
+        self.meta = read_format_json(self.folder / "meta.json", CACHE_FORMAT, "data.latent_cache",
+                                     "build it with `make cache-latents`")
         theirs = self.meta.get("vae", {})
         for k in ("config_sha256", "weights_fingerprint", "scaling_factor", "shift_factor"):
             if theirs.get(k) != vae_id.get(k):

@@ -21,7 +21,6 @@ Images: crops of scikit-image's photographs (real photos; no download), flipped 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -107,7 +106,7 @@ def _variant(orig: np.ndarray, recs: np.ndarray, weights: str | Path, variant: s
     before = variant == "before"
     t0 = time.perf_counter()
     rm = ReconMetrics(lpips, reference=before)
-    with contextlib.nullcontext() if before else heap_reuse():
+    with heap_reuse(not before):
         for i in range(0, len(orig), batch_size):
             rm.update(_pm1(orig[i:i + batch_size]), _pm1(recs[i:i + batch_size]))
     t_metrics = time.perf_counter() - t0

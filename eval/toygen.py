@@ -4,7 +4,7 @@
   features of the pixel classifier that ``make rae-classacc`` trains on the toy world's own classes
   (:class:`rae_generation.classify.ToyClassifier`; one classifier for every row, so the rows share one feature
   space). Inception was trained on ImageNet photos; on 64 px flat toy shapes its features carry little class
-  signal. Interval: the percentile bootstrap over samples of :func:`eval.fid.fid_interval`.
+  signal. Interval: the percentile bootstrap over samples of :func:`eval.fid_bootstrap.fid_interval`.
 * **class accuracy**: that classifier's top-1 accuracy on the decoded samples (chance 1 / classes), with the
   Wilson interval (:func:`eval.intervals.wilson`).
 
@@ -20,7 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from eval.fid import fid_interval, frechet_distance, gaussian_stats
+from eval.fid import frechet_distance, gaussian_stats
+from eval.fid_bootstrap import fid_interval
 from eval.intervals import wilson
 from ov3common.checkpoint import load_safetensors
 from rae_generation.classify import ToyClassifier, embed, load_folder, predict

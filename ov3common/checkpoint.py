@@ -102,6 +102,20 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def read_format_json(path: str | os.PathLike, fmt: str, what: str, hint: str = "") -> dict:
+    """A JSON file that names its ``"format"`` (export configs, cache metadata): ``FileNotFoundError`` when it is
+    missing and ``ValueError`` when its format is not ``fmt``, each naming ``what`` and the file (and ``hint``,
+    e.g. the make target that writes it)."""
+    p = Path(path)
+    tail = f" ({hint})" if hint else ""
+    if not p.is_file():
+        raise FileNotFoundError(f"{what}: missing {p}{tail}")
+    data = json.loads(p.read_text())
+    if data.get("format") != fmt:
+        raise ValueError(f"{what} {p}: format is {data.get('format')!r}, expected {fmt!r}{tail}")
+    return data
+
+
 def _dedupe_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors refuses tensors that share memory (tied weights, views): copy the repeats."""
     seen: set[int] = set()

@@ -28,7 +28,7 @@ def _glibc():
 
 
 @contextlib.contextmanager
-def heap_reuse():
+def heap_reuse(enabled: bool = True):
     """Inside: glibc's malloc keeps freed memory for reuse (no mmap'd blocks, no trimming of the heap top).
 
     Why: activations and gradients are tens to hundreds of MB; glibc serves blocks above its mmap threshold (at
@@ -37,8 +37,9 @@ def heap_reuse():
     this; a DiT-DH-S training step at batch 2: 160-215k faults and 5-8 % of the step, ~0 faults with this). On
     exit the thresholds are set to the values glibc's dynamic adjustment reaches for large blocks (mmap above 32 MB,
     trim above 64 MB) and the unused heap is returned (``malloc_trim``). A no-op where the C library
-    is not glibc. Process-wide (as the setting is); nested uses leave it to the outermost."""
-    libc = _glibc()
+    is not glibc, or with ``enabled=False`` (callers that decide at run time: CPU only, fused path only).
+    Process-wide (as the setting is); nested uses leave it to the outermost."""
+    libc = _glibc() if enabled else None
     if libc is None or _heap_depth[0]:  # not glibc, or already inside (nested: the outermost one restores)
         yield
         return

@@ -22,7 +22,6 @@ rank's RNG, and the rows a killed attempt logged past the checkpoint are removed
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -129,7 +128,7 @@ class Loop:
         large activations and gradients are allocated every step, and glibc would otherwise map and unmap them. It is opened again after every epoch's end (:meth:`end_epoch`) and at every step in ``stops``
         (e.g. the start of a training stage at another resolution). Before each batch is handed out, torch is
         seeded from (seed, step, rank). An epoch that yields no batch from its start is an error."""
-        with heap_reuse() if self.heap_reuse else contextlib.nullcontext():
+        with heap_reuse(self.heap_reuse):
             yield from self._batches(open_data, stops)
 
     def _batches(self, open_data: Callable[[bool], Iterable], stops: Iterable[int]) -> Iterator:

@@ -22,7 +22,6 @@ interleaved rounds (``ov3common.bench``).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
@@ -370,10 +369,10 @@ def main(argv=None) -> dict:
         torch.set_num_threads(cfg.threads)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
-    result: dict = {"machine": machine(device), "command": "python -m rae_generation.bench",
-                    "heap_reuse": cfg.heap_reuse and device.type == "cpu"}
+    reuse = cfg.heap_reuse and device.type == "cpu"
+    result: dict = {"machine": machine(device), "command": "python -m rae_generation.bench", "heap_reuse": reuse}
     # the training steps as our trainers run them on a CPU (ov3common.trainer.Loop: heap_reuse); both contenders alike
-    with heap_reuse() if cfg.heap_reuse and device.type == "cpu" else contextlib.nullcontext():
+    with heap_reuse(reuse):
         if cfg.rae:
             result["vs_rae"] = vs_rae(cfg, device)
         if cfg.compile:

@@ -28,7 +28,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ov3common.checkpoint import load_safetensors, save_safetensors
+from ov3common.checkpoint import load_safetensors, read_format_json, save_safetensors
 from ov3common.images import (
     BadSample,
     SkipStats,
@@ -175,13 +175,8 @@ def collate_images(items: list[dict]) -> dict:
 
 # ------------------------------------------------------------------------------------------- latent cache
 def read_cache_meta(cache: str | Path) -> dict:
-    p = Path(cache) / "meta.json"
-    if not p.is_file():
-        raise FileNotFoundError(f"latent cache is missing or incomplete (no {p}); run `make cache-rae-latents`")
-    meta = json.loads(p.read_text())
-    if meta.get("format") != CACHE_FORMAT:
-        raise ValueError(f"{p}: format is {meta.get('format')!r}, expected {CACHE_FORMAT!r}")
-    return meta
+    return read_format_json(Path(cache) / "meta.json", CACHE_FORMAT, "RAE latent cache",
+                            "missing or incomplete: run `make cache-rae-latents`")
 
 
 _ST_DTYPES = {"F32": (np.float32, None), "F16": (np.float16, None), "BF16": (np.uint16, torch.bfloat16)}

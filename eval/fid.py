@@ -25,8 +25,9 @@ Exactness: features do not depend on the batch size (tested at 1, 7 and 100: bit
 its own by torch-fidelity's TF-compatible resize, never padded, and extraction runs in fp32 under
 :func:`exact_kernels` (no TF32, no cuDNN autotuning, deterministic cuDNN / oneDNN algorithms). ``fused=True``
 (default) runs torch-fidelity's layers with each batch norm folded into its convolution, the ReLU fused into it
-(one oneDNN primitive, weights reordered once: :mod:`eval.fused`), channels_last, the resize computed separably
-(bitwise torch-fidelity's) and glibc's heap kept between batches (:func:`ov3common.heap.heap_reuse`): features within
+(one oneDNN primitive, weights reordered once: :mod:`eval.fused`), channels_last, each average-pool branch pooled
+after its 1x1 convolution and the 35x35 blocks' three 1x1 convolutions merged into one (the same linear maps in
+another order), the resize computed separably (bitwise torch-fidelity's) and glibc's heap kept between batches (:func:`ov3common.heap.heap_reuse`): features within
 ~1e-5 of the reference module (FID within 1e-4, tested); speed in ``eval/README.md``. ``precision="bf16"`` is
 offered for measurements only: its FID shift (``python -m eval.bench_fid bf16``: 0.017 at n = 100, 96 px) is above
 the 0.01 that would allow it, so fp32 is the default.
@@ -70,7 +71,7 @@ from ov3common.images import BadSample, decode_image
 from ov3common.log import progress
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-EXTRACTOR_VERSION = 2  # bump when features change (cache keys)
+EXTRACTOR_VERSION = 3  # bump when features change (cache keys); 3: pool-first branches, merged 35x35 heads
 IS_SPLIT_SIZE = 5000  # ADM
 
 
@@ -184,16 +185,17 @@ def _read_rgb(path: Path) -> np.ndarray:
 
 
 def iter_uint8_batches(images: list[Path] | np.ndarray, batch_size: int):
-    """uint8 NCHW tensors; consecutive images of equal size share a batch."""
+    """uint8 NCHW views of NHWC memory (the decoded layout, no copy); consecutive images of equal size share a
+    batch."""
     buf: list[np.ndarray] = []
     for item in images:
         a = _read_rgb(item) if isinstance(item, Path) else np.asarray(item)
         if buf and (a.shape != buf[0].shape or len(buf) == batch_size):
-            yield torch.from_numpy(np.stack(buf)).permute(0, 3, 1, 2).contiguous()
+            yield torch.from_numpy(np.stack(buf)).permute(0, 3, 1, 2)
             buf = []
         buf.append(a)
     if buf:
-        yield torch.from_numpy(np.stack(buf)).permute(0, 3, 1, 2).contiguous()
+        yield torch.from_numpy(np.stack(buf)).permute(0, 3, 1, 2)
 
 
 # ---------------------------------------------------------------------------------------------------- features

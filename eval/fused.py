@@ -5,6 +5,8 @@
 blocked layout (what inductor's freezing does for a compiled model), instead of aten's convolution, which reorders
 the weights on every call, plus a separate ReLU pass over the output. Elsewhere (CUDA, autocast, float64) it is
 ``relu(conv2d(x))``. Outputs are bitwise those of conv2d + ReLU on the same CPU (tested), at any batch size.
+``forward(x, relu=False)`` gives the convolution alone; :meth:`ConvReLU.merged` makes one wider convolution of several
+that read the same input.
 The eval networks also run inside :func:`ov3common.heap.heap_reuse` (large activation blocks reused between batches).
 """
 
@@ -38,16 +40,34 @@ class ConvReLU(torch.nn.Module):
         self._packed = None
         return super()._apply(fn, recurse)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @classmethod
+    def merged(cls, parts: list[ConvReLU]) -> ConvReLU:
+        """One ConvReLU computing ``parts`` (same input, same geometry) at once: their output channels concatenated
+        in order (one wider convolution instead of several narrow ones over the same input)."""
+        first = parts[0]
+        geometry = [(p.weight.shape[1:], p.padding, p.stride, p.dilation, p.groups) for p in parts]
+        if any(g != geometry[0] for g in geometry) or first.groups != 1:
+            raise ValueError(f"ConvReLU.merged: the parts differ in input or geometry: {geometry}")
+        weight = torch.cat([p.weight.detach() for p in parts])
+        conv = torch.nn.Conv2d(weight.shape[1], weight.shape[0], tuple(weight.shape[2:]), first.stride, first.padding,
+                               first.dilation, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(weight)
+            conv.bias.copy_(torch.cat([p.bias.detach() for p in parts]))
+        return cls(conv)
+
+    def forward(self, x: torch.Tensor, relu: bool = True) -> torch.Tensor:
+        """``relu(conv(x))``; ``relu=False``: ``conv(x)`` alone (the same packed weights)."""
         if (x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
                 and torch.backends.mkldnn.is_available() and not torch.is_autocast_enabled("cpu")):
             if self._packed is None:
                 self.pack(list(x.shape))
             return torch.ops.mkldnn._convolution_pointwise(x, self._packed, self.bias, self.padding, self.stride,
-                                                           self.dilation, self.groups, "relu", [], "")
+                                                           self.dilation, self.groups, "relu" if relu else "none",
+                                                           [], "")
         y = torch.nn.functional.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype), self.stride, self.padding,
                                        self.dilation, self.groups)
-        return torch.relu_(y)
+        return torch.relu_(y) if relu else y
 
 
 def fuse_sequential(seq: torch.nn.Sequential) -> torch.nn.Sequential:

@@ -272,6 +272,9 @@ def test_tf1_resize_is_torch_fidelitys_bitwise(shape):
     got = I.tf1_resize(u)
     assert got.shape == ref.shape and got.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(got, ref)
+    # with torch-fidelity's normalisation, from an NCHW view of NHWC memory (what iter_uint8_batches yields)
+    view = u.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    assert torch.equal(I.tf1_resize(view, normalize=True), (ref - 128) / 128)
 
 
 @pytest.mark.parametrize("kernel, stride, padding", [((3, 3), 2, (0, 0)), ((1, 7), 1, (0, 3)), ((1, 1), 1, (0, 0))])
@@ -289,6 +292,45 @@ def test_conv_relu_fused_equals_conv_then_relu(kernel, stride, padding):
     m.float().pack([32, 16, 17, 17])  # reordered for batch 32, run at 5
     got = m(x)
     assert m._packed is not None and torch.equal(got, ref) and (ref == 0).any() and (ref > 0).any()
+
+
+def test_conv_relu_linear_part_and_merged_convolutions():
+    """relu=False is conv2d alone (bitwise, both paths); a merged ConvReLU gives its parts' outputs side by side
+    (fp32 round-off: oneDNN may block a wider output differently); parts of another geometry are refused."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 16, 9, 9, generator=g).contiguous(memory_format=torch.channels_last)
+    convs = [torch.nn.Conv2d(16, n, 1) for n in (8, 5, 12)]
+    parts = [ConvReLU(c) for c in convs]
+    ref = [c(x).detach() for c in convs]
+    assert torch.equal(parts[0](x, relu=False), ref[0]) and (ref[0] < 0).any()
+    assert torch.equal(parts[0].double()(x.double(), relu=False),
+                       torch.nn.functional.conv2d(x.double(), convs[0].weight.double(), convs[0].bias.double()))
+    parts[0].float()
+    got = ConvReLU.merged(parts)(x)
+    assert got.shape == (3, 25, 9, 9)
+    torch.testing.assert_close(got, torch.relu(torch.cat(ref, 1)), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="differ in input or geometry"):
+        ConvReLU.merged([parts[0], ConvReLU(torch.nn.Conv2d(16, 4, 3, padding=1))])
+
+
+def test_restructured_blocks_compute_torch_fidelitys_blocks(weights):
+    """The 35x35 blocks with merged 1x1 heads and every average-pool branch pooled after its 1x1 convolution give
+    the BN-folded torch-fidelity blocks' outputs (fp32 round-off; borders included, where TF's pool counts fewer
+    pixels); ADM's spatial features are still read from Mixed_6d.branch1x1."""
+    ext = I.InceptionExtractor(weights)
+    assert all(type(getattr(ext.net, n)).__name__ == "_MergedA" for n in I.BLOCKS_A)
+    assert all(type(getattr(ext.net, n)).__name__ == "_PoolFirstC" for n in I.BLOCKS_C)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, c, hw in (("Mixed_5b", 192, 35), ("Mixed_5d", 288, 35), ("Mixed_6d", 768, 17)):
+            x = torch.randn(2, c, hw, hw, generator=g).relu().contiguous(memory_format=torch.channels_last)
+            new = getattr(ext.net, name)
+            ref = new.block(x)  # torch-fidelity's forward over the same (BN-folded) modules
+            got = new(x)
+            assert got.shape == ref.shape
+            assert (got - ref).abs().max() <= 1e-5 * ref.abs().max(), name
+        feats = ext(torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 3, 64, 64), dtype=np.uint8)))
+    assert feats["spatial"].shape == (2, 17 * 17 * I.SPATIAL_CHANNELS)
 
 
 def test_toy_fid_in_classifier_features_sees_a_colour_shift(tmp_path):

@@ -39,6 +39,7 @@ from ov3common.config import import_object, parse_cli, save_config, to_dict
 from ov3common.data import ResumableSampler
 from ov3common.guard import TrainingDiverged
 from ov3common.images import SkipStats
+from ov3common.linear import use_onednn_linear
 from ov3common.log import get_logger
 from ov3common.optim import build_adamw, clip_grad_norm, constant_then_linear, warmup_cosine
 from ov3common.trainer import Loop
@@ -177,6 +178,8 @@ def train(cfg, info: D.DistInfo) -> Path:
     torch.manual_seed(cfg.seed)
     model = DiTDH(mcfg).to(info.device)
     set_attention_impl(model, cfg.model.attn)
+    if info.device.type == "cpu":
+        use_onednn_linear(model, tc.cpu_linear)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     net = D.wrap_model(model, tc.strategy, info)
     if tc.compile:  # in place: parameter names, checkpoints, the EMA copy and the DDP wrapping are unchanged

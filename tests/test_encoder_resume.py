@@ -83,6 +83,8 @@ def test_two_process_torchrun_matches_one_process(toy_root, tmp_path):  # noqa: 
         assert len(r1) == len(r2) == 8
         for a, b in zip(r1, r2):
             for k in ("loss", "caption", "contrastive", "pixel_l1", "latent_l1"):
-                assert b[k] == pytest.approx(a[k], rel=2e-4, abs=1e-5), (strategy, a["step"], k, a[k], b[k])
+                # float32 round-off of batch 8 vs 2 x 4 products (oneDNN's linear on CPUs where ov3common.linear
+                # picks it: ~2e-4 after 8 steps); a wrong gradient reduction is off by >1e-2 from step 2
+                assert b[k] == pytest.approx(a[k], rel=5e-4, abs=1e-5), (strategy, a["step"], k, a[k], b[k])
         s2 = json.loads((two / "summary.json").read_text())
         assert s2["val/psnr"] == pytest.approx(s1["val/psnr"], rel=1e-3), strategy

@@ -39,9 +39,10 @@ from encoder.ov3 import LossConfig, ModelConfig, OV3Model
 from encoder.vae import FLUX_VAE_CONFIG, FrozenVAE, build_random_vae, load_frozen_vae, tiny_vae_config
 from ov3common.bench import interleaved, machine, op_profile, op_profile_markdown, ratio
 from ov3common.checkpoint import atomic_write_json
-from ov3common.config import import_object, parse_cli
+from ov3common.config import choice_field, import_object, parse_cli
 from ov3common.heap import heap_reuse
 from ov3common.images import center_crop_resize, decode_image, to_tensor_pm1
+from ov3common.linear import OneDNNLinear, use_onednn_linear
 from ov3common.log import count_flops, get_logger, measure_matmul_peak
 from ov3common.optim import build_adamw
 
@@ -58,6 +59,9 @@ class BenchConfig:
     warmup: int = 2
     timm_optimizer: bool = True  # also time timm with timm's own optimizer factory (what its users get)
     heap_reuse: bool = True  # CPU: the step sections run under ov3common.heap.heap_reuse, as our trainers do
+    # ours on a CPU: nn.Linear through ov3common.linear, as our trainers (train.cpu_linear); timm keeps aten's.
+    # Where it switches, fp32 rows also time ours with aten's linear ("ours (aten)": the same kernels as timm)
+    cpu_linear: str = choice_field("auto", ("auto", "onednn", "aten"))
     mfu_size: str = "B/2"  # MFU of this size's step (fp32 and bf16), peak probed in the same rounds
     # MFU of that size's step (ours alone) at larger batches too: at batch 8 (512 tokens) the weight-gradient
     # GEMMs reduce over only 512 rows, which this CPU runs well below its square-matmul peak
@@ -108,13 +112,15 @@ def timm_vit(vcfg, lat_side: int, device: torch.device) -> torch.nn.Module:
 
 
 def contenders(size: str, cfg: BenchConfig, device: torch.device, bf16: bool, compiled: bool = False,
-               batch: int = 0):
+               batch: int = 0, cpu_linear: str | None = None):
     """(ours, timm) models and loss closures on one random latent batch (the losses touch every output);
-    ``batch`` 0: the configured one."""
+    ``batch`` 0: the configured one; ``cpu_linear``: ours' linear layers on a CPU (None: ``cfg.cpu_linear``)."""
     vcfg = vit_config(size)
     lat_side = cfg.resolution // 8
     x = torch.randn(batch or cfg.batch, vcfg.in_channels, lat_side, lat_side, device=device)
     ours, ref = LatentViT(vcfg).to(device), timm_vit(vcfg, lat_side, device)
+    if device.type == "cpu":
+        use_onednn_linear(ours, cpu_linear or cfg.cpu_linear)
     if compiled:
         ours.compile()
         ref.compile()
@@ -138,6 +144,9 @@ def vs_timm(size: str, precision: str, cfg: BenchConfig, device: torch.device, p
         ref_opt = timm.optim.create_optimizer_v2(ref, "adamw", lr=1e-4, weight_decay=0.1)
         steps["timm"] = make_step(ref, f_ref, bf16, device, ref_opt)
     steps["timm_fused"] = make_step(ref, f_ref, bf16, device)
+    if any(isinstance(m, OneDNNLinear) for m in ours.modules()) and not bf16:  # like-for-like kernels too
+        _, ours_a, _, f_ours_a, _ = contenders(size, cfg, device, bf16, cpu_linear="aten")
+        steps["ours_aten"] = make_step(ours_a, f_ours_a, bf16, device)
     flops = count_flops(steps["ours"])
     flops_ref = count_flops(steps["timm_fused"])
     rates: list[float] = []
@@ -153,6 +162,9 @@ def vs_timm(size: str, precision: str, cfg: BenchConfig, device: torch.device, p
            "ours_over_timm_fused": ratio(t["ours"], t["timm_fused"])}
     if "timm" in t:
         out["ours_over_timm"] = ratio(t["ours"], t["timm"])
+    if "ours_aten" in t:
+        out["ours_linear"] = "onednn"
+        out["ours_aten_over_timm"] = ratio(t["ours_aten"], t["timm" if "timm" in t else "timm_fused"])
     if peak_probe:
         out.update(mfu_fields(flops, t["ours"], rates))
     return out
@@ -319,16 +331,22 @@ def markdown(res: dict) -> str:
              f"patch 2. {m['device']} ({m['device_name']}), {m['threads']} threads. `timm` = timm's "
              "`VisionTransformer` with `timm.optim.create_optimizer_v2(model, 'adamw')` (what a timm user runs); "
              "`timm+fused` = the same model with our fused AdamW (the models alone)."
+             + (f" Ours with `cpu_linear={res['config'].get('cpu_linear')}` (`ov3common.linear`, as our trainers on a "
+                "CPU): fp32 rows marked † ran ours' linear layers on oneDNN; *ours (aten)/timm* is ours with torch's "
+                "own linear (the same GEMM kernels as timm)." if res["config"].get("cpu_linear") else "")
              + (" Every step section ran under `ov3common.heap.heap_reuse` (as our trainers run on a CPU), every "
                 "contender alike." if res["config"].get("heap_reuse") else ""), "",
              "| size | precision | tokens | FLOP ratio ours/timm | ours ms | timm ms | timm+fused ms | "
-             "**ours/timm** | ours/timm+fused |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "**ours/timm** | ours/timm+fused | ours (aten)/timm |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for v in res["vs_timm"]:
         s = v["step_s"]
-        lines.append(f"| {v['size']} | {v['precision']} | {v['tokens']} | {v['flops_ratio_ours_over_timm']:.3f} | "
+        dag = " †" if v.get("ours_linear") == "onednn" else ""
+        lines.append(f"| {v['size']} | {v['precision']}{dag} | {v['tokens']} | {v['flops_ratio_ours_over_timm']:.3f} | "
                      f"{s['ours'] * 1e3:.0f} | {s.get('timm', math.nan) * 1e3:.0f} | {s['timm_fused'] * 1e3:.0f} | "
                      f"**{_r(v['ours_over_timm']) if 'ours_over_timm' in v else 'n/a'}** | "
-                     f"{_r(v['ours_over_timm_fused'])} |")
+                     f"{_r(v['ours_over_timm_fused'])} | "
+                     f"{_r(v['ours_aten_over_timm']) if 'ours_aten_over_timm' in v else '—'} |")
     mfu = [v for v in res["vs_timm"] if "mfu" in v]
     if mfu:
         mfu = mfu + res.get("mfu_batches", [])
@@ -383,7 +401,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     reuse = cfg.heap_reuse and dev.type == "cpu"
     res: dict = {"machine": machine(dev), "config": {"batch": cfg.batch, "resolution": cfg.resolution,
-                                                     "heap_reuse": reuse},
+                                                     "heap_reuse": reuse,
+                                                     "cpu_linear": cfg.cpu_linear if dev.type == "cpu" else ""},
                  "command": "python -m encoder.bench", "vs_timm": [], "compile": [], "profiles": []}
     # the training steps as our trainers run them on a CPU (ov3common.trainer.Loop: heap_reuse); every contender alike
     with heap_reuse(reuse):
@@ -397,6 +416,8 @@ def main(argv: list[str] | None = None) -> dict:
                     msg += f", timm {v['step_s']['timm'] * 1e3:.0f} ms -> ours/timm {v['ours_over_timm']['median']:.3f}"
                 if "mfu" in v:
                     msg += f"; MFU {v['mfu']:.2f} of {v['matmul_peak_flops'] / 1e9:.0f} GFLOP/s"
+                if "ours_aten_over_timm" in v:
+                    msg += f"; ours (aten linear)/timm {v['ours_aten_over_timm']['median']:.3f}"
                 print(msg, flush=True)
         res["mfu_batches"] = []
         for batch in (b for b in cfg.mfu_batches if b != cfg.batch) if cfg.mfu_size in cfg.sizes else ():

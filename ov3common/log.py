@@ -206,23 +206,30 @@ class Throughput:
 
 
 def matmul_rate(n: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                seconds: float = 0.25) -> float:
-    """Achieved FLOP/s of an ``n × n`` by ``n × n`` matmul (into a preallocated output) over about ``seconds``."""
+                seconds: float = 0.25, onednn: bool = False) -> float:
+    """Achieved FLOP/s of an ``n × n`` by ``n × n`` matmul (into a preallocated output) over about ``seconds``;
+    ``onednn``: oneDNN's float32 matmul (``mkldnn::_linear_pointwise``, what :mod:`ov3common.linear` runs) instead
+    of ``torch.mm``."""
     device = torch.device(device)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     out = torch.empty(n, n, device=device, dtype=dtype)
+    if onednn:
+        def mm(a, b, out):  # noqa: ARG001 - same call shape as torch.mm; oneDNN allocates its output
+            return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    else:
+        mm = torch.mm
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
     for _ in range(2):
-        torch.mm(a, b, out=out)
+        mm(a, b, out=out)
     sync()
     iters, t0 = 0, time.perf_counter()
     while True:
-        torch.mm(a, b, out=out)
+        mm(a, b, out=out)
         iters += 1
         sync()
         dt = time.perf_counter() - t0
@@ -235,14 +242,22 @@ def measure_matmul_peak(dtype: torch.dtype = torch.bfloat16, device: str | torch
     """The practical peak MFU is measured against: the best FLOP/s of square matmuls over a sweep of sizes
     (CPU 256-2048, GPU 2048-8192; ``n`` = one size only). A sweep, not one size: on the development CPU a
     2048² fp32 matmul reaches only ~2/3 of the rate of 256²-1536² ones (MKL switches blocking), and a peak
-    that is too low would inflate MFU."""
+    that is too low would inflate MFU. On a CPU in float32 both torch.mm and oneDNN's matmul are swept (on the AMD
+    EPYC VM of 2026-12-07 oneDNN ran ~2x MKL's rate) and the better counts."""
     device = torch.device(device)
     sizes = [n] if n else ([2048, 4096, 8192] if device.type == "cuda" else [256, 512, 1024, 1536, 2048])
-    return max(matmul_rate(s, dtype, device, seconds / len(sizes)) for s in sizes)
+    # CPU float32: torch.mm (MKL) and oneDNN (ov3common.linear's products), the better of the two
+    libs = [False, True] if (device.type == "cpu" and dtype == torch.float32
+                             and torch.backends.mkldnn.is_available()) else [False]
+    return max(matmul_rate(s, dtype, device, seconds / len(sizes) / len(libs), lib) for s in sizes for lib in libs)
 
 
 def _addmm_flops(self_shape, a_shape, b_shape, *args, **kwargs) -> int:
     return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+def _linear_pointwise_flops(x_shape, w_shape, *args, **kwargs) -> int:
+    return 2 * math.prod(x_shape) * w_shape[0]
 
 
 def count_flops(fn: Callable, *args, **kwargs) -> int:
@@ -250,6 +265,10 @@ def count_flops(fn: Callable, *args, **kwargs) -> int:
 
     # In-place ``addmm_`` (the fused residual GEMM of ``encoder.models.residual_linear``) is absent from torch's
     # registry; it costs what ``addmm`` costs.
-    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_flops}) as counter:
+    # ov3common.linear's oneDNN products (mkldnn::_linear_pointwise: x [.., K] times w [N, K]^T) likewise.
+    mapping = {torch.ops.aten.addmm_: _addmm_flops}
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        mapping[torch.ops.mkldnn._linear_pointwise] = _linear_pointwise_flops
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fn(*args, **kwargs)
     return int(counter.get_total_flops())

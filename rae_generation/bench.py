@@ -35,9 +35,10 @@ import torch
 from diffusers import DiTTransformer2DModel
 
 from ov3common.bench import interleaved, machine, op_profile, op_profile_markdown, ratio
-from ov3common.config import parse_cli, path_field
+from ov3common.config import choice_field, parse_cli, path_field
 from ov3common.guard import NonFiniteGuard
 from ov3common.heap import heap_reuse
+from ov3common.linear import OneDNNLinear, use_onednn_linear
 from ov3common.log import count_flops, get_logger
 from ov3common.optim import build_adamw, clip_grad_norm
 from rae_generation.models import DiTDH, DiTDHConfig, count_params, dit_config
@@ -57,6 +58,9 @@ class BenchConfig:
     rae: bool = True  # ours vs RAE's DiTwDDTHead (needs $RAE_SRC)
     rae_batch: int = 2
     heap_reuse: bool = True  # CPU: the steps run under ov3common.heap.heap_reuse, as our trainers do (both alike)
+    # ours on a CPU: nn.Linear through ov3common.linear, as our trainer (train.cpu_linear); RAE keeps aten's. Where
+    # it switches, fp32 rows also time ours with aten's linear ("ours (aten)": the same GEMM kernels as RAE)
+    cpu_linear: str = choice_field("auto", ("auto", "onednn", "aten"))
     precisions: list[str] = field(default_factory=lambda: ["fp32", "bf16"])
     rounds: int = 11
     profile: bool = True  # torch.profiler top ops of both model steps (with RAE), every precision
@@ -148,9 +152,11 @@ def load_rae() -> tuple[type | None, object | None, object | None, str]:
     return DiTwDDTHead, build_optimizer, rae_update_ema, f"RAE_SRC={src}"
 
 
-def rae_pair(batch: int, device: torch.device, bf16: bool, compiled: bool = False, trainer: bool = False):
+def rae_pair(batch: int, device: torch.device, bf16: bool, compiled: bool = False, trainer: bool = False,
+             cpu_linear: str = "aten"):
     """Step functions of ours and RAE's DiT-DH-S on one batch, and both models. ``trainer``: each step also clips
-    the gradients, checks them (ours) and updates an EMA copy, as the two trainers do."""
+    the gradients, checks them (ours) and updates an EMA copy, as the two trainers do. ``cpu_linear``: ours' linear
+    layers on a CPU (:func:`ov3common.linear.use_onednn_linear`)."""
     DiTwDDTHead, build_optimizer, rae_update_ema, _ = load_rae()
     torch.manual_seed(0)
     k = RAE_DITDH_S
@@ -158,6 +164,8 @@ def rae_pair(batch: int, device: torch.device, bf16: bool, compiled: bool = Fals
     mcfg = dit_config("S", in_dim=k["in_channels"], grid=k["input_size"], num_classes=k["num_classes"],
                       class_dropout=k["class_dropout_prob"])
     ours = DiTDH(mcfg).to(device).train()
+    if device.type == "cpu":
+        use_onednn_linear(ours, cpu_linear)
     if compiled:
         ours.compile()
         ref.compile()
@@ -206,26 +214,36 @@ def rae_pair(batch: int, device: torch.device, bf16: bool, compiled: bool = Fals
 
 def vs_rae(cfg: BenchConfig, device: torch.device) -> dict:
     note = load_rae()[-1]
-    res: dict = {"note": note, "config": dict(RAE_DITDH_S), "batch": cfg.rae_batch, "rounds": cfg.rounds, "rows": []}
+    res: dict = {"note": note, "config": dict(RAE_DITDH_S), "batch": cfg.rae_batch, "rounds": cfg.rounds, "rows": [],
+                 "cpu_linear": cfg.cpu_linear if device.type == "cpu" else ""}
     if note.startswith("skipped"):
         print(f"ours vs RAE: {note}")
         return res
     for prec in cfg.precisions:
         for kind in ("model", "trainer"):
-            s_ours, s_ref, ours, ref = rae_pair(cfg.rae_batch, device, prec == "bf16", trainer=kind == "trainer")
+            s_ours, s_ref, ours, ref = rae_pair(cfg.rae_batch, device, prec == "bf16", trainer=kind == "trainer",
+                                                cpu_linear=cfg.cpu_linear)
+            steps = {"ours": s_ours, "rae": s_ref}
+            onednn = any(isinstance(m, OneDNNLinear) for m in ours.modules()) and prec == "fp32"
+            if onednn:  # like-for-like kernels too: ours with aten's linear (its RAE copy is not timed)
+                steps["ours_aten"], *_ = rae_pair(cfg.rae_batch, device, False, trainer=kind == "trainer")
             f_ours, f_ref = count_flops(s_ours), count_flops(s_ref)
-            t = interleaved({"ours": s_ours, "rae": s_ref}, cfg.rounds, 1, device)
+            t = interleaved(steps, cfg.rounds, 1, device)
             row = {"precision": prec, "step": kind, "params_ours": count_params(ours), "params_rae": count_params(ref),
                    "flops_per_step": f_ours, "flops_ratio_ours_over_rae": f_ours / f_ref,
                    "step_s": {k: statistics.median(v) for k, v in t.items()},
-                   "ours_over_rae": ratio(t["ours"], t["rae"])}
+                   "ours_over_rae": ratio(t["ours"], t["rae"]), "ours_linear": "onednn" if onednn else "aten"}
+            if onednn:
+                row["ours_aten_over_rae"] = ratio(t["ours_aten"], t["rae"])
             res["rows"].append(row)
             print(f"DiT-DH-S {prec} {kind} step, batch {cfg.rae_batch}: ours {row['step_s']['ours'] * 1e3:.0f} ms, "
                   f"RAE {row['step_s']['rae'] * 1e3:.0f} ms -> ours/RAE {row['ours_over_rae']['median']:.3f} "
-                  f"(FLOP ratio {row['flops_ratio_ours_over_rae']:.3f})", flush=True)
-            del s_ours, s_ref, ours, ref
+                  f"(FLOP ratio {row['flops_ratio_ours_over_rae']:.3f})"
+                  + (f"; ours (aten linear)/RAE {row['ours_aten_over_rae']['median']:.3f}" if onednn else ""),
+                  flush=True)
+            del s_ours, s_ref, ours, ref, steps
         if cfg.profile:
-            s_ours, s_ref, *_ = rae_pair(cfg.rae_batch, device, prec == "bf16")
+            s_ours, s_ref, *_ = rae_pair(cfg.rae_batch, device, prec == "bf16", cpu_linear=cfg.cpu_linear)
             res.setdefault("profiles", []).append(
                 {"precision": prec, **op_profile({"ours": s_ours, "rae": s_ref}, cfg.profile_steps, device=device)})
             del s_ours, s_ref
@@ -334,15 +352,20 @@ def markdown(res: dict) -> str:
                      "`clip_grad_norm_`; ours: `ov3common.optim.clip_grad_norm`, the same gradients bitwise without "
                      "torch's multiply-by-1 pass below the limit; EMA — RAE: a per-parameter `mul_`/`add_`; ours: "
                      "one `_foreach_lerp_`). Ratios: median of per-round ratios "
-                     f"[min–max] over {r.get('rounds', '?')} interleaved rounds. RAE: {r['note']}.")
+                     f"[min–max] over {r.get('rounds', '?')} interleaved rounds. RAE: {r['note']}."
+                     + (f" Ours with `cpu_linear={r['cpu_linear']}` (`ov3common.linear`, as our trainer on a CPU): rows "
+                        "marked † ran ours' linear layers on oneDNN; *ours (aten)/RAE* is ours with torch's own linear "
+                        "(the same GEMM kernels as RAE)." if r.get("cpu_linear") else ""))
         if r["rows"]:
             lines += ["", "| precision | step | params ours / RAE (M) | FLOP ratio ours/RAE | ours ms | RAE ms | "
-                      "**ours/RAE** |", "| --- | --- | --- | --- | --- | --- | --- |"]
+                      "**ours/RAE** | ours (aten)/RAE |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
             for row in r["rows"]:
-                lines.append(f"| {row['precision']} | {row.get('step', 'model')} | "
+                dag = " †" if row.get("ours_linear") == "onednn" else ""
+                lines.append(f"| {row['precision']}{dag} | {row.get('step', 'model')} | "
                              f"{row['params_ours'] / 1e6:.1f} / {row['params_rae'] / 1e6:.1f} | "
                              f"{row['flops_ratio_ours_over_rae']:.3f} | {row['step_s']['ours'] * 1e3:.0f} | "
-                             f"{row['step_s']['rae'] * 1e3:.0f} | **{_r(row['ours_over_rae'])}** |")
+                             f"{row['step_s']['rae'] * 1e3:.0f} | **{_r(row['ours_over_rae'])}** | "
+                             f"{_r(row['ours_aten_over_rae']) if 'ours_aten_over_rae' in row else '—'} |")
         for pr in r.get("profiles", []):
             lines += [""] + op_profile_markdown(pr, f"Where the time goes: DiT-DH-S model step, {pr['precision']}")
     c = res.get("compile")

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ov3common import linear as L
+from ov3common.log import count_flops, matmul_rate
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN not built in")
 
@@ -86,3 +87,18 @@ def test_auto_mode_measures_once():
     model = nn.Sequential(nn.Linear(4, 4))
     n = L.use_onednn_linear(model, "auto")
     assert n == (1 if s >= 1.05 else 0)
+
+
+def test_flops_of_onednn_products_are_counted_like_addmm():
+    """ov3common.log.count_flops sees the oneDNN products (forward and both gradients) as aten's linear ones."""
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 8))
+    ours = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 8))
+    L.use_onednn_linear(ours, "onednn")
+    x = torch.randn(3, 10, 32)
+
+    def step(m):
+        return lambda: m(x).square().mean().backward()
+
+    assert count_flops(step(ours)) == count_flops(step(ref)) == 3 * 2 * 30 * (32 * 48 + 48 * 8) - 2 * 30 * 32 * 48
+    assert matmul_rate(64, onednn=True, seconds=0.01) > 0

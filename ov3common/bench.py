@@ -58,21 +58,35 @@ def ratio(a: list[float], b: list[float]) -> dict[str, float]:
             "of_medians": statistics.median(a) / statistics.median(b), "rounds": len(per_round)}
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo; the vendor matters: MKL and oneDNN rank differently on Intel and
+    AMD), with the architecture."""
+    arch = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {arch}"
+    except OSError:
+        pass
+    return arch
+
+
 def machine(device: torch.device | str) -> dict:
     """What timings depend on: device name, threads, the 1-min load average before/after is the caller's."""
     dev = torch.device(device)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_model()
     return {"device": str(dev), "device_name": name, "threads": torch.get_num_threads(),
             "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2), "torch": torch.__version__,
             "python": platform.python_version(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm",
+            "mkldnn::_linear_pointwise")  # the last: ov3common.linear's oneDNN products
 
 
 def _op_class(name: str) -> str:
     if name in GEMM_OPS:
-        return "matmul (mm, addmm, bmm, baddbmm)"
+        return "matmul (mm, addmm, bmm, baddbmm; oneDNN linear)"
     low = name.lower()
     if "adam" in low or low.startswith("optimizer."):
         return "optimizer (AdamW)"

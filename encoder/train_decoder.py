@@ -210,6 +210,8 @@ def train(cfg: Config) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     enc = load_encoder(cfg.encoder, device=info.device)
+    if info.device.type == "cpu":  # the frozen encoder too: faster, and its decoder (the source rows) runs the
+        use_onednn_linear(enc, tr.cpu_linear)  # same products as the one trained here
     res = cfg.data.resolution or enc.image_size
     if res % (enc.downsample * enc.patch_size):
         raise ValueError(f"data.resolution {res}: not a multiple of {enc.downsample * enc.patch_size}")

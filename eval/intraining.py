@@ -37,6 +37,7 @@ from eval.inception import DEFAULT_WEIGHTS
 from ov3common import checkpoint as C
 from ov3common.checkpoint import CheckpointManager
 from ov3common.config import load_config
+from ov3common.linear import use_onednn_linear
 from rae_generation.config import RAETrainConfig
 from rae_generation.sample import Generator, load_generator
 
@@ -67,6 +68,8 @@ def encoder_checkpoint_eval(run_dir: str | Path, checkpoint: str | None = None, 
                      seed=cfg.seed).to(device)
     state, _ = C.CheckpointManager(run / "checkpoints").load(ckpt)
     C.load_model_state(model, state["model"])
+    if torch.device(device).type == "cpu":  # the trainer's linear layers (train.cpu_linear): the same products
+        use_onednn_linear(model, cfg.train.cpu_linear)
     val = val_batches(cfg, tokenize, cfg.train.stages[-1].resolution)
     out = evaluate(model, val, None, cfg.grid_n, cfg.train.precision == "bf16")
     return {**out, "checkpoint": str(ckpt), "step": int(state["progress"]["step"])}

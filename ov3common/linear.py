@@ -64,10 +64,11 @@ class _OneDNNLinearFn(torch.autograd.Function):
 
 
 def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling():  # first: dynamo folds it, and never traces the checks below
+        return False
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and type(weight) in (nn.Parameter, torch.Tensor) and weight.is_contiguous()
-            and torch.backends.mkldnn.is_available() and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling())
+            and torch.backends.mkldnn.is_available() and not torch.is_autocast_enabled("cpu"))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

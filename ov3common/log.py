@@ -249,7 +249,8 @@ def measure_matmul_peak(dtype: torch.dtype = torch.bfloat16, device: str | torch
     # CPU float32: torch.mm (MKL) and oneDNN (ov3common.linear's products), the better of the two
     libs = [False, True] if (device.type == "cpu" and dtype == torch.float32
                              and torch.backends.mkldnn.is_available()) else [False]
-    return max(matmul_rate(s, dtype, device, seconds / len(sizes) / len(libs), lib) for s in sizes for lib in libs)
+    return max(matmul_rate(s, dtype, device, seconds / len(sizes) / len(libs), onednn=lib)
+               for s in sizes for lib in libs)
 
 
 def _addmm_flops(self_shape, a_shape, b_shape, *args, **kwargs) -> int:

@@ -302,7 +302,9 @@ def test_conv_relu_linear_part_and_merged_convolutions():
     convs = [torch.nn.Conv2d(16, n, 1) for n in (8, 5, 12)]
     parts = [ConvReLU(c) for c in convs]
     ref = [c(x).detach() for c in convs]
-    assert torch.equal(parts[0](x, relu=False), ref[0]) and (ref[0] < 0).any()
+    # (oneDNN may pick another kernel than aten's conv2d for this shape depending on threads: round-off only)
+    torch.testing.assert_close(parts[0](x, relu=False), ref[0], rtol=1e-6, atol=1e-6)
+    assert (parts[0](x, relu=False) < 0).any() and (ref[0] < 0).any()
     assert torch.equal(parts[0].double()(x.double(), relu=False),
                        torch.nn.functional.conv2d(x.double(), convs[0].weight.double(), convs[0].bias.double()))
     parts[0].float()

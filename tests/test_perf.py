@@ -177,9 +177,12 @@ def test_interleaved_ratio_and_report(tmp_path):
 
 def test_matmul_peak_is_the_best_of_the_sweep(monkeypatch):
     rates = {256: 5.0, 512: 9.0, 1024: 7.0, 1536: 1.0, 2048: 2.0}
-    monkeypatch.setattr(L, "matmul_rate", lambda n, dtype, device, seconds: rates[n])
-    assert L.measure_matmul_peak(torch.float32, "cpu") == 9.0
-    assert L.measure_matmul_peak(torch.float32, "cpu", n=2048) == 2.0
+    # CPU float32: torch.mm and oneDNN's matmul both swept (here oneDNN is 1.5x at 1024 and 2048)
+    monkeypatch.setattr(L, "matmul_rate", lambda n, dtype, device, seconds, onednn=False:
+                        rates[n] * (1.5 if onednn and n >= 1024 else 1.0))
+    assert L.measure_matmul_peak(torch.float32, "cpu") == 10.5
+    assert L.measure_matmul_peak(torch.float32, "cpu", n=2048) == 3.0
+    assert L.measure_matmul_peak(torch.bfloat16, "cpu") == 9.0  # bf16: torch.mm only
     assert L.matmul_rate.__name__ == "<lambda>"
     monkeypatch.undo()
     assert 0 < L.matmul_rate(64, torch.float32, "cpu", seconds=0.01) < math.inf

@@ -39,10 +39,10 @@ from encoder.ov3 import LossConfig, ModelConfig, OV3Model
 from encoder.vae import FLUX_VAE_CONFIG, FrozenVAE, build_random_vae, load_frozen_vae, tiny_vae_config
 from ov3common.bench import interleaved, machine, op_profile, op_profile_markdown, ratio
 from ov3common.checkpoint import atomic_write_json
-from ov3common.config import choice_field, import_object, parse_cli
+from ov3common.config import import_object, parse_cli
 from ov3common.heap import heap_reuse
 from ov3common.images import center_crop_resize, decode_image, to_tensor_pm1
-from ov3common.linear import OneDNNLinear, use_onednn_linear
+from ov3common.linear import cpu_linear_field, use_onednn_linear, uses_onednn_linear
 from ov3common.log import count_flops, get_logger, measure_matmul_peak
 from ov3common.optim import build_adamw
 
@@ -61,7 +61,7 @@ class BenchConfig:
     heap_reuse: bool = True  # CPU: the step sections run under ov3common.heap.heap_reuse, as our trainers do
     # ours on a CPU: nn.Linear through ov3common.linear, as our trainers (train.cpu_linear); timm keeps aten's.
     # Where it switches, fp32 rows also time ours with aten's linear ("ours (aten)": the same kernels as timm)
-    cpu_linear: str = choice_field("auto", ("auto", "onednn", "aten"))
+    cpu_linear: str = cpu_linear_field()
     mfu_size: str = "B/2"  # MFU of this size's step (fp32 and bf16), peak probed in the same rounds
     # MFU of that size's step (ours alone) at larger batches too: at batch 8 (512 tokens) the weight-gradient
     # GEMMs reduce over only 512 rows, which this CPU runs well below its square-matmul peak
@@ -119,8 +119,7 @@ def contenders(size: str, cfg: BenchConfig, device: torch.device, bf16: bool, co
     lat_side = cfg.resolution // 8
     x = torch.randn(batch or cfg.batch, vcfg.in_channels, lat_side, lat_side, device=device)
     ours, ref = LatentViT(vcfg).to(device), timm_vit(vcfg, lat_side, device)
-    if device.type == "cpu":
-        use_onednn_linear(ours, cpu_linear or cfg.cpu_linear)
+    use_onednn_linear(ours, cpu_linear or cfg.cpu_linear)
     if compiled:
         ours.compile()
         ref.compile()
@@ -144,7 +143,7 @@ def vs_timm(size: str, precision: str, cfg: BenchConfig, device: torch.device, p
         ref_opt = timm.optim.create_optimizer_v2(ref, "adamw", lr=1e-4, weight_decay=0.1)
         steps["timm"] = make_step(ref, f_ref, bf16, device, ref_opt)
     steps["timm_fused"] = make_step(ref, f_ref, bf16, device)
-    if any(isinstance(m, OneDNNLinear) for m in ours.modules()) and not bf16:  # like-for-like kernels too
+    if uses_onednn_linear(ours) and not bf16:  # like-for-like kernels too
         _, ours_a, _, f_ours_a, _ = contenders(size, cfg, device, bf16, cpu_linear="aten")
         steps["ours_aten"] = make_step(ours_a, f_ours_a, bf16, device)
     flops = count_flops(steps["ours"])

@@ -35,7 +35,7 @@ from ov3common import checkpoint as C
 from ov3common.config import choice_field, parse_cli, save_config
 from ov3common.data import lockstep
 from ov3common.dist import all_reduce_mean, barrier, cleanup, init_distributed, wrap_model
-from ov3common.linear import use_onednn_linear
+from ov3common.linear import cpu_linear_field, use_onednn_linear
 from ov3common.log import get_logger
 from ov3common.optim import build_adamw, clip_grad_norm, staged_warmup_cosine, warmup_cosine
 from ov3common.trainer import Loop
@@ -72,7 +72,7 @@ class TrainConfig:
     strategy: str = choice_field("ddp", ("ddp", "fsdp2", "none"))
     device: str = "auto"
     threads: int = 0  # torch intra-op threads (0: leave as is)
-    cpu_linear: str = choice_field("auto", ("auto", "onednn", "aten"))  # CPU fp32 nn.Linear: ov3common.linear
+    cpu_linear: str = cpu_linear_field()  # CPU fp32 nn.Linear: ov3common.linear (auto | onednn | aten)
     log_every: int = 10
     tensorboard: bool = False  # also write the metrics as TensorBoard scalars to <out_dir>/tb
     ckpt_every: int = 100  # steps between checkpoints (and the last step); <= 0: the last step only
@@ -194,8 +194,7 @@ def train(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)
     model = OV3Model(cfg.model, cfg.loss, tokenize.vocab_size, tokenize.pad, cfg.data.max_text_len, vae, lpips,
                      seed=cfg.seed).to(info.device)
-    if info.device.type == "cpu":
-        use_onednn_linear(model, tr.cpu_linear)
+    use_onednn_linear(model, tr.cpu_linear)  # a CPU run: oneDNN products where faster
     wrapped = wrap_model(model, tr.strategy, info)
     if tr.compile:  # in place: parameter names, checkpoints and the DDP/FSDP2 wrapping are unchanged
         for part in (model.vit, model.decoder, model.text_encoder, model.text_decoder):

@@ -29,7 +29,7 @@ from ov3common.config import choice_field, import_object, parse_cli, path_field,
 from ov3common.data import ResumableSampler
 from ov3common.dist import all_reduce_mean, barrier, cleanup, init_distributed, wrap_model
 from ov3common.images import BadSample, center_crop_resize, decode_image, save_image_grid, to_tensor_pm1
-from ov3common.linear import use_onednn_linear
+from ov3common.linear import cpu_linear_field, use_onednn_linear
 from ov3common.log import get_logger
 from ov3common.optim import build_adamw, clip_grad_norm, warmup_cosine
 from ov3common.shards import expand_urls, index_tar, read_member
@@ -86,7 +86,7 @@ class DecoderTrainConfig:
     strategy: str = choice_field("ddp", ("ddp", "fsdp2", "none"))
     device: str = "auto"
     threads: int = 0  # torch intra-op threads (0: leave as is)
-    cpu_linear: str = choice_field("auto", ("auto", "onednn", "aten"))  # CPU fp32 nn.Linear: ov3common.linear
+    cpu_linear: str = cpu_linear_field()  # CPU fp32 nn.Linear: ov3common.linear (auto | onednn | aten)
     log_every: int = 10
     ckpt_every: int = 100  # steps between checkpoints (and the last step); <= 0: the last step only
     keep_last: int = 2
@@ -210,8 +210,9 @@ def train(cfg: Config) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     enc = load_encoder(cfg.encoder, device=info.device)
-    if info.device.type == "cpu":  # the frozen encoder too: faster, and its decoder (the source rows) runs the
-        use_onednn_linear(enc, tr.cpu_linear)  # same products as the one trained here
+    # a CPU run: the frozen encoder too (faster, and its decoder, the source rows, runs the same products as the one
+    # trained here)
+    use_onednn_linear(enc, tr.cpu_linear)
     res = cfg.data.resolution or enc.image_size
     if res % (enc.downsample * enc.patch_size):
         raise ValueError(f"data.resolution {res}: not a multiple of {enc.downsample * enc.patch_size}")
@@ -225,8 +226,7 @@ def train(cfg: Config) -> dict:
 
     torch.manual_seed(cfg.seed)
     decoder = build_decoder(cfg, enc).to(info.device)
-    if info.device.type == "cpu":
-        use_onednn_linear(decoder, tr.cpu_linear)
+    use_onednn_linear(decoder, tr.cpu_linear)
     wrapped = wrap_model(decoder, tr.strategy, info)
     opt = build_adamw(decoder, tr.lr, (tr.beta1, tr.beta2), tr.weight_decay)
     sched = warmup_cosine(opt, tr.warmup_steps, tr.steps, tr.min_lr_ratio)

@@ -256,9 +256,9 @@ class _MergedA(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.block
-        b1, b5, b3 = (t.contiguous(memory_format=torch.channels_last) for t in self.heads(x).split(self.sizes, 1))
-        b5 = b.branch5x5_2(b5)
-        b3 = b.branch3x3dbl_3(b.branch3x3dbl_2(b3))
+        b1, b5, b3 = self.heads(x).split(self.sizes, 1)  # b1 goes to the cat as is; the others feed convolutions
+        b5 = b.branch5x5_2(b5.contiguous(memory_format=torch.channels_last))
+        b3 = b.branch3x3dbl_3(b.branch3x3dbl_2(b3.contiguous(memory_format=torch.channels_last)))
         return torch.cat([b1, b5, b3, _pool_branch(b.branch_pool, x)], 1)
 
 

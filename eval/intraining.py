@@ -68,8 +68,7 @@ def encoder_checkpoint_eval(run_dir: str | Path, checkpoint: str | None = None, 
                      seed=cfg.seed).to(device)
     state, _ = C.CheckpointManager(run / "checkpoints").load(ckpt)
     C.load_model_state(model, state["model"])
-    if torch.device(device).type == "cpu":  # the trainer's linear layers (train.cpu_linear): the same products
-        use_onednn_linear(model, cfg.train.cpu_linear)
+    use_onednn_linear(model, cfg.train.cpu_linear)  # the trainer's linear layers on a CPU: the same products
     val = val_batches(cfg, tokenize, cfg.train.stages[-1].resolution)
     out = evaluate(model, val, None, cfg.grid_n, cfg.train.precision == "bf16")
     return {**out, "checkpoint": str(ckpt), "step": int(state["progress"]["step"])}

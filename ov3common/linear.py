@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ov3common.config import choice_field
+
 MODES = ("auto", "onednn", "aten")
 _log = logging.getLogger("ov3common.linear")
 
@@ -108,12 +110,23 @@ def onednn_speedup(threads: int) -> float:
     return best[0] / best[1]
 
 
+def cpu_linear_field():
+    """The ``cpu_linear`` config field of the trainers and benches (``auto`` by default; see the module docstring)."""
+    return choice_field("auto", MODES)
+
+
+def uses_onednn_linear(model: nn.Module) -> bool:
+    return any(isinstance(m, OneDNNLinear) for m in model.modules())
+
+
 def use_onednn_linear(model: nn.Module, mode: str = "auto") -> int:
     """Turn ``model``'s ``nn.Linear`` modules into :class:`OneDNNLinear` in place (``mode``: auto | onednn | aten,
-    see the module docstring); returns how many. Call it on CPU training, before ``compile`` / DDP / FSDP2."""
+    see the module docstring); returns how many. A model with no parameter on a CPU is left alone (nothing to gain,
+    no probe). Call it before ``compile`` / DDP / FSDP2."""
     if mode not in MODES:
         raise ValueError(f"cpu_linear: one of {MODES}, got {mode!r}")
-    if mode == "aten" or not torch.backends.mkldnn.is_available():
+    if (mode == "aten" or not torch.backends.mkldnn.is_available()
+            or not any(p.device.type == "cpu" for p in model.parameters())):
         return 0
     if mode == "auto":
         s = onednn_speedup(torch.get_num_threads())

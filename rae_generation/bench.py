@@ -35,10 +35,10 @@ import torch
 from diffusers import DiTTransformer2DModel
 
 from ov3common.bench import interleaved, machine, op_profile, op_profile_markdown, ratio
-from ov3common.config import choice_field, parse_cli, path_field
+from ov3common.config import parse_cli, path_field
 from ov3common.guard import NonFiniteGuard
 from ov3common.heap import heap_reuse
-from ov3common.linear import OneDNNLinear, use_onednn_linear
+from ov3common.linear import cpu_linear_field, use_onednn_linear, uses_onednn_linear
 from ov3common.log import count_flops, get_logger
 from ov3common.optim import build_adamw, clip_grad_norm
 from rae_generation.models import DiTDH, DiTDHConfig, count_params, dit_config
@@ -60,7 +60,7 @@ class BenchConfig:
     heap_reuse: bool = True  # CPU: the steps run under ov3common.heap.heap_reuse, as our trainers do (both alike)
     # ours on a CPU: nn.Linear through ov3common.linear, as our trainer (train.cpu_linear); RAE keeps aten's. Where
     # it switches, fp32 rows also time ours with aten's linear ("ours (aten)": the same GEMM kernels as RAE)
-    cpu_linear: str = choice_field("auto", ("auto", "onednn", "aten"))
+    cpu_linear: str = cpu_linear_field()
     precisions: list[str] = field(default_factory=lambda: ["fp32", "bf16"])
     rounds: int = 11
     profile: bool = True  # torch.profiler top ops of both model steps (with RAE), every precision
@@ -164,8 +164,7 @@ def rae_pair(batch: int, device: torch.device, bf16: bool, compiled: bool = Fals
     mcfg = dit_config("S", in_dim=k["in_channels"], grid=k["input_size"], num_classes=k["num_classes"],
                       class_dropout=k["class_dropout_prob"])
     ours = DiTDH(mcfg).to(device).train()
-    if device.type == "cpu":
-        use_onednn_linear(ours, cpu_linear)
+    use_onednn_linear(ours, cpu_linear)
     if compiled:
         ours.compile()
         ref.compile()
@@ -224,7 +223,7 @@ def vs_rae(cfg: BenchConfig, device: torch.device) -> dict:
             s_ours, s_ref, ours, ref = rae_pair(cfg.rae_batch, device, prec == "bf16", trainer=kind == "trainer",
                                                 cpu_linear=cfg.cpu_linear)
             steps = {"ours": s_ours, "rae": s_ref}
-            onednn = any(isinstance(m, OneDNNLinear) for m in ours.modules()) and prec == "fp32"
+            onednn = uses_onednn_linear(ours) and prec == "fp32"
             if onednn:  # like-for-like kernels too: ours with aten's linear (its RAE copy is not timed)
                 steps["ours_aten"], *_ = rae_pair(cfg.rae_batch, device, False, trainer=kind == "trainer")
             f_ours, f_ref = count_flops(s_ours), count_flops(s_ref)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from ov3common.attention import ATTN_IMPLS
 from ov3common.config import choice_field, path_field
+from ov3common.linear import cpu_linear_field
 
 
 @dataclass
@@ -96,7 +97,7 @@ class TrainConfig:
     strategy: str = choice_field("ddp", ("ddp", "none"))
     device: str = "auto"
     threads: int = 0  # CPU threads per process (torch.set_num_threads); 0 = torch's default
-    cpu_linear: str = choice_field("auto", ("auto", "onednn", "aten"))  # CPU fp32 nn.Linear: ov3common.linear
+    cpu_linear: str = cpu_linear_field()  # CPU fp32 nn.Linear: ov3common.linear (auto | onednn | aten)
     inject_nan_steps: list[int] = field(default_factory=list)  # tests only: a NaN loss at these (1-based) steps
     log_indices: bool = False  # tests only: write each step's sample indices to indices_rank<r>.jsonl
 

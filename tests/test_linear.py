@@ -102,3 +102,8 @@ def test_flops_of_onednn_products_are_counted_like_addmm():
 
     assert count_flops(step(ours)) == count_flops(step(ref)) == 3 * 2 * 30 * (32 * 48 + 48 * 8) - 2 * 30 * 32 * 48
     assert matmul_rate(64, onednn=True, seconds=0.01) > 0
+
+
+def test_models_off_the_cpu_are_left_alone():
+    model = nn.Sequential(nn.Linear(4, 4, device="meta"))
+    assert L.use_onednn_linear(model, "onednn") == 0 and not L.uses_onednn_linear(model)

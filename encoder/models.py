@@ -285,7 +285,9 @@ class LatentViT(nn.Module):
         """Patchify, add position embedding (and class token): ``[B, prefix + N, D]``."""
         x = self.patch_embed(latents)
         b, d, gh, gw = x.shape
-        x = x.flatten(2).transpose(1, 2)
+        # contiguous token-major: a transposed view here would carry its strides through every residual add, and
+        # each LayerNorm (forward and backward) would copy its input (3 % of a B/2 fp32 training step on a CPU)
+        x = x.flatten(2).transpose(1, 2).contiguous()
         if self.pos_embed is None:
             x = x + cached_sincos(self._pos_cache, d, gh, gw, x.device, x.dtype)
         if self.cls_token is not None:

@@ -261,13 +261,29 @@ def _linear_pointwise_flops(x_shape, w_shape, *args, **kwargs) -> int:
     return 2 * math.prod(x_shape) * w_shape[0]
 
 
+def _sdpa_cpu_flops(q_shape, k_shape, v_shape, *args, **kwargs) -> int:
+    """``q kᵀ`` and ``p v`` of ``[B, H, N, D]`` attention (torch's formula for the GPU kernels)."""
+    b, h, n, d = q_shape
+    return 2 * b * h * n * k_shape[-2] * (d + v_shape[-1])
+
+
+def _sdpa_cpu_backward_flops(grad_out_shape, q_shape, k_shape, v_shape, *args, **kwargs) -> int:
+    """The four gradient products (dV, dP, dQ, dK): twice the forward. Model FLOPs: the kernel's recomputation of
+    the scores is not counted (torch's formula for the GPU kernels counts it: five products)."""
+    return 2 * _sdpa_cpu_flops(q_shape, k_shape, v_shape)
+
+
 def count_flops(fn: Callable, *args, **kwargs) -> int:
     """Total FLOPs of one call (forward, and backward if ``fn`` runs it), counted by torch's FlopCounterMode."""
 
     # In-place ``addmm_`` (the fused residual GEMM of ``encoder.models.residual_linear``) is absent from torch's
     # registry; it costs what ``addmm`` costs.
     # ov3common.linear's oneDNN products (mkldnn::_linear_pointwise: x [.., K] times w [N, K]^T) likewise.
-    mapping = {torch.ops.aten.addmm_: _addmm_flops}
+    # SDPA's CPU kernel is absent too (it would count 0: attention done by SDPA on a CPU would look free next to
+    # attention done by bmm); counted as model FLOPs, forward 2 and backward 4 products.
+    mapping = {torch.ops.aten.addmm_: _addmm_flops,
+               torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
+               torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops}
     if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         mapping[torch.ops.mkldnn._linear_pointwise] = _linear_pointwise_flops
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:

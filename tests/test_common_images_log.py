@@ -4,8 +4,10 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
+from ov3common.attention import _PackedCPUAttention
 from ov3common.images import (
     BadSample,
     SkipStats,
@@ -120,6 +122,22 @@ def test_metric_logger_and_throughput(tmp_path):
     tp = Throughput(flops_per_sample=1e9, peak_flops=1e12)
     out = tp.update(10, 2.0)
     assert out["samples_per_s"] == 5 and out["mfu"] == pytest.approx(5e9 / 1e12)
+
+
+def test_count_flops_cpu_attention_like_its_bmm_form():
+    """SDPA's CPU kernel counts (torch's registry has none for it: 0) as the same attention done with bmm does:
+    forward q kᵀ and p v, backward four products."""
+    b, n, h, d = 2, 16, 3, 8
+    qkv = torch.randn(b, n, 3, h, d, requires_grad=True)
+
+    def sdpa():
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        F.scaled_dot_product_attention(q, k, v).sum().backward()
+
+    def packed():
+        _PackedCPUAttention.apply(qkv).sum().backward()
+
+    assert count_flops(sdpa) == count_flops(packed) == 6 * 2 * b * h * n * n * d
 
 
 def test_count_flops_matmul():

@@ -55,25 +55,26 @@ def test_explicit_attention_path_matches_sdpa_values_and_grads(mask):
         torch.testing.assert_close(g, r, atol=6e-2, rtol=6e-2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_packed_attention_matches_sdpa_values_and_grads(dtype):
-    """packed [B, N, 3, H, D] in, token-major [B, N, H*D] out: values and the packed gradient against fp32 SDPA
-    (bf16 takes the hand-written CPU backward, fp32 takes SDPA)."""
+    """packed [B, N, 3, H, D] in, token-major [B, N, H*D] out: values and the packed gradient against SDPA in fp32
+    (float64 for float64) (fp32 and bf16 take the hand-written CPU backward, float64 takes SDPA)."""
     b, n, h, d = 2, 7, 3, 8
     g = torch.Generator().manual_seed(0)
     qkv = torch.randn(b, n, 3, h, d, generator=g).to(dtype).requires_grad_(True)
     go = torch.randn(b, n, h * d, generator=g)
-    assert uses_packed_cpu_path(qkv) == (dtype == torch.bfloat16)
+    assert uses_packed_cpu_path(qkv) == (dtype != torch.float64)
     out = packed_attention(qkv)
-    out.float().mul(go).sum().backward()
-    q32 = qkv.detach().float().requires_grad_(True)
+    ref_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    out.to(ref_dtype).mul(go.to(ref_dtype)).sum().backward()
+    q32 = qkv.detach().to(ref_dtype).requires_grad_(True)
     q, k, v = q32.permute(2, 0, 3, 1, 4).unbind(0)
     ref = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, h * d)
-    ref.mul(go).sum().backward()
+    ref.mul(go.to(ref_dtype)).sum().backward()
     assert out.shape == (b, n, h * d) and out.dtype == dtype and out.is_contiguous()
     tol = 3e-2 if dtype == torch.bfloat16 else 1e-5
-    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
-    torch.testing.assert_close(qkv.grad.float(), q32.grad, atol=2 * tol, rtol=2 * tol)
+    torch.testing.assert_close(out.to(ref_dtype), ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(qkv.grad.to(ref_dtype), q32.grad, atol=2 * tol, rtol=2 * tol)
     assert not uses_packed_cpu_path(qkv, attn_mask=torch.ones(n, n, dtype=torch.bool))
     assert not uses_packed_cpu_path(qkv, is_causal=True)
 

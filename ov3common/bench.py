@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-__all__ = ["sync", "interleaved", "ratio", "machine", "op_profile", "op_profile_markdown", "write_report"]
+__all__ = ["sync", "interleaved", "ratio", "ratio_text", "machine", "op_profile", "op_profile_markdown", "write_report"]
 
 
 def sync(device: torch.device | str) -> None:
@@ -56,6 +56,11 @@ def ratio(a: list[float], b: list[float]) -> dict[str, float]:
     per_round = [x / y for x, y in zip(a, b)]
     return {"median": statistics.median(per_round), "min": min(per_round), "max": max(per_round),
             "of_medians": statistics.median(a) / statistics.median(b), "rounds": len(per_round)}
+
+
+def ratio_text(d: dict) -> str:
+    """A :func:`ratio` as report text: ``median [min–max]``."""
+    return f"{d['median']:.3f} [{d['min']:.2f}–{d['max']:.2f}]"
 
 
 def _cpu_model() -> str:

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from diffusers import DiTTransformer2DModel
 
-from ov3common.bench import interleaved, machine, op_profile, op_profile_markdown, ratio
+from ov3common.bench import interleaved, machine, op_profile, op_profile_markdown, ratio, ratio_text
 from ov3common.config import parse_cli, path_field
 from ov3common.guard import NonFiniteGuard
 from ov3common.heap import heap_reuse
@@ -332,10 +332,6 @@ def vs_diffusers(cfg: BenchConfig, device: torch.device) -> dict:
     return result
 
 
-def _r(d: dict) -> str:
-    return f"{d['median']:.3f} [{d['min']:.2f}–{d['max']:.2f}]"
-
-
 def markdown(res: dict) -> str:
     m = res["machine"]
     lines = ["## DiT-DH (`python -m rae_generation.bench`)", ""]
@@ -363,17 +359,17 @@ def markdown(res: dict) -> str:
                 lines.append(f"| {row['precision']}{dag} | {row.get('step', 'model')} | "
                              f"{row['params_ours'] / 1e6:.1f} / {row['params_rae'] / 1e6:.1f} | "
                              f"{row['flops_ratio_ours_over_rae']:.3f} | {row['step_s']['ours'] * 1e3:.0f} | "
-                             f"{row['step_s']['rae'] * 1e3:.0f} | **{_r(row['ours_over_rae'])}** | "
-                             f"{_r(row['ours_aten_over_rae']) if 'ours_aten_over_rae' in row else '—'} |")
+                             f"{row['step_s']['rae'] * 1e3:.0f} | **{ratio_text(row['ours_over_rae'])}** | "
+                             f"{ratio_text(row['ours_aten_over_rae']) if 'ours_aten_over_rae' in row else '—'} |")
         for pr in r.get("profiles", []):
             lines += [""] + op_profile_markdown(pr, f"Where the time goes: DiT-DH-S model step, {pr['precision']}")
     c = res.get("compile")
     if c:
         lines += ["", f"**torch.compile** (DiT-DH {c['size']}, {c['precision']}): compile "
                   + ", ".join(f"{k.removesuffix('_compiled')} {v:.0f} s" for k, v in c["compile_s"].items())
-                  + f"; speed-up ours **{_r(c['speedup_ours'])}×**"
-                  + (f", RAE {_r(c['speedup_rae'])}×; compiled ours / compiled RAE "
-                     f"{_r(c['compiled_ours_over_compiled_rae'])}" if "speedup_rae" in c else "") + "."]
+                  + f"; speed-up ours **{ratio_text(c['speedup_ours'])}×**"
+                  + (f", RAE {ratio_text(c['speedup_rae'])}×; compiled ours / compiled RAE "
+                     f"{ratio_text(c['compiled_ours_over_compiled_rae'])}" if "speedup_rae" in c else "") + "."]
     d = res.get("vs_diffusers")
     if d:
         lines += ["", f"**Ours vs diffusers' DiT** ({d['precision']}, batch {d['batch_size']}, {d['tokens']} tokens × "

@@ -93,10 +93,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, 
 
 def uses_packed_cpu_path(qkv: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> bool:
     """True where :func:`packed_attention` runs :class:`_PackedCPUAttention`: a CPU, float32 / bf16 / fp16, autograd
-    on, no mask. Measured per training step against SDPA's CPU kernel (with its transposes around it): bf16 8 %
-    faster (S/2, Intel CPU with AMX, one thread); fp32 3 % faster at S/2 and B/2 on the AMD EPYC VM (two threads,
-    interleaved rounds), where an earlier Intel measurement had it 2 % slower (one thread) -- within what either
-    CPU's noise allows, so one rule for all three dtypes. float64 (gradient checks) keeps SDPA."""
+    on, no mask. Measured per training step against SDPA's CPU kernel with its transposes: bf16 8 % faster (S/2,
+    Intel CPU with AMX, one thread); fp32 3 % faster at S/2 and at B/2 (AMD EPYC VM, two threads, 6 interleaved
+    rounds). An earlier fp32 measurement on the Intel CPU had it 2 % slower (S/2, one thread): fp32 follows the
+    current machine. float64 (gradient checks) keeps SDPA."""
     return (qkv.device.type == "cpu" and qkv.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and torch.is_grad_enabled() and qkv.requires_grad and attn_mask is None and not is_causal)
 

@@ -10,9 +10,10 @@ vs 300), so a DiT-DH-S training step took ~0.5x the time. Where MKL is at its be
 all in float32 (IEEE; no reduced-precision math mode): the same function, float32 round-off apart (~1e-6 relative,
 as between any two GEMM libraries; tested against float64). It applies only where it can: a CPU tensor, float32
 weights and inputs, no CPU autocast (bf16 goes through torch's own oneDNN path), plain (non-DTensor) parameters;
-elsewhere it is ``F.linear``. The products are one torch custom op (:func:`onednn_mm`), so a ``torch.compile``d
-model keeps them (inductor treats the op as one kernel call and fuses what is around it; with ``F.linear`` it would
-lower to MKL's GEMM: the compiled S/2 fp32 step took 1.9x the eager one's time on the AMD VM before this). :func:`use_onednn_linear` turns a model's ``nn.Linear`` modules into it in place (parameters,
+elsewhere it is ``F.linear``. Inside ``torch.compile`` the products are a torch custom op (:func:`onednn_mm`), so
+a compiled model keeps them (inductor treats the op as one kernel call and fuses what is around it; with
+``F.linear`` it would lower to MKL's GEMM: the compiled S/2 fp32 step took 1.8x the eager one's time on the AMD VM
+before this); eager calls go through an ``autograd.Function`` with the same products (less dispatch cost). :func:`use_onednn_linear` turns a model's ``nn.Linear`` modules into it in place (parameters,
 ``state_dict`` names and optimizer state unchanged): ``mode`` ``"onednn"``, ``"aten"`` (leave the model alone) or
 ``"auto"`` (measure both once per process on a 512 x 1024 x 1024 forward + backward and take oneDNN where it is at
 least 5 % faster).
@@ -35,13 +36,45 @@ _HAS_ONEDNN = torch.backends.mkldnn.is_available()  # a constant (dynamo does no
 _log = logging.getLogger("ov3common.linear")
 
 
+def _mm(a: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b_t.T (+ bias)`` on oneDNN in float32: ``a`` 2-D (copied if not contiguous: oneDNN reads it by rows),
+    ``b_t`` 2-D with any strides (a transposed view is read in place)."""
+    return torch.ops.mkldnn._linear_pointwise(a.contiguous(), b_t, bias, "none", [], "")
+
+
+def _grads(mm, needs: tuple[bool, ...], a: torch.Tensor, b_t: torch.Tensor, has_bias: bool, g: torch.Tensor):
+    """Gradients of ``mm(a, b_t, bias)`` w.r.t. the inputs that need one, each product through ``mm``."""
+    ga = gb_t = gbias = None
+    if needs[0]:
+        ga = mm(g, b_t.t())
+    if needs[1]:
+        gb_t = mm(g.t(), a.t())  # the transposed gradient is copied into rows
+    if has_bias and needs[2]:
+        gbias = g.sum(0)
+    return ga, gb_t, gbias
+
+
+class _OneDNNMatmul(torch.autograd.Function):
+    """The eager path (a custom op's dispatch cost ~1 % more per B/2 training step, measured)."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        a = a.contiguous()
+        ctx.save_for_backward(a, b_t)
+        ctx.has_bias = bias is not None
+        return _mm(a, b_t, bias)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        a, b_t = ctx.saved_tensors
+        return _grads(_mm, ctx.needs_input_grad, a, b_t, ctx.has_bias, g)
+
+
 @torch.library.custom_op("ov3::onednn_mm", mutates_args=())
 def onednn_mm(a: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``a @ b_t.T (+ bias)`` on oneDNN in float32: ``a`` 2-D (copied if not contiguous), ``b_t`` 2-D with any
-    strides (a transposed view is read in place). A torch custom op, so ``torch.compile`` keeps it as one opaque
-    kernel call (inductor fuses what is around it; left to itself inductor would pick MKL's GEMM) and it has the
-    same autograd in eager and compiled graphs."""
-    return torch.ops.mkldnn._linear_pointwise(a.contiguous(), b_t, bias, "none", [], "")
+    """:func:`_mm` as a torch custom op, the path inside ``torch.compile``: the compiled graph keeps it as one
+    opaque kernel call (inductor fuses what is around it; given ``F.linear`` it would lower to MKL's GEMM)."""
+    return _mm(a, b_t, bias)
 
 
 @onednn_mm.register_fake
@@ -57,14 +90,7 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, g):
     a, b_t = ctx.saved_tensors
-    ga = gb_t = gbias = None
-    if ctx.needs_input_grad[0]:
-        ga = onednn_mm(g, b_t.t())
-    if ctx.needs_input_grad[1]:
-        gb_t = onednn_mm(g.t(), a.t())  # the transposed gradient is copied (oneDNN reads its first operand by rows)
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        gbias = g.sum(0)
-    return ga, gb_t, gbias
+    return _grads(onednn_mm, ctx.needs_input_grad, a, b_t, ctx.has_bias, g)
 
 
 onednn_mm.register_autograd(_backward, setup_context=_setup)
@@ -77,7 +103,9 @@ def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return onednn_mm(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
+    x2 = x.reshape(-1, x.shape[-1])
+    y = onednn_mm(x2, weight, bias) if torch.compiler.is_compiling() else _OneDNNMatmul.apply(x2, weight, bias)
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

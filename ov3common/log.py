@@ -279,12 +279,15 @@ def count_flops(fn: Callable, *args, **kwargs) -> int:
 
     # In-place ``addmm_`` (the fused residual GEMM of ``encoder.models.residual_linear``) is absent from torch's
     # registry; it costs what ``addmm`` costs.
-    # ov3common.linear's oneDNN products (the custom op ov3::onednn_mm: a [M, K] times b_t [N, K]^T) likewise.
+    # ov3common.linear's oneDNN products likewise: mkldnn::_linear_pointwise (x [.., K] times w [N, K]^T) in eager
+    # code, the custom op ov3::onednn_mm around it in compiled graphs (the mode sees the outer op only).
     # SDPA's CPU kernel is absent too (it would count 0: attention done by SDPA on a CPU would look free next to
     # attention done by bmm); counted as model FLOPs, forward 2 and backward 4 products.
     mapping = {torch.ops.aten.addmm_: _addmm_flops,
                torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
                torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops}
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        mapping[torch.ops.mkldnn._linear_pointwise] = _linear_pointwise_flops
     if hasattr(torch.ops.ov3, "onednn_mm"):  # registered once ov3common.linear is imported
         mapping[torch.ops.ov3.onednn_mm] = _linear_pointwise_flops
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:

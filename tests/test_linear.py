@@ -103,6 +103,10 @@ def test_flops_of_onednn_products_are_counted_like_addmm():
 
     assert count_flops(step(ours)) == count_flops(step(ref)) == 3 * 2 * 30 * (32 * 48 + 48 * 8) - 2 * 30 * 32 * 48
     assert matmul_rate(64, onednn=True, seconds=0.01) > 0
+    # the custom op (the path inside torch.compile) counts the same three products
+    xr = x.reshape(30, 32).requires_grad_()
+    w = ours[0].weight
+    assert count_flops(lambda: L.onednn_mm(xr, w, ours[0].bias).sum().backward()) == 3 * 2 * 30 * 32 * 48
 
 
 def test_models_off_the_cpu_are_left_alone():

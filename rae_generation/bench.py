@@ -255,14 +255,16 @@ def compile_speedups(cfg: BenchConfig, device: torch.device) -> dict:
     bf16 = prec == "bf16"
     have_rae = not load_rae()[-1].startswith("skipped")
     if have_rae:
-        e_ours, e_ref, *_ = rae_pair(cfg.rae_batch, device, bf16)
-        c_ours, c_ref, *_ = rae_pair(cfg.rae_batch, device, bf16, compiled=True)
+        e_ours, e_ref, *_ = rae_pair(cfg.rae_batch, device, bf16, cpu_linear=cfg.cpu_linear)
+        c_ours, c_ref, *_ = rae_pair(cfg.rae_batch, device, bf16, compiled=True, cpu_linear=cfg.cpu_linear)
         steps = {"ours": e_ours, "rae": e_ref, "ours_compiled": c_ours, "rae_compiled": c_ref}
         size = "S (RAE's DiT-DH-S config)"
     else:
         mcfg = dit_config(cfg.size, in_dim=cfg.in_dim, grid=cfg.grid, num_classes=cfg.num_classes)
         ours = DiTDH(mcfg).to(device).train()
         comp = DiTDH(mcfg).to(device).train()
+        use_onednn_linear(ours, cfg.cpu_linear)  # ours as our trainer runs it on a CPU, eager and compiled
+        use_onednn_linear(comp, cfg.cpu_linear)
         comp.compile()
         steps = {"ours": train_step_fn(ours, "ditdh", mcfg, cfg.batch_size, device, bf16),
                  "ours_compiled": train_step_fn(comp, "ditdh", mcfg, cfg.batch_size, device, bf16)}
@@ -274,6 +276,7 @@ def compile_speedups(cfg: BenchConfig, device: torch.device) -> dict:
         first[k] = time.perf_counter() - t0
     t = interleaved(steps, cfg.compile_rounds, 1, device)
     out = {"size": size, "precision": prec, "compile_s": first,
+           "cpu_linear": cfg.cpu_linear if device.type == "cpu" else "",
            "step_s": {k: statistics.median(v) for k, v in t.items()},
            "speedup_ours": ratio(t["ours"], t["ours_compiled"])}
     if have_rae:
@@ -367,6 +370,8 @@ def markdown(res: dict) -> str:
     if c:
         lines += ["", f"**torch.compile** (DiT-DH {c['size']}, {c['precision']}): compile "
                   + ", ".join(f"{k.removesuffix('_compiled')} {v:.0f} s" for k, v in c["compile_s"].items())
+                  + (f"; ours with `cpu_linear={c['cpu_linear']}` eager and compiled (as our trainer)"
+                     if c.get("cpu_linear") else "")
                   + f"; speed-up ours **{ratio_text(c['speedup_ours'])}×**"
                   + (f", RAE {ratio_text(c['speedup_rae'])}×; compiled ours / compiled RAE "
                      f"{ratio_text(c['compiled_ours_over_compiled_rae'])}" if "speedup_rae" in c else "") + "."]

@@ -36,10 +36,9 @@ _HAS_ONEDNN = torch.backends.mkldnn.is_available()  # a constant (dynamo does no
 _log = logging.getLogger("ov3common.linear")
 
 
-def onednn_product(a: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def _mm(a: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``a @ b_t.T (+ bias)`` on oneDNN in float32: ``a`` 2-D (copied if not contiguous: oneDNN reads it by rows),
-    ``b_t`` 2-D with any strides (a transposed view is read in place). The eager product; :func:`onednn_mm` wraps it
-    as a custom op for compiled graphs."""
+    ``b_t`` 2-D with any strides (a transposed view is read in place)."""
     return torch.ops.mkldnn._linear_pointwise(a.contiguous(), b_t, bias, "none", [], "")
 
 
@@ -60,22 +59,22 @@ class _OneDNNMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        a = a.contiguous()  # saved as read: its transpose is the weight gradient's second operand
+        a = a.contiguous()
         ctx.save_for_backward(a, b_t)
         ctx.has_bias = bias is not None
-        return onednn_product(a, b_t, bias)
+        return _mm(a, b_t, bias)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         a, b_t = ctx.saved_tensors
-        return _grads(onednn_product, ctx.needs_input_grad, a, b_t, ctx.has_bias, g)
+        return _grads(_mm, ctx.needs_input_grad, a, b_t, ctx.has_bias, g)
 
 
 @torch.library.custom_op("ov3::onednn_mm", mutates_args=())
 def onednn_mm(a: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`onednn_product` as a torch custom op, the path inside ``torch.compile``: the compiled graph keeps it as one
+    """:func:`_mm` as a torch custom op, the path inside ``torch.compile``: the compiled graph keeps it as one
     opaque kernel call (inductor fuses what is around it; given ``F.linear`` it would lower to MKL's GEMM)."""
-    return onednn_product(a, b_t, bias)
+    return _mm(a, b_t, bias)
 
 
 @onednn_mm.register_fake

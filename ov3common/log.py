@@ -16,8 +16,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from ov3common.linear import onednn_product
-
 __all__ = ["get_logger", "MetricLogger", "progress", "TrainProgress", "Throughput", "measure_matmul_peak", "matmul_rate",
            "count_flops", "read_jsonl"]
 
@@ -210,15 +208,15 @@ class Throughput:
 def matmul_rate(n: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                 seconds: float = 0.25, onednn: bool = False) -> float:
     """Achieved FLOP/s of an ``n × n`` by ``n × n`` matmul (into a preallocated output) over about ``seconds``;
-    ``onednn``: oneDNN's float32 matmul (:func:`ov3common.linear.onednn_product`, what our CPU linear layers run)
-    instead of ``torch.mm``."""
+    ``onednn``: oneDNN's float32 matmul (``mkldnn::_linear_pointwise``, what :mod:`ov3common.linear` runs) instead
+    of ``torch.mm``."""
     device = torch.device(device)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     out = torch.empty(n, n, device=device, dtype=dtype)
     if onednn:
         def mm(a, b, out):  # noqa: ARG001 - same call shape as torch.mm; oneDNN allocates its output
-            return onednn_product(a, b)
+            return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
     else:
         mm = torch.mm
 
@@ -290,7 +288,8 @@ def count_flops(fn: Callable, *args, **kwargs) -> int:
                torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops}
     if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         mapping[torch.ops.mkldnn._linear_pointwise] = _linear_pointwise_flops
-    mapping[torch.ops.ov3.onednn_mm] = _linear_pointwise_flops  # registered by importing ov3common.linear
+    if hasattr(torch.ops.ov3, "onednn_mm"):  # registered once ov3common.linear is imported
+        mapping[torch.ops.ov3.onednn_mm] = _linear_pointwise_flops
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fn(*args, **kwargs)
     return int(counter.get_total_flops())
